@@ -1,0 +1,20 @@
+"""lazyfast: fast empirical NTKs, JVPs and lazy/linearized training for PyTorch.
+
+See README.md. Public API:
+  empirical_ntk, jvp, vjp, ntk_vp  — eNTK and its products (lazyfast.ntk)
+  gram                              — compiled Gram of flattened Jacobians (lazyfast.ops)
+  TwoLayer, MLP, vgg11, resnet18    — models (lazyfast.models)
+  backend_info                      — what is compiled
+"""
+from lazyfast._ext import backend_info, cuda_version
+from lazyfast.models import MLP, TwoLayer, resnet18, vgg11
+from lazyfast.ntk import empirical_ntk, jvp, ntk_vp, vjp
+from lazyfast.ops import gram
+from lazyfast import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend_info", "cuda_version", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",
+    "TwoLayer", "MLP", "vgg11", "resnet18", "reference", "__version__",
+]
