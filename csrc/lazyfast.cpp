@@ -28,6 +28,15 @@ TORCH_LIBRARY(lazyfast, m) {
   m.def("cuda_version() -> int", &lazyfast::cuda_version);
   // Gram of flattened Jacobians: (n1, P), (n2, P) -> (n1, n2) = j1 @ j2.T.
   m.def("gram(Tensor j1, Tensor j2, bool accumulate_f64=False) -> Tensor");
+  // Two-layer net f(x) = scale * B act(A x + c) (DESIGN.md §1.1); activation codes in activations.h.
+  // eNTK: (n1, d), (n2, d) or None (= x1) -> (n1, n2) trace, (n1, n2, k, k) when full.
+  m.def("two_layer_ntk(Tensor x1, Tensor? x2, Tensor A, Tensor? c, Tensor B, float scale, int activation, bool full) -> Tensor");
+  // T tangents dA (T, m, d), dc (T, m), dB (T, k, m), each optional -> (T, n, k).
+  m.def("two_layer_jvp(Tensor x, Tensor A, Tensor? c, Tensor B, float scale, int activation, Tensor? dA, Tensor? dc, Tensor? dB) -> Tensor");
+  // Cotangent r (n, k) -> (dA (m, d), dc (m,), dB (k, m)).
+  m.def("two_layer_vjp(Tensor x, Tensor A, Tensor? c, Tensor B, float scale, int activation, Tensor r) -> (Tensor, Tensor, Tensor)");
+  // Theta(x1, x2) v without forming Theta: v (n2, k) -> (n1, k).
+  m.def("two_layer_ntk_vp(Tensor x1, Tensor? x2, Tensor A, Tensor? c, Tensor B, float scale, int activation, Tensor v) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -224,3 +224,97 @@ def ntk_oracle(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = 
     if mode == "full":
         return full
     return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
+
+
+# ============================================================================= two-layer network
+# Dense GEMM formulation of the two-layer network f(x) = s·B σ(A x + c) (DESIGN.md §1.1).
+# It materializes the (n, m) matrices Φ = σ(Z) and Σ' = σ'(Z): the best pure-PyTorch
+# baseline for the fused ops of lazyfast.two_layer, their fallback when no kernel is
+# compiled, and (tested against ntk_oracle) their reference.
+def activation_deriv(name: str, z: torch.Tensor) -> torch.Tensor:
+    """σ'(z) for an activation name of :data:`lazyfast.models.ACTIVATIONS` (ReLU'(0) = 0)."""
+    if name == "identity":
+        return torch.ones_like(z)
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "tanh":
+        return 1 - torch.tanh(z) ** 2
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * torch.exp(-0.5 * z * z)
+    if name == "softplus":
+        return torch.sigmoid(z)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _two_layer_features(x, A, c, activation):
+    from lazyfast.models import activation_fn
+
+    z = x @ A.T if c is None else torch.addmm(c, x, A.T)
+    return activation_fn(activation)(z), activation_deriv(activation, z)
+
+
+def two_layer_ntk_dense(x1: torch.Tensor, x2: Optional[torch.Tensor], A: torch.Tensor, c: Optional[torch.Tensor],
+                        B: torch.Tensor, scale: float, activation: str, mode: str = "trace") -> torch.Tensor:
+    """Two-layer eNTK from dense features:
+    Θ_ab = s² [δ_ab Φ1Φ2ᵀ + (X1X2ᵀ + 1_bias) ⊙ (Σ'1 diag(B_a ⊙ B_b) Σ'2ᵀ)].
+
+    Shapes: x1 (n1, d), x2 (n2, d) or None, A (m, d), c (m,) or None, B (k, m)
+    → (n1, n2) for ``mode="trace"``, (n1, n2, k, k) for ``"full"``.
+    """
+    phi1, d1 = _two_layer_features(x1, A, c, activation)
+    if x2 is None:
+        x2, phi2, d2 = x1, phi1, d1
+    else:
+        phi2, d2 = _two_layer_features(x2, A, c, activation)
+    g = x1 @ x2.T
+    if c is not None:
+        g += 1
+    s2 = float(scale) ** 2
+    if mode == "trace":
+        w = (B * B).mean(0)
+        q = (d1 * w) @ d2.T
+        return (phi1 @ phi2.T).add_(q.mul_(g)).mul_(s2)
+    k = B.shape[0]
+    q = torch.einsum("iam,jbm->ijab", d1.unsqueeze(1) * B, d2.unsqueeze(1) * B)
+    q.mul_(g[:, :, None, None])
+    q += (phi1 @ phi2.T)[:, :, None, None] * torch.eye(k, dtype=q.dtype, device=q.device)
+    return q.mul_(s2)
+
+
+def two_layer_jvp_dense(x: torch.Tensor, A: torch.Tensor, c: Optional[torch.Tensor], B: torch.Tensor, scale: float,
+                        activation: str, dA: Optional[torch.Tensor], dc: Optional[torch.Tensor],
+                        dB: Optional[torch.Tensor]) -> torch.Tensor:
+    """Batched JVP s·[Φ dBᵀ + (Σ' ⊙ (X dAᵀ + dc)) Bᵀ] for T tangents; holds (T, n, m).
+
+    Shapes: dA (T, m, d), dc (T, m), dB (T, k, m), each optional (zero) → (T, n, k).
+    """
+    T = next(t.shape[0] for t in (dA, dc, dB) if t is not None)
+    phi, dsig = _two_layer_features(x, A, c, activation)
+    out = torch.zeros((T, x.shape[0], B.shape[0]), dtype=x.dtype, device=x.device)
+    if dA is not None or dc is not None:
+        u = torch.matmul(x, dA.transpose(1, 2)) if dA is not None else 0
+        if dc is not None:
+            u = u + dc[:, None, :]
+        out += torch.matmul(u * dsig, B.T)
+    if dB is not None:
+        out += torch.matmul(phi, dB.transpose(1, 2))
+    return out.mul_(float(scale))
+
+
+def two_layer_vjp_dense(x: torch.Tensor, A: torch.Tensor, c: Optional[torch.Tensor], B: torch.Tensor, scale: float,
+                        activation: str, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VJP of a cotangent r (n, k): dA = s Hᵀ X, dc = s 1ᵀH, dB = s rᵀ Φ with H = (r B) ⊙ Σ'.
+
+    Returns (dA (m, d), dc (m,), dB (k, m)).
+    """
+    phi, dsig = _two_layer_features(x, A, c, activation)
+    h = (r @ B).mul_(dsig)
+    s = float(scale)
+    return (h.T @ x).mul_(s), h.sum(0).mul_(s), (r.T @ phi).mul_(s)
+
+
+def two_layer_ntk_vp_dense(x1: torch.Tensor, x2: Optional[torch.Tensor], A: torch.Tensor, c: Optional[torch.Tensor],
+                           B: torch.Tensor, scale: float, activation: str, v: torch.Tensor) -> torch.Tensor:
+    """Θ(x1, x2)·v = J1 (J2ᵀ v): one dense VJP over x2, one dense JVP over x1. v (n2, k) → (n1, k)."""
+    gA, gc, gB = two_layer_vjp_dense(x1 if x2 is None else x2, A, c, B, scale, activation, v)
+    return two_layer_jvp_dense(x1, A, c, B, scale, activation, gA[None], None if c is None else gc[None], gB[None])[0]

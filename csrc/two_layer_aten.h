@@ -1,0 +1,498 @@
+// Torch-side drivers of the two-layer ops, shared by the CPU and CUDA backends.
+//
+// Every op is a loop over m-chunks of neurons (and, where needed, blocks of
+// rows) made of ATen GEMMs on bounded tiles plus one elementwise "activate"
+// step (lazyfast/two_layer.h) that each backend implements. Extra memory is
+// O(rows * chunk + block * n2), never an n x m buffer for the whole batch.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "lazyfast/activations.h"
+#include "lazyfast/two_layer.h"
+
+namespace lazyfast {
+
+// Workspace the drivers may allocate besides their outputs (bytes).
+constexpr int64_t kTwoLayerWorkspaceBytes = int64_t(128) << 20;
+
+// Tensors of one activate step: 2-D with unit column stride; undefined = absent.
+struct ActivateArgs {
+  at::Tensor z, bias, w, mul, phi, deriv;
+};
+using ActivateFn = void (*)(int64_t activation, const ActivateArgs& args);
+
+template <typename T>
+ActivateParams<T> activate_params(const ActivateArgs& a) {
+  ActivateParams<T> p;
+  p.rows = a.z.size(0);
+  p.cols = a.z.size(1);
+  p.z = a.z.data_ptr<T>();
+  p.ld_z = a.z.stride(0);
+  if (a.bias.defined()) p.bias = a.bias.data_ptr<T>();
+  if (a.w.defined()) p.w = a.w.data_ptr<T>();
+  if (a.mul.defined()) {
+    p.mul = a.mul.data_ptr<T>();
+    p.ld_mul = a.mul.stride(0);
+  }
+  if (a.phi.defined()) {
+    p.phi = a.phi.data_ptr<T>();
+    p.ld_phi = a.phi.stride(0);
+  }
+  if (a.deriv.defined()) {
+    p.deriv = a.deriv.data_ptr<T>();
+    p.ld_deriv = a.deriv.stride(0);
+  }
+  return p;
+}
+
+// ----------------------------------------------------------------------------- argument checks
+inline void check_two_layer_weights(const at::Tensor& A, const std::optional<at::Tensor>& c, const at::Tensor& B,
+                                    double scale, int64_t activation, const char* op) {
+  LF_CHECK_DIM(A, 2, "A (hidden weight, (m, d))");
+  LF_CHECK_FLOAT(A, "A");
+  LF_CHECK_DIM(B, 2, "B (output weight, (k, m))");
+  LF_CHECK_SAME_DTYPE(A, B, "A", "B");
+  LF_CHECK_SAME_DEVICE(A, B, "A", "B");
+  TORCH_CHECK(B.size(1) == A.size(0), "lazyfast: ", op, ": B must have shape (k, m) with m = A.size(0) = ",
+              A.size(0), ", got ", B.sizes());
+  TORCH_CHECK(B.size(0) >= 1, "lazyfast: ", op, ": B must have at least one output row (k >= 1), got ", B.sizes());
+  if (c.has_value()) {
+    LF_CHECK_DIM(*c, 1, "c (hidden bias, (m,))");
+    LF_CHECK_SAME_DTYPE(A, *c, "A", "c");
+    LF_CHECK_SAME_DEVICE(A, *c, "A", "c");
+    TORCH_CHECK(c->size(0) == A.size(0), "lazyfast: ", op, ": c must have shape (", A.size(0), ",), got ",
+                c->sizes());
+  }
+  TORCH_CHECK(std::isfinite(scale), "lazyfast: ", op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(valid_activation(activation), "lazyfast: ", op, ": activation code must be in [0, ", kNumActivations,
+              "), got ", activation);
+}
+
+inline void check_two_layer_input(const at::Tensor& x, const at::Tensor& A, const char* name, const char* op) {
+  TORCH_CHECK(x.dim() == 2, "lazyfast: ", op, ": ", name, " must be 2-D (n, d), got shape ", x.sizes());
+  LF_CHECK_SAME_DTYPE(A, x, "A", name);
+  LF_CHECK_SAME_DEVICE(A, x, "A", name);
+  TORCH_CHECK(x.size(1) == A.size(1), "lazyfast: ", op, ": ", name, " has d = ", x.size(1), " features but A has d = ",
+              A.size(1));
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& A, at::IntArrayRef shape, const char* name,
+                       const char* op) {
+  LF_CHECK_SAME_DTYPE(A, t, "A", name);
+  LF_CHECK_SAME_DEVICE(A, t, "A", name);
+  TORCH_CHECK(t.sizes() == shape, "lazyfast: ", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// ----------------------------------------------------------------------------- helpers
+inline int64_t elem_budget(const at::Tensor& t) { return kTwoLayerWorkspaceBytes / t.element_size(); }
+
+inline at::Tensor opt_narrow(const std::optional<at::Tensor>& t, int64_t dim, int64_t start, int64_t len) {
+  return t.has_value() ? t->narrow(dim, start, len) : at::Tensor();
+}
+
+// Z = X A_c^T into `z` (rows, mc), then the activate step.
+inline void chunk_features(ActivateFn activate, int64_t act, const at::Tensor& x, const at::Tensor& A_c,
+                           const at::Tensor& bias_c, const at::Tensor& w_c, const at::Tensor& mul, at::Tensor& z,
+                           at::Tensor phi, at::Tensor deriv) {
+  at::mm_out(z, x, A_c.t());
+  ActivateArgs a;
+  a.z = z;
+  a.bias = bias_c;
+  a.w = w_c;
+  a.mul = mul;
+  a.phi = phi;
+  a.deriv = deriv;
+  activate(act, a);
+}
+
+// q (.)= G with G = X1 X2^T (+ 1 with a hidden bias), formed `sub` rows at a
+// time so no second (rows x n2) buffer is needed.
+inline void mul_by_input_gram(const at::Tensor& q, const at::Tensor& x1, const at::Tensor& x2, bool bias) {
+  const int64_t rows = q.size(0);
+  const int64_t sub = 256;
+  for (int64_t r0 = 0; r0 < rows; r0 += sub) {
+    const int64_t len = std::min(sub, rows - r0);
+    at::Tensor g = at::mm(x1.narrow(0, r0, len), x2.t());
+    if (bias) g.add_(1.0);
+    q.narrow(0, r0, len).mul_(g);
+  }
+}
+
+// ----------------------------------------------------------------------------- Gram
+// Trace mode, X2 = X1: m-chunks outer; per chunk the features of all n rows
+// (n x mc). Only the block upper triangle is multiplied: P strips go to the
+// upper triangle of `out`, Q strips (transposed) to its strict block-lower
+// triangle, the diagonal Q blocks to a small side buffer; a final pass forms
+// s^2 (P + G (.) Q) and mirrors it. Extra memory: 2 n mc + n tb.
+inline at::Tensor two_layer_ntk_trace_sym(ActivateFn activate, const at::Tensor& x, const at::Tensor& A,
+                                          const std::optional<at::Tensor>& c, const at::Tensor& sw, double scale,
+                                          int64_t act) {
+  const int64_t n = x.size(0), m = A.size(0);
+  at::Tensor out = at::zeros({n, n}, x.options());
+  if (n == 0) return out;
+  // Block rows: small enough that the triangle saves work, large enough for efficient GEMMs.
+  const int64_t tb = std::min<int64_t>(n, std::max<int64_t>(64, std::min<int64_t>(512, ((n / 8 + 63) / 64) * 64)));
+  const int64_t nt = ceil_div(n, tb);
+  const int64_t mc = two_layer_chunk(m, n, 2, elem_budget(x), 64, 2048);
+  at::Tensor fphi = at::empty({n, mc}, x.options());
+  at::Tensor fd = at::empty({n, mc}, x.options());
+  at::Tensor qdiag = at::zeros({nt, tb, tb}, x.options());
+  for (int64_t c0 = 0; c0 < m; c0 += mc) {
+    const int64_t len = std::min(mc, m - c0);
+    at::Tensor phi = fphi.narrow(1, 0, len), d = fd.narrow(1, 0, len);
+    chunk_features(activate, act, x, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), sw.narrow(0, c0, len),
+                   at::Tensor(), phi, phi, d);
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t i0 = t * tb, ib = std::min(tb, n - i0), i1 = i0 + ib;
+      at::Tensor phi_i = phi.narrow(0, i0, ib), d_i = d.narrow(0, i0, ib);
+      out.narrow(0, i0, ib).narrow(1, i0, n - i0).addmm_(phi_i, phi.narrow(0, i0, n - i0).t());
+      qdiag[t].narrow(0, 0, ib).narrow(1, 0, ib).addmm_(d_i, d_i.t());
+      if (i1 < n) out.narrow(0, i1, n - i1).narrow(1, i0, ib).addmm_(d.narrow(0, i1, n - i1), d_i.t());
+    }
+  }
+  const bool bias = c.has_value();
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t i0 = t * tb, ib = std::min(tb, n - i0), i1 = i0 + ib;
+    at::Tensor g = at::mm(x.narrow(0, i0, ib), x.narrow(0, i0, n - i0).t());
+    if (bias) g.add_(1.0);
+    out.narrow(0, i0, ib).narrow(1, i0, ib).addcmul_(g.narrow(1, 0, ib), qdiag[t].narrow(0, 0, ib).narrow(1, 0, ib));
+    if (i1 < n) {
+      at::Tensor upper = out.narrow(0, i0, ib).narrow(1, i1, n - i1);
+      at::Tensor lower = out.narrow(0, i1, n - i1).narrow(1, i0, ib);
+      upper.addcmul_(g.narrow(1, ib, n - i1), lower.t());
+      lower.copy_(upper.t());
+    }
+  }
+  out.mul_(scale * scale);
+  return out;
+}
+
+// General Gram (X2 given, or full mode): blocks of X1 rows outer, m-chunks
+// inner. P accumulates in place (trace) or in a block buffer (full), each
+// distinct Q_ab = D1 diag(B_a B_b) D2^T in its own (rb x nc) buffer; the block
+// is finalized as s^2 (delta_ab P + G (.) Q_ab). With `sym` (X2 = X1, full
+// mode) a block only computes columns >= its first row and the rest is mirrored.
+inline at::Tensor two_layer_ntk_general(ActivateFn activate, const at::Tensor& x1, const at::Tensor& x2,
+                                        const at::Tensor& A, const std::optional<at::Tensor>& c,
+                                        const at::Tensor& B, const at::Tensor& sw, double scale, int64_t act,
+                                        bool full, bool sym) {
+  const int64_t n1 = x1.size(0), n2 = x2.size(0), m = A.size(0), k = B.size(0);
+  at::Tensor out = full ? at::zeros({n1, n2, k, k}, x1.options()) : at::zeros({n1, n2}, x1.options());
+  if (n1 == 0 || n2 == 0) return out;
+  const int64_t npair = full ? k * (k + 1) / 2 : 1;
+  const int64_t nacc = full ? npair + 1 : npair;  // + P buffer in full mode
+  const int64_t budget = elem_budget(x1);
+  // Half the workspace for the accumulators, half for the chunk features.
+  int64_t rb = std::max<int64_t>(16, budget / 2 / (nacc * std::max<int64_t>(n2, 1)));
+  if (sym) rb = std::min(rb, std::max<int64_t>(64, ceil_div(n1, 4)));
+  rb = std::min(rb, n1);
+  const int64_t mc = two_layer_chunk(m, rb + n2, 3, budget / 2, 64, 2048);
+  at::Tensor phi1b = at::empty({rb, mc}, x1.options()), d1b = at::empty({rb, mc}, x1.options());
+  at::Tensor phi2b = at::empty({n2, mc}, x1.options()), d2b = at::empty({n2, mc}, x1.options());
+  at::Tensor tmpb = full ? at::empty({rb, mc}, x1.options()) : at::Tensor();
+  at::Tensor accb = at::empty({nacc, rb, n2}, x1.options());
+  at::Tensor wpair;  // (npair, m): B_a * B_b for a <= b
+  if (full) {
+    wpair = at::empty({npair, m}, x1.options());
+    int64_t p = 0;
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t b = a; b < k; ++b) wpair[p++].copy_(B[a] * B[b]);
+  }
+  const bool bias = c.has_value();
+  for (int64_t i0 = 0; i0 < n1; i0 += rb) {
+    const int64_t ib = std::min(rb, n1 - i0);
+    const int64_t j0 = sym ? i0 : 0, nc = n2 - j0;
+    at::Tensor x1b = x1.narrow(0, i0, ib), x2b = x2.narrow(0, j0, nc);
+    at::Tensor acc = accb.narrow(1, 0, ib).narrow(2, 0, nc);
+    acc.zero_();
+    at::Tensor pacc = full ? acc[npair] : out.narrow(0, i0, ib).narrow(1, j0, nc);
+    for (int64_t c0 = 0; c0 < m; c0 += mc) {
+      const int64_t len = std::min(mc, m - c0);
+      at::Tensor A_c = A.narrow(0, c0, len), c_c = opt_narrow(c, 0, c0, len);
+      at::Tensor w_c = full ? at::Tensor() : sw.narrow(0, c0, len);
+      at::Tensor phi1 = phi1b.narrow(0, 0, ib).narrow(1, 0, len), d1 = d1b.narrow(0, 0, ib).narrow(1, 0, len);
+      at::Tensor phi2 = phi2b.narrow(0, 0, nc).narrow(1, 0, len), d2 = d2b.narrow(0, 0, nc).narrow(1, 0, len);
+      chunk_features(activate, act, x1b, A_c, c_c, w_c, at::Tensor(), phi1, phi1, d1);
+      chunk_features(activate, act, x2b, A_c, c_c, w_c, at::Tensor(), phi2, phi2, d2);
+      pacc.addmm_(phi1, phi2.t());
+      if (!full) {
+        acc[0].addmm_(d1, d2.t());
+      } else {
+        at::Tensor tmp = tmpb.narrow(0, 0, ib).narrow(1, 0, len);
+        for (int64_t p = 0; p < npair; ++p) {
+          at::mul_out(tmp, d1, wpair[p].narrow(0, c0, len));
+          acc[p].addmm_(tmp, d2.t());
+        }
+      }
+    }
+    if (!full) {
+      mul_by_input_gram(acc[0], x1b, x2b, bias);
+      pacc.add_(acc[0]).mul_(scale * scale);
+    } else {
+      at::Tensor o = out.narrow(0, i0, ib).narrow(1, j0, nc);  // (ib, nc, k, k)
+      int64_t p = 0;
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t b = a; b < k; ++b, ++p) {
+          at::Tensor q = acc[p];
+          mul_by_input_gram(q, x1b, x2b, bias);
+          if (a == b) q.add_(pacc);
+          q.mul_(scale * scale);
+          o.select(3, b).select(2, a).copy_(q);
+          if (a != b) o.select(3, a).select(2, b).copy_(q);
+        }
+      }
+    }
+  }
+  if (sym) {
+    // Fill the blocks left of each row block: Theta(x_i, x_j)_ab = Theta(x_j, x_i)_ba.
+    for (int64_t i0 = rb; i0 < n1; i0 += rb) {
+      const int64_t ib = std::min(rb, n1 - i0);
+      at::Tensor dst = out.narrow(0, i0, ib).narrow(1, 0, i0);
+      at::Tensor src = out.narrow(0, 0, i0).narrow(1, i0, ib);
+      dst.copy_(full ? src.permute({1, 0, 3, 2}) : src.t());
+    }
+  }
+  return out;
+}
+
+// (n1, d), (n2, d) or None -> (n1, n2) trace or (n1, n2, k, k) full.
+inline at::Tensor two_layer_ntk_aten(ActivateFn activate, const at::Tensor& x1_in,
+                                     const std::optional<at::Tensor>& x2_in, const at::Tensor& A_in,
+                                     const std::optional<at::Tensor>& c_in, const at::Tensor& B_in, double scale,
+                                     int64_t act, bool full) {
+  const char* op = "two_layer_ntk";
+  check_two_layer_weights(A_in, c_in, B_in, scale, act, op);
+  check_two_layer_input(x1_in, A_in, "x1", op);
+  if (x2_in.has_value()) check_two_layer_input(*x2_in, A_in, "x2", op);
+  const at::Tensor x1 = x1_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  std::optional<at::Tensor> c;
+  if (c_in.has_value()) c = c_in->contiguous();
+  // Trace weights: sigma'(z_j) * sqrt(mean_a B_aj^2) on both sides gives (1/k) sum_a Q_aa.
+  const at::Tensor sw = full ? at::Tensor() : (B * B).mean(0).sqrt_().contiguous();
+  if (!x2_in.has_value()) {
+    if (!full) return two_layer_ntk_trace_sym(activate, x1, A, c, sw, scale, act);
+    return two_layer_ntk_general(activate, x1, x1, A, c, B, sw, scale, act, full, /*sym=*/true);
+  }
+  const at::Tensor x2 = x2_in->contiguous();
+  return two_layer_ntk_general(activate, x1, x2, A, c, B, sw, scale, act, full, /*sym=*/false);
+}
+
+// ----------------------------------------------------------------------------- JVP
+// out[t, i, a] = s sum_j [ dB_taj sigma(z_ij) + B_aj sigma'(z_ij) (dA_tj . x_i + dc_tj) ].
+// k == 1: the dA term is x_i . (sum_j B_j sigma'(z_ij) dA_tj): one GEMM V (rows x mc)
+//         times dA_chunk (mc x T d) accumulated in W (rows, T, d), dotted with x at the end;
+// k > 1:  U_t = X dA_t^T (T, rows, mc), U (.)= sigma'(Z), out += U B^T.
+inline at::Tensor two_layer_jvp_aten(ActivateFn activate, const at::Tensor& x_in, const at::Tensor& A_in,
+                                     const std::optional<at::Tensor>& c_in, const at::Tensor& B_in, double scale,
+                                     int64_t act, const std::optional<at::Tensor>& dA_in,
+                                     const std::optional<at::Tensor>& dc_in, const std::optional<at::Tensor>& dB_in) {
+  const char* op = "two_layer_jvp";
+  check_two_layer_weights(A_in, c_in, B_in, scale, act, op);
+  check_two_layer_input(x_in, A_in, "x", op);
+  const int64_t n = x_in.size(0), m = A_in.size(0), d = A_in.size(1), k = B_in.size(0);
+  TORCH_CHECK(dA_in.has_value() || dc_in.has_value() || dB_in.has_value(), "lazyfast: ", op,
+              ": at least one tangent (dA, dc or dB) must be given");
+  int64_t T = -1;
+  auto take_T = [&](const std::optional<at::Tensor>& t, const char* name, int64_t dim) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->dim() == dim, "lazyfast: ", op, ": ", name, " must be ", dim, "-D with a leading tangent dim T, got ",
+                t->sizes());
+    if (T < 0) T = t->size(0);
+    TORCH_CHECK(t->size(0) == T, "lazyfast: ", op, ": ", name, " has ", t->size(0), " tangents but another has ", T);
+  };
+  take_T(dA_in, "dA", 3);
+  take_T(dc_in, "dc", 2);
+  take_T(dB_in, "dB", 3);
+  if (dA_in.has_value()) check_like(*dA_in, A_in, {T, m, d}, "dA", op);
+  if (dc_in.has_value()) check_like(*dc_in, A_in, {T, m}, "dc", op);
+  if (dB_in.has_value()) check_like(*dB_in, A_in, {T, k, m}, "dB", op);
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  std::optional<at::Tensor> c, dA, dc, dB;
+  if (c_in.has_value()) c = c_in->contiguous();
+  if (dA_in.has_value()) dA = dA_in->contiguous();
+  if (dc_in.has_value()) dc = dc_in->contiguous();
+  if (dB_in.has_value()) dB = dB_in->contiguous();
+  at::Tensor out = at::zeros({T, n, k}, x.options());
+  if (n == 0 || T == 0 || m == 0) return out;
+  const bool use_w = (k == 1) && dA.has_value();
+  const bool use_u = (k > 1) && dA.has_value();
+  const int64_t budget = elem_budget(x);
+  // Rows per block: the per-block accumulators (rows x T (k + d)) take at most a quarter of the workspace.
+  int64_t rb = std::min<int64_t>(n, std::max<int64_t>(32, budget / 4 / std::max<int64_t>(1, T * (k + (use_w ? d : 0)))));
+  // Chunk: phi, deriv (rows x mc) and for k > 1 the (T, rows, mc) U buffer.
+  const int64_t per_col = rb * (2 + (use_u ? T : 0));
+  const int64_t mc = std::max<int64_t>(1, std::min<int64_t>(m, std::max<int64_t>(16, std::min<int64_t>(2048, budget / 2 / per_col))));
+  at::Tensor phib = at::empty({rb, mc}, x.options()), db = at::empty({rb, mc}, x.options());
+  at::Tensor ub = use_u ? at::empty({T, rb, mc}, x.options()) : at::Tensor();
+  at::Tensor accb = at::empty({rb, T * k}, x.options());
+  at::Tensor wb = use_w ? at::empty({rb, T * d}, x.options()) : at::Tensor();
+  for (int64_t i0 = 0; i0 < n; i0 += rb) {
+    const int64_t ib = std::min(rb, n - i0);
+    at::Tensor xb = x.narrow(0, i0, ib);
+    at::Tensor acc = accb.narrow(0, 0, ib);  // (ib, T*k)
+    acc.zero_();
+    at::Tensor wacc = use_w ? wb.narrow(0, 0, ib) : at::Tensor();
+    if (use_w) wacc.zero_();
+    for (int64_t c0 = 0; c0 < m; c0 += mc) {
+      const int64_t len = std::min(mc, m - c0);
+      at::Tensor phi = phib.narrow(0, 0, ib).narrow(1, 0, len), dv = db.narrow(0, 0, ib).narrow(1, 0, len);
+      at::Tensor B_c = B.narrow(1, c0, len);  // (k, len)
+      // k == 1: deriv carries the output weight, V = sigma'(Z) diag(B_0).
+      chunk_features(activate, act, xb, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len),
+                     k == 1 ? B_c[0] : at::Tensor(), at::Tensor(), phi, phi, dv);
+      if (dB.has_value()) acc.addmm_(phi, dB->narrow(2, c0, len).reshape({T * k, len}).t());
+      if (dc.has_value()) {
+        at::Tensor dc_c = dc->narrow(1, c0, len);  // (T, len)
+        if (k == 1) {
+          acc.addmm_(dv, dc_c.t());
+        } else {
+          at::Tensor mcol = (dc_c.unsqueeze(1) * B_c.unsqueeze(0)).reshape({T * k, len});
+          acc.addmm_(dv, mcol.t());
+        }
+      }
+      if (use_w) {
+        // (len, T*d) copy of the tangent chunk so one GEMM covers all T.
+        at::Tensor dA_c = dA->narrow(1, c0, len).permute({1, 0, 2}).reshape({len, T * d});
+        wacc.addmm_(dv, dA_c);
+      } else if (use_u) {
+        at::Tensor u = ub.narrow(1, 0, ib).narrow(2, 0, len);  // (T, ib, len)
+        at::matmul_out(u, xb, dA->narrow(1, c0, len).transpose(1, 2));
+        u.mul_(dv);
+        // (T, ib, len) @ (len, k) -> (T, ib, k), added as (ib, T, k).
+        acc.view({ib, T, k}).add_(at::matmul(u, B_c.t()).permute({1, 0, 2}));
+      }
+    }
+    if (use_w) acc.view({ib, T}).add_((wacc.view({ib, T, d}) * xb.unsqueeze(1)).sum(2));
+    out.narrow(1, i0, ib).copy_(acc.view({ib, T, k}).permute({1, 0, 2}));
+  }
+  if (scale != 1.0) out.mul_(scale);
+  return out;
+}
+
+// ----------------------------------------------------------------------------- VJP
+// dB = s R^T Phi, H = (R B) (.) sigma'(Z), dA = s H^T X, dc = s 1^T H; chunks of m outer, rows inner.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
+    ActivateFn activate, const at::Tensor& x_in, const at::Tensor& A_in, const std::optional<at::Tensor>& c_in,
+    const at::Tensor& B_in, double scale, int64_t act, const at::Tensor& r_in) {
+  const char* op = "two_layer_vjp";
+  check_two_layer_weights(A_in, c_in, B_in, scale, act, op);
+  check_two_layer_input(x_in, A_in, "x", op);
+  const int64_t n = x_in.size(0), m = A_in.size(0), d = A_in.size(1), k = B_in.size(0);
+  TORCH_CHECK(r_in.dim() == 2, "lazyfast: ", op, ": r (cotangent) must be 2-D (n, k), got shape ", r_in.sizes());
+  check_like(r_in, A_in, {n, k}, "r (cotangent)", op);
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(), r = r_in.contiguous();
+  std::optional<at::Tensor> c;
+  if (c_in.has_value()) c = c_in->contiguous();
+  at::Tensor gA = at::zeros({m, d}, x.options()), gc = at::zeros({m}, x.options()), gB = at::zeros({k, m}, x.options());
+  if (n == 0 || m == 0) return {gA, gc, gB};
+  const int64_t budget = elem_budget(x);
+  const int64_t rb = std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
+  const int64_t mc = std::min<int64_t>(m, std::max<int64_t>(64, std::min<int64_t>(4096, budget / 2 / rb)));
+  at::Tensor zb = at::empty({rb, mc}, x.options()), hb = at::empty({rb, mc}, x.options());
+  for (int64_t c0 = 0; c0 < m; c0 += mc) {
+    const int64_t len = std::min(mc, m - c0);
+    at::Tensor gA_c = gA.narrow(0, c0, len), gc_c = gc.narrow(0, c0, len), gB_c = gB.narrow(1, c0, len);
+    for (int64_t i0 = 0; i0 < n; i0 += rb) {
+      const int64_t ib = std::min(rb, n - i0);
+      at::Tensor xb = x.narrow(0, i0, ib), rbk = r.narrow(0, i0, ib);
+      at::Tensor z = zb.narrow(0, 0, ib).narrow(1, 0, len), h = hb.narrow(0, 0, ib).narrow(1, 0, len);
+      at::mm_out(h, rbk, B.narrow(1, c0, len));  // R B, turned into H in place
+      chunk_features(activate, act, xb, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), at::Tensor(), h, z, z, h);
+      gA_c.addmm_(h.t(), xb);
+      gc_c.add_(h.sum(0));
+      gB_c.addmm_(rbk.t(), z);
+    }
+  }
+  if (scale != 1.0) {
+    gA.mul_(scale);
+    gc.mul_(scale);
+    gB.mul_(scale);
+  }
+  return {gA, gc, gB};
+}
+
+// ----------------------------------------------------------------------------- NTK . v
+// out = Theta(X1, X2) v = J1 (J2^T v), fused per m-chunk: the chunk of the VJP
+// (gA_c, gc_c, gB_c) is consumed by the JVP over X1 at once, so not even a
+// parameter-sized buffer is needed.
+inline at::Tensor two_layer_ntk_vp_aten(ActivateFn activate, const at::Tensor& x1_in,
+                                        const std::optional<at::Tensor>& x2_in, const at::Tensor& A_in,
+                                        const std::optional<at::Tensor>& c_in, const at::Tensor& B_in, double scale,
+                                        int64_t act, const at::Tensor& v_in) {
+  const char* op = "two_layer_ntk_vp";
+  check_two_layer_weights(A_in, c_in, B_in, scale, act, op);
+  check_two_layer_input(x1_in, A_in, "x1", op);
+  if (x2_in.has_value()) check_two_layer_input(*x2_in, A_in, "x2", op);
+  const at::Tensor& x2r = x2_in.has_value() ? *x2_in : x1_in;
+  const int64_t n1 = x1_in.size(0), n2 = x2r.size(0), m = A_in.size(0), d = A_in.size(1), k = B_in.size(0);
+  TORCH_CHECK(v_in.dim() == 2, "lazyfast: ", op, ": v must be 2-D (n2, k), got shape ", v_in.sizes());
+  check_like(v_in, A_in, {n2, k}, "v", op);
+  const at::Tensor x1 = x1_in.contiguous(), x2 = x2r.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  const at::Tensor v = v_in.contiguous();
+  std::optional<at::Tensor> c;
+  if (c_in.has_value()) c = c_in->contiguous();
+  at::Tensor out = at::zeros({n1, k}, x1.options());
+  if (n1 == 0 || n2 == 0 || m == 0) return out;
+  const int64_t budget = elem_budget(x1);
+  const int64_t rb = std::min<int64_t>(std::max(n1, n2), std::max<int64_t>(256, budget / 2 / 64));
+  const int64_t mc = std::min<int64_t>(m, std::max<int64_t>(64, std::min<int64_t>(4096, budget / 3 / rb)));
+  at::Tensor zb = at::empty({rb, mc}, x1.options()), hb = at::empty({rb, mc}, x1.options());
+  at::Tensor db = at::empty({rb, mc}, x1.options());
+  at::Tensor gA = at::empty({mc, d}, x1.options()), gc = at::empty({mc}, x1.options());
+  at::Tensor gB = at::empty({k, mc}, x1.options());
+  const bool same = !x2_in.has_value() && n1 <= rb;  // one block: reuse the chunk features of X
+  for (int64_t c0 = 0; c0 < m; c0 += mc) {
+    const int64_t len = std::min(mc, m - c0);
+    at::Tensor A_c = A.narrow(0, c0, len), c_c = opt_narrow(c, 0, c0, len), B_c = B.narrow(1, c0, len);
+    at::Tensor gA_c = gA.narrow(0, 0, len), gc_c = gc.narrow(0, 0, len), gB_c = gB.narrow(1, 0, len);
+    gA_c.zero_();
+    gc_c.zero_();
+    gB_c.zero_();
+    // VJP over X2 (cotangent v), restricted to this chunk.
+    for (int64_t i0 = 0; i0 < n2; i0 += rb) {
+      const int64_t ib = std::min(rb, n2 - i0);
+      at::Tensor xb = x2.narrow(0, i0, ib), vb = v.narrow(0, i0, ib);
+      at::Tensor z = zb.narrow(0, 0, ib).narrow(1, 0, len), h = hb.narrow(0, 0, ib).narrow(1, 0, len);
+      at::mm_out(h, vb, B_c);
+      if (same) {
+        at::Tensor dv = db.narrow(0, 0, ib).narrow(1, 0, len);
+        chunk_features(activate, act, xb, A_c, c_c, at::Tensor(), at::Tensor(), z, z, dv);
+        h.mul_(dv);
+      } else {
+        chunk_features(activate, act, xb, A_c, c_c, at::Tensor(), h, z, z, h);
+      }
+      gA_c.addmm_(h.t(), xb);
+      if (c.has_value()) gc_c.add_(h.sum(0));
+      gB_c.addmm_(vb.t(), z);
+    }
+    // JVP over X1 along (gA_c, gc_c, gB_c); the scale s of the VJP is applied at the end (s^2 total).
+    for (int64_t i0 = 0; i0 < n1; i0 += rb) {
+      const int64_t ib = std::min(rb, n1 - i0);
+      at::Tensor xb = x1.narrow(0, i0, ib);
+      at::Tensor z = zb.narrow(0, 0, ib).narrow(1, 0, len), u = hb.narrow(0, 0, ib).narrow(1, 0, len);
+      at::Tensor dv = db.narrow(0, 0, ib).narrow(1, 0, len);
+      if (!same) chunk_features(activate, act, xb, A_c, c_c, at::Tensor(), at::Tensor(), z, z, dv);
+      // U = X gA^T (+ gc: without a hidden bias there is no bias parameter to move).
+      if (c.has_value()) {
+        at::addmm_out(u, gc_c.unsqueeze(0), xb, gA_c.t());
+      } else {
+        at::mm_out(u, xb, gA_c.t());
+      }
+      u.mul_(dv);
+      at::Tensor ob = out.narrow(0, i0, ib);
+      ob.addmm_(z, gB_c.t());
+      ob.addmm_(u, B_c.t());
+    }
+  }
+  out.mul_(scale * scale);
+  return out;
+}
+
+}  // namespace lazyfast
