@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -19,8 +20,19 @@
 
 namespace lazyfast {
 
-// Workspace the drivers may allocate besides their outputs (bytes).
+// Workspace the drivers may allocate besides their outputs (bytes): 128 MiB, or
+// LAZYFAST_TWO_LAYER_WORKSPACE_BYTES (read per call; tests shrink it to force
+// many chunks and row blocks).
 constexpr int64_t kTwoLayerWorkspaceBytes = int64_t(128) << 20;
+
+inline int64_t two_layer_workspace_bytes() {
+  const char* env = std::getenv("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES");
+  if (env != nullptr && *env != '\0') {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return kTwoLayerWorkspaceBytes;
+}
 
 // Tensors of one activate step: 2-D with unit column stride; undefined = absent.
 struct ActivateArgs {
@@ -91,7 +103,7 @@ inline void check_like(const at::Tensor& t, const at::Tensor& A, at::IntArrayRef
 }
 
 // ----------------------------------------------------------------------------- helpers
-inline int64_t elem_budget(const at::Tensor& t) { return kTwoLayerWorkspaceBytes / t.element_size(); }
+inline int64_t elem_budget(const at::Tensor& t) { return two_layer_workspace_bytes() / t.element_size(); }
 
 inline at::Tensor opt_narrow(const std::optional<at::Tensor>& t, int64_t dim, int64_t start, int64_t len) {
   return t.has_value() ? t->narrow(dim, start, len) : at::Tensor();
@@ -162,7 +174,10 @@ inline at::Tensor two_layer_ntk_trace_sym(ActivateFn activate, const at::Tensor&
     const int64_t i0 = t * tb, ib = std::min(tb, n - i0), i1 = i0 + ib;
     at::Tensor g = at::mm(x.narrow(0, i0, ib), x.narrow(0, i0, n - i0).t());
     if (bias) g.add_(1.0);
-    out.narrow(0, i0, ib).narrow(1, i0, ib).addcmul_(g.narrow(1, 0, ib), qdiag[t].narrow(0, 0, ib).narrow(1, 0, ib));
+    at::Tensor diag = out.narrow(0, i0, ib).narrow(1, i0, ib);
+    diag.addcmul_(g.narrow(1, 0, ib), qdiag[t].narrow(0, 0, ib).narrow(1, 0, ib));
+    // GEMM blocking makes the diagonal block symmetric only up to rounding; make it exact.
+    diag.copy_((diag + diag.t()).mul_(0.5));
     if (i1 < n) {
       at::Tensor upper = out.narrow(0, i0, ib).narrow(1, i1, n - i1);
       at::Tensor lower = out.narrow(0, i1, n - i1).narrow(1, i0, ib);
@@ -251,6 +266,12 @@ inline at::Tensor two_layer_ntk_general(ActivateFn activate, const at::Tensor& x
     }
   }
   if (sym) {
+    // Diagonal blocks exactly symmetric (up to rounding only, from the GEMMs).
+    for (int64_t i0 = 0; i0 < n1; i0 += rb) {
+      const int64_t ib = std::min(rb, n1 - i0);
+      at::Tensor blk = out.narrow(0, i0, ib).narrow(1, i0, ib);
+      blk.copy_((blk + (full ? blk.permute({1, 0, 3, 2}) : blk.t())).mul_(0.5));
+    }
     // Fill the blocks left of each row block: Theta(x_i, x_j)_ab = Theta(x_j, x_i)_ba.
     for (int64_t i0 = rb; i0 < n1; i0 += rb) {
       const int64_t ib = std::min(rb, n1 - i0);

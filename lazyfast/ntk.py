@@ -5,9 +5,12 @@
     samples. Wins for small P·k and many samples.
   * ``"ntk_vp"`` — one VJP + one JVP per kernel column (never holds a Jacobian).
     Wins when P is huge and n2·k is small.
-  * ``"auto"`` — the fastest correct path available for the model; for generic
-    modules, Jacobian contraction with a chunk size that keeps the Jacobians within
-    ``memory_budget`` bytes.
+  * ``"fused"`` — the compiled two-layer kernels (:mod:`lazyfast.two_layer`): only for
+    :class:`~lazyfast.models.TwoLayer` models with all parameters trainable. Never holds
+    a Jacobian or an (n, m) feature matrix; O(n1·n2·m) for the Gram, O(n·m·d) for JVP/VJP/NTK·v.
+  * ``"auto"`` — the fastest correct path available for the model: ``"fused"`` for
+    ``TwoLayer``; for generic modules, Jacobian contraction with a chunk size that
+    keeps the Jacobians within ``memory_budget`` bytes.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from lazyfast import reference
+from lazyfast import reference, two_layer
 from lazyfast._validation import (check_chunk_size, check_input, check_mode, check_module, model_param_info)
 
-NTK_IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp")
+NTK_IMPLEMENTATIONS = ("auto", "fused", "jacobian", "ntk_vp")
+PRODUCT_IMPLEMENTATIONS = ("auto", "fused", "reference")
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of Jacobians held at once by the generic path
 
 
@@ -49,6 +53,16 @@ def auto_chunk_size(model: nn.Module, x: torch.Tensor, memory_budget: int = DEFA
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_sample = _out_features(model, x) * _n_params(model) * itemsize
     return max(1, int(memory_budget // (2 * max(per_sample, 1))))
+
+
+def _use_fused(model, implementation) -> bool:
+    """``"fused"`` (TwoLayer required) or ``"auto"`` on a TwoLayer selects lazyfast.two_layer."""
+    if implementation == "fused":
+        if not two_layer.fused_applicable(model):
+            raise ValueError("implementation='fused' needs a lazyfast.models.TwoLayer with all parameters "
+                             f"trainable, got {type(model).__name__}")
+        return True
+    return implementation == "auto" and two_layer.fused_applicable(model)
 
 
 def _check_pair(model, x1, x2):
@@ -81,6 +95,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     check_mode(mode)
     chunk_size = check_chunk_size(chunk_size)
     _check_impl(implementation, NTK_IMPLEMENTATIONS)
+    if _use_fused(model, implementation):
+        return two_layer.model_ntk(model, x1, x2, mode=mode)
     if implementation == "ntk_vp":
         return reference.ntk_ntkvp(model, x1, x2, mode=mode, chunk_size=chunk_size)
     if chunk_size is None and implementation == "auto":
@@ -102,7 +118,9 @@ def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
     """
     check_module(model)
     check_input(x, "x", model)
-    _check_impl(implementation, ("auto", "reference"))
+    _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    if _use_fused(model, implementation):
+        return two_layer.model_jvp(model, x, tangents)
     return reference.jvp(model, x, tangents)
 
 
@@ -130,7 +148,9 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
     check_module(model)
     check_input(x, "x", model)
     _check_cotangent(model, x, cotangent, "cotangent")
-    _check_impl(implementation, ("auto", "reference"))
+    _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    if _use_fused(model, implementation):
+        return two_layer.model_vjp(model, x, cotangent)
     return reference.vjp(model, x, cotangent)
 
 
@@ -148,5 +168,7 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
     """
     _check_pair(model, x1, x2)
     _check_cotangent(model, x1 if x2 is None else x2, v, "v")
-    _check_impl(implementation, ("auto", "reference"))
+    _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    if _use_fused(model, implementation):
+        return two_layer.model_ntk_vp(model, x1, v, x2)
     return reference.ntk_vp(model, x1, v, x2)
