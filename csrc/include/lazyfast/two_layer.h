@@ -92,6 +92,46 @@ inline void activate_row(const ActivateParams<T>& p, int64_t i) {
   }
 }
 
+// ----------------------------------------------------------------------------- CUDA Gram
+// Features of one m-chunk for the fused CUDA Gram, written k-major:
+//   phiT[j, i] = sigma(z_ij), sigT[j, i] = sigma'(z_ij) * w[j], z_ij = x_i . A_j + bias_j.
+template <typename T>
+struct TwoLayerFeatureParams {
+  int64_t n = 0, d = 0, mc = 0;  // rows of x, input dim, neurons in the chunk
+  const T* x = nullptr;          // (n, d) row-major
+  const T* A = nullptr;          // (mc, d) row-major: rows c0..c0+mc of A
+  const T* bias = nullptr;       // (mc,) or null
+  const T* w = nullptr;          // (mc,) or null (weight 1)
+  T* phiT = nullptr;             // (mc, ld) or null (not written)
+  T* sigT = nullptr;             // (mc, ld) or null
+  int64_t ld = 0;                // >= n
+};
+
+// One chunk of the fused Gram: out[i*out_rs + j*out_cs] +=
+//   scale2 * ([with_p] phi1_i . phi2_j + (x1_i . x2_j + [bias]) * sig1_i . sig2_j),
+// the dots running over the chunk's mc neurons (features k-major, as above).
+// out_mirror (or null) receives the same values (full mode writes [a, b] and [b, a]);
+// upper_only skips output tiles strictly below the diagonal (X2 = X1).
+template <typename T>
+struct TwoLayerGramParams {
+  int64_t n1 = 0, n2 = 0, d = 0, mc = 0;
+  const T* phi1 = nullptr;
+  const T* sig1 = nullptr;
+  int64_t ld1 = 0;
+  const T* phi2 = nullptr;
+  const T* sig2 = nullptr;
+  int64_t ld2 = 0;
+  const T* x1 = nullptr;  // (n1, d)
+  const T* x2 = nullptr;  // (n2, d)
+  T* out = nullptr;
+  T* out_mirror = nullptr;
+  int64_t out_rs = 0, out_cs = 1;
+  T scale2 = T(1);
+  bool bias = false;
+  bool with_p = true;
+  bool upper_only = false;
+};
+
 // Sizing of the m-chunks. The CPU and CUDA drivers pick the chunk so that the
 // per-chunk buffers (a few (rows x chunk) matrices) stay within a workspace
 // budget; extra memory is then O(chunk * rows), never O(n * m).
