@@ -120,6 +120,16 @@ class TwoLayer(nn.Module):
         return activation_fn(self.activation)(self.hidden(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            # Evaluate the two halves with identical GEMM shapes, so that at the
+            # symmetrized init they are exact negatives and f(w0, x) == 0 bit for bit
+            # (one GEMM over all m neurons would sum in an order that leaves ~1e-16).
+            h = self.width // 2
+            A, c, B = self.hidden.weight, self.hidden.bias, self.output.weight
+            act = activation_fn(self.activation)
+            lo = F.linear(act(F.linear(x, A[:h], None if c is None else c[:h])), B[:, :h])
+            hi = F.linear(act(F.linear(x, A[h:], None if c is None else c[h:])), B[:, h:])
+            return self.scale * (lo + hi)
         return self.scale * self.output(self.features(x))
 
     def extra_repr(self) -> str:

@@ -20,3 +20,11 @@ requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("LAZYFAST_DISABLE_EXTENSION") == "1",
     reason="needs a CUDA device and lazyfast's CUDA kernels",
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test that runs on a CUDA device carries the `cuda` marker, so the GPU
+    # script can select them with `-m cuda` (they are parametrized or named "cuda").
+    for item in items:
+        if "cuda" in item.nodeid.lower():
+            item.add_marker(pytest.mark.cuda)

@@ -6,16 +6,12 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "cuda_check.h"
 #include "lazyfast/cuda_launch.h"
 
 namespace lazyfast {
 namespace {
 
-#define LF_CUDA_CHECK(expr)                                                             \
-  do {                                                                                  \
-    const cudaError_t lf_err = (expr);                                                  \
-    TORCH_CHECK(lf_err == cudaSuccess, "lazyfast CUDA error: ", cudaGetErrorString(lf_err)); \
-  } while (0)
 
 // j1: (n1, P), j2: (n2, P) -> (n1, n2)
 at::Tensor gram_cuda(const at::Tensor& j1, const at::Tensor& j2, bool accumulate_f64) {

@@ -1,0 +1,48 @@
+# lazyfast — the two commands of the README:
+#   make demo   the main job: the paper's experiments (quick presets) with figures
+#   make test   everything CI checks: Python tests, C++ unit tests, CUDA compile check, CUDA link check
+# Both do their own setup on a fresh machine (venv, torch==2.13.0, build without isolation).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lazyfast-deps
+DEPS   := torch==2.13.0 "setuptools>=64" wheel ninja numpy scipy tqdm matplotlib scikit-learn \
+          pytest pytest-benchmark hypothesis expecttest
+OUT    ?= out/demo
+
+.PHONY: venv build demo test test-python native-test cuda-link-check bench clean
+
+venv: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# Editable install, compiled against the venv's torch (never with build isolation).
+build: $(STAMP)
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m lazyfast.cli info
+
+demo: build
+	$(PY) -m lazyfast.cli demo
+
+test-python: build
+	$(PY) -m pytest -q tests
+
+native-test:
+	cmake -S . -B build-native -DCMAKE_BUILD_TYPE=Release > build-native.log 2>&1 || (cat build-native.log; exit 1)
+	cmake --build build-native -j2
+	ctest --test-dir build-native --output-on-failure
+
+cuda-link-check:
+	bash scripts/cuda_link_check.sh
+
+test: test-python native-test cuda-link-check
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf build build-native build-cuda build-native.log lazyfast/_C*.so *.egg-info
