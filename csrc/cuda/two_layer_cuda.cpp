@@ -9,16 +9,11 @@
 #include <torch/library.h>
 
 #include "../two_layer_aten.h"
+#include "cuda_check.h"
 #include "lazyfast/cuda_launch.h"
 
 namespace lazyfast {
 namespace {
-
-#define LF_TL_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                           \
-    const cudaError_t lf_err = (expr);                                                           \
-    TORCH_CHECK(lf_err == cudaSuccess, "lazyfast CUDA error: ", cudaGetErrorString(lf_err));     \
-  } while (0)
 
 // Device memory the Gram may use for the k-major chunk features: 4x the driver
 // workspace (512 MiB by default; LAZYFAST_TWO_LAYER_WORKSPACE_BYTES scales it).
@@ -28,7 +23,7 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 template <typename T>
 void activate_cuda_typed(int64_t act, const ActivateArgs& args) {
-  LF_TL_CUDA_CHECK(cuda::two_layer_activate<T>(activate_params<T>(args), static_cast<int>(act), current_stream()));
+  LF_CUDA_CHECK(cuda::two_layer_activate<T>(activate_params<T>(args), static_cast<int>(act), current_stream()));
 }
 
 void activate_cuda(int64_t act, const ActivateArgs& args) {
@@ -48,7 +43,7 @@ T* ptr_or_null(const at::Tensor& t) {
 template <typename T>
 void features(const at::Tensor& x, const at::Tensor& A, const at::Tensor& c, int64_t c0, int64_t len,
               const at::Tensor& w, at::Tensor phiT, at::Tensor sigT, int64_t act) {
-  cuda::TwoLayerFeatureParams<T> p;
+  TwoLayerFeatureParams<T> p;
   p.n = x.size(0);
   p.d = x.size(1);
   p.mc = len;
@@ -59,7 +54,7 @@ void features(const at::Tensor& x, const at::Tensor& A, const at::Tensor& c, int
   p.phiT = ptr_or_null<T>(phiT);
   p.sigT = ptr_or_null<T>(sigT);
   p.ld = x.size(0);
-  LF_TL_CUDA_CHECK(cuda::two_layer_features<T>(p, static_cast<int>(act), current_stream()));
+  LF_CUDA_CHECK(cuda::two_layer_features<T>(p, static_cast<int>(act), current_stream()));
 }
 
 // x1 (n1, d), x2 (n2, d) [same tensor when sym], out (n1, n2) or (n1, n2, k, k).
@@ -86,7 +81,7 @@ void gram_cuda_typed(const at::Tensor& x1, const at::Tensor& x2, bool sym, const
       for (int64_t b = a; b < k; ++b) wpair[p++].copy_(B[a] * B[b]);
   }
   const cudaStream_t stream = current_stream();
-  cuda::TwoLayerGramParams<T> prm;
+  TwoLayerGramParams<T> prm;
   prm.n1 = n1;
   prm.n2 = n2;
   prm.d = x1.size(1);
@@ -112,7 +107,7 @@ void gram_cuda_typed(const at::Tensor& x1, const at::Tensor& x2, bool sym, const
       prm.out_rs = n2;
       prm.out_cs = 1;
       prm.with_p = true;
-      LF_TL_CUDA_CHECK(cuda::two_layer_gram_chunk<T>(prm, stream));
+      LF_CUDA_CHECK(cuda::two_layer_gram_chunk<T>(prm, stream));
       continue;
     }
     // Full mode: side 2 unweighted once per chunk; side 1 weighted by B_a B_b per pair.
@@ -126,11 +121,11 @@ void gram_cuda_typed(const at::Tensor& x1, const at::Tensor& x2, bool sym, const
         prm.out_rs = n2 * k * k;
         prm.out_cs = k * k;
         prm.with_p = (a == b);
-        LF_TL_CUDA_CHECK(cuda::two_layer_gram_chunk<T>(prm, stream));
+        LF_CUDA_CHECK(cuda::two_layer_gram_chunk<T>(prm, stream));
       }
     }
   }
-  if (sym) LF_TL_CUDA_CHECK(cuda::two_layer_mirror<T>(out.data_ptr<T>(), n1, full ? k : 1, stream));
+  if (sym) LF_CUDA_CHECK(cuda::two_layer_mirror<T>(out.data_ptr<T>(), n1, full ? k : 1, stream));
 }
 
 // x1: (n1, d), x2: (n2, d) or None, A: (m, d), c: (m,) or None, B: (k, m) -> (n1, n2) | (n1, n2, k, k)
