@@ -9,6 +9,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +29,15 @@ namespace lazyfast {
 // many chunks and row blocks).
 constexpr int64_t kTwoLayerWorkspaceBytes = int64_t(128) << 20;
 
+inline int64_t two_layer_env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env != nullptr && *env != '\0') {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return fallback;
+}
+
 inline int64_t two_layer_workspace_bytes() {
   const char* env = std::getenv("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES");
   if (env != nullptr && *env != '\0') {
@@ -38,7 +49,7 @@ inline int64_t two_layer_workspace_bytes() {
 
 // Tensors of one activate step: 2-D with unit column stride; undefined = absent.
 struct ActivateArgs {
-  at::Tensor z, bias, w, mul, phi, deriv;
+  at::Tensor z, bias, w, mul, phi, deriv, rowmul;
 };
 using ActivateFn = void (*)(int64_t activation, const ActivateArgs& args);
 
@@ -55,6 +66,7 @@ ActivateParams<T> activate_params(const ActivateArgs& a) {
     p.mul = a.mul.data_ptr<T>();
     p.ld_mul = a.mul.stride(0);
   }
+  if (a.rowmul.defined()) p.rowmul = a.rowmul.data_ptr<T>();
   if (a.phi.defined()) {
     p.phi = a.phi.data_ptr<T>();
     p.ld_phi = a.phi.stride(0);
@@ -114,9 +126,10 @@ inline at::Tensor opt_narrow(const std::optional<at::Tensor>& t, int64_t dim, in
 // Z = X A_c^T into `z` (rows, mc), then the activate step.
 inline void chunk_features(ActivateFn activate, int64_t act, const at::Tensor& x, const at::Tensor& A_c,
                            const at::Tensor& bias_c, const at::Tensor& w_c, const at::Tensor& mul, at::Tensor& z,
-                           at::Tensor phi, at::Tensor deriv) {
+                           at::Tensor phi, at::Tensor deriv, const at::Tensor& rowmul = at::Tensor()) {
   at::mm_out(z, x, A_c.t());
   ActivateArgs a;
+  a.rowmul = rowmul;
   a.z = z;
   a.bias = bias_c;
   a.w = w_c;
@@ -219,7 +232,11 @@ inline at::Tensor two_layer_jvp_aten(ActivateFn activate, const at::Tensor& x_in
 }
 
 // ----------------------------------------------------------------------------- VJP
-// dB = s R^T Phi, H = (R B) (.) sigma'(Z), dA = s H^T X, dc = s 1^T H; chunks of m outer, rows inner.
+// dB = s R^T Phi, H = (R B) (.) sigma'(Z), dA = s H^T X, dc = s 1^T H.
+// Each m-chunk owns its slices of dA, dc, dB, so on the CPU the chunks run in
+// parallel (single-threaded GEMMs on cache-sized (rows x chunk) blocks, one
+// barrier; LAZYFAST_TL_RB / LAZYFAST_TL_MC override the 4096 x 128 block, for
+// tuning); on CUDA one stream walks large tiles.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
     ActivateFn activate, const at::Tensor& x_in, const at::Tensor& A_in, const std::optional<at::Tensor>& c_in,
     const at::Tensor& B_in, double scale, int64_t act, const at::Tensor& r_in) {
@@ -234,23 +251,45 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
   if (c_in.has_value()) c = c_in->contiguous();
   at::Tensor gA = at::zeros({m, d}, x.options()), gc = at::zeros({m}, x.options()), gB = at::zeros({k, m}, x.options());
   if (n == 0 || m == 0) return {gA, gc, gB};
+  const bool cpu = x.is_cpu();
   const int64_t budget = elem_budget(x);
-  const int64_t rb = std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
-  const int64_t mc = std::min<int64_t>(m, std::max<int64_t>(64, std::min<int64_t>(4096, budget / 2 / rb)));
-  at::Tensor zb = at::empty({rb, mc}, x.options()), hb = at::empty({rb, mc}, x.options());
-  for (int64_t c0 = 0; c0 < m; c0 += mc) {
-    const int64_t len = std::min(mc, m - c0);
-    at::Tensor gA_c = gA.narrow(0, c0, len), gc_c = gc.narrow(0, c0, len), gB_c = gB.narrow(1, c0, len);
-    for (int64_t i0 = 0; i0 < n; i0 += rb) {
-      const int64_t ib = std::min(rb, n - i0);
-      at::Tensor xb = x.narrow(0, i0, ib), rbk = r.narrow(0, i0, ib);
-      at::Tensor z = zb.narrow(0, 0, ib).narrow(1, 0, len), h = hb.narrow(0, 0, ib).narrow(1, 0, len);
-      at::mm_out(h, rbk, B.narrow(1, c0, len));  // R B, turned into H in place
-      chunk_features(activate, act, xb, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), at::Tensor(), h, z, z, h);
-      gA_c.addmm_(h.t(), xb);
-      gc_c.add_(h.sum(0));
-      gB_c.addmm_(rbk.t(), z);
+  const int64_t rb = cpu ? std::min<int64_t>(n, two_layer_env_int("LAZYFAST_TL_RB", 4096)) : std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
+  const int64_t mc = cpu ? std::min<int64_t>(m, std::max<int64_t>(16, std::min<int64_t>(two_layer_env_int("LAZYFAST_TL_MC", 128), budget / 2 / rb)))
+                         : std::min<int64_t>(m, std::max<int64_t>(64, std::min<int64_t>(4096, budget / 2 / rb)));
+  const int64_t nchunks = ceil_div(m, mc);
+  const at::Tensor r0 = k == 1 ? r.select(1, 0) : at::Tensor();  // (n,): H = r_i B_j sigma'(z_ij)
+  auto run = [&](int64_t cb, int64_t ce) {
+    at::Tensor zb = at::empty({rb, mc}, x.options()), hb = at::empty({rb, mc}, x.options());
+    for (int64_t ci = cb; ci < ce; ++ci) {
+      const int64_t c0 = ci * mc, len = std::min(mc, m - c0);
+      at::Tensor gA_c = gA.narrow(0, c0, len), gc_c = gc.narrow(0, c0, len), gB_c = gB.narrow(1, c0, len);
+      at::Tensor B_c = B.narrow(1, c0, len);
+      for (int64_t i0 = 0; i0 < n; i0 += rb) {
+        const int64_t ib = std::min(rb, n - i0);
+        at::Tensor xb = x.narrow(0, i0, ib), rbk = r.narrow(0, i0, ib);
+        at::Tensor z = zb.narrow(0, 0, ib).narrow(1, 0, len), h = hb.narrow(0, 0, ib).narrow(1, 0, len);
+        if (k == 1) {
+          chunk_features(activate, act, xb, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), B_c[0], at::Tensor(), z,
+                         z, h, r0.narrow(0, i0, ib));
+        } else {
+          at::mm_out(h, rbk, B_c);  // R B, turned into H in place
+          chunk_features(activate, act, xb, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), at::Tensor(), h, z, z,
+                         h);
+        }
+        gA_c.addmm_(h.t(), xb);
+        gc_c.add_(h.sum(0));
+        gB_c.addmm_(rbk.t(), z);
+      }
     }
+  };
+  if (cpu) {
+    const at::ThreadLocalState tls;
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      const at::ThreadLocalStateGuard guard(tls);
+      run(cb, ce);
+    });
+  } else {
+    run(0, nchunks);
   }
   if (scale != 1.0) {
     gA.mul_(scale);

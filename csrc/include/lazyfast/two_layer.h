@@ -5,7 +5,7 @@
 // m-chunk of pre-activations Z = X A_chunk^T (rows x cols):
 //     z    = Z[i, j] + c[j]                      (hidden bias, optional)
 //     Phi  = sigma(z)                            (optional output, may alias Z)
-//     D    = sigma'(z) * w[j] * M[i, j]          (optional output; w, M optional;
+//     D    = sigma'(z) * w[j] * M[i, j] * r[i]   (optional output; w, M, r optional;
 //                                                 D may alias M, Phi may alias Z)
 // w is a per-neuron weight (sqrt of the mean B^2 for the trace Gram, B_a*B_b for
 // the full Gram, B_0 for the k=1 JVP) and M a per-entry multiplier (R B for the VJP).
@@ -30,6 +30,7 @@ struct ActivateParams {
   const T* w = nullptr;      // (cols,) or null
   const T* mul = nullptr;    // (rows, cols), ld_mul, or null
   int64_t ld_mul = 0;
+  const T* rowmul = nullptr;  // (rows,) or null: D also times rowmul[i]
   T* phi = nullptr;  // (rows, cols), ld_phi, or null; may equal z
   int64_t ld_phi = 0;
   T* deriv = nullptr;  // (rows, cols), ld_deriv, or null
@@ -47,6 +48,7 @@ LF_HD void activate_entry(const ActivateParams<T>& p, int64_t i, int64_t j) {
     T dv = act_deriv<T>(act, z);
     if (p.w) dv *= p.w[j];
     if (p.mul) dv *= p.mul[i * p.ld_mul + j];
+    if (p.rowmul) dv *= p.rowmul[i];
     p.deriv[i * p.ld_deriv + j] = dv;
   }
   if (p.phi) p.phi[i * p.ld_phi + j] = act_value<T>(act, z);
@@ -83,6 +85,10 @@ inline void activate_row(const ActivateParams<T>& p, int64_t i) {
         for (int64_t j = 0; j < len; ++j) d[j] = act_deriv<T>(act, zbuf[j]) * w[j];
       } else {
         for (int64_t j = 0; j < len; ++j) d[j] = act_deriv<T>(act, zbuf[j]);
+      }
+      if (p.rowmul) {
+        const T rm = p.rowmul[i];
+        for (int64_t j = 0; j < len; ++j) d[j] *= rm;
       }
     }
     if (phr) {
