@@ -186,6 +186,7 @@ at::Tensor two_layer_ntk_general(ActivateFn activate, const at::Tensor& x1, cons
       for (int64_t b = a; b < k; ++b) wpair[p++].copy_(B[a] * B[b]);
   }
   const bool bias = c.has_value();
+  const at::ThreadLocalState tls;
   for (int64_t i0 = 0; i0 < n1; i0 += rb) {
     const int64_t ib = std::min(rb, n1 - i0);
     const int64_t j0 = sym ? i0 : 0, nc = n2 - j0;
@@ -199,22 +200,32 @@ at::Tensor two_layer_ntk_general(ActivateFn activate, const at::Tensor& x1, cons
       at::Tensor w_c = full ? at::Tensor() : sw.narrow(0, c0, len);
       at::Tensor phi1 = phi1b.narrow(0, 0, ib).narrow(1, 0, len), d1 = d1b.narrow(0, 0, ib).narrow(1, 0, len);
       at::Tensor phi2 = phi2b.narrow(0, 0, nc).narrow(1, 0, len), d2 = d2b.narrow(0, 0, nc).narrow(1, 0, len);
-      chunk_features(activate, act, x1b, A_c, c_c, w_c, at::Tensor(), phi1, phi1, d1);
       chunk_features(activate, act, x2b, A_c, c_c, w_c, at::Tensor(), phi2, phi2, d2);
-      pacc.addmm_(phi1, phi2.t());
-      if (!full) {
-        acc[0].addmm_(d1, d2.t());
-      } else {
-        at::Tensor tmp = tmpb.narrow(0, 0, ib).narrow(1, 0, len);
-        for (int64_t p = 0; p < npair; ++p) {
-          at::mul_out(tmp, d1, wpair[p].narrow(0, c0, len));
-          acc[p].addmm_(tmp, d2.t());
+      // Rows of the block split over the threads, single-threaded GEMMs: one barrier.
+      at::parallel_for(0, ib, 64, [&](int64_t r0, int64_t r1) {
+        const at::ThreadLocalStateGuard guard(tls);
+        const int64_t rl = r1 - r0;
+        at::Tensor p1 = phi1.narrow(0, r0, rl), q1 = d1.narrow(0, r0, rl);
+        chunk_features(activate, act, x1b.narrow(0, r0, rl), A_c, c_c, w_c, at::Tensor(), p1, p1, q1);
+        pacc.narrow(0, r0, rl).addmm_(p1, phi2.t());
+        if (!full) {
+          acc[0].narrow(0, r0, rl).addmm_(q1, d2.t());
+        } else {
+          at::Tensor tmp = tmpb.narrow(0, r0, rl).narrow(1, 0, len);
+          for (int64_t p = 0; p < npair; ++p) {
+            at::mul_out(tmp, q1, wpair[p].narrow(0, c0, len));
+            acc[p].narrow(0, r0, rl).addmm_(tmp, d2.t());
+          }
         }
-      }
+      });
     }
     if (!full) {
-      mul_by_input_gram(acc[0], x1b, x2b, bias);
-      pacc.add_(acc[0]).mul_(scale * scale);
+      at::parallel_for(0, ib, 64, [&](int64_t r0, int64_t r1) {
+        const at::ThreadLocalStateGuard guard(tls);
+        at::Tensor q = acc[0].narrow(0, r0, r1 - r0);
+        mul_by_input_gram(q, x1b.narrow(0, r0, r1 - r0), x2b, bias);
+        pacc.narrow(0, r0, r1 - r0).add_(q).mul_(scale * scale);
+      });
     } else {
       at::Tensor o = out.narrow(0, i0, ib).narrow(1, j0, nc);  // (ib, nc, k, k)
       int64_t p = 0;
