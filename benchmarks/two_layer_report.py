@@ -183,7 +183,7 @@ def bench_products(res, quick):
                       rel_err=max(rel_err(fv[0], rv["hidden.weight"]), rel_err(fv[2], rv["output.weight"])))
     # vmap(jvp) and the dense JVP hold (T, n, m) float32 tensors (4.3 GB each); on a shared
     # machine with less free memory they run on fewer tangents and are scaled (linear in T).
-    t_base = T if mem_available_gb() > 16 and not quick else 4
+    t_base = T if mem_available_gb() > 20 and not quick else 4
     scale = T / t_base
     tang = {"hidden.weight": dA[:t_base], "output.weight": dB[:t_base]}
     t_func = best_time(lambda: R.jvp(mdl, x, tang), repeat=1, warmup=0) * scale
