@@ -89,7 +89,8 @@ def _no_grad_wanted(op, **tensors):
 
 
 def _use_kernels(t):
-    return t.dtype in _KERNEL_DTYPES and _ext._C is not None and _ext.kernels_for(t.device)
+    # kernels_for warns once (and says why) when no compiled kernel serves the device.
+    return t.dtype in _KERNEL_DTYPES and _ext.kernels_for(t.device) and _ext._C is not None
 
 
 # ----------------------------------------------------------------------------- public ops
