@@ -50,6 +50,7 @@ inline int64_t two_layer_workspace_bytes() {
 // Tensors of one activate step: 2-D with unit column stride; undefined = absent.
 struct ActivateArgs {
   at::Tensor z, bias, w, mul, phi, deriv, rowmul;
+  at::Tensor phi_colsum, deriv_colsum;  // CPU only (1-D, contiguous)
 };
 using ActivateFn = void (*)(int64_t activation, const ActivateArgs& args);
 
@@ -67,6 +68,8 @@ ActivateParams<T> activate_params(const ActivateArgs& a) {
     p.ld_mul = a.mul.stride(0);
   }
   if (a.rowmul.defined()) p.rowmul = a.rowmul.data_ptr<T>();
+  if (a.phi_colsum.defined()) p.phi_colsum = a.phi_colsum.data_ptr<T>();
+  if (a.deriv_colsum.defined()) p.deriv_colsum = a.deriv_colsum.data_ptr<T>();
   if (a.phi.defined()) {
     p.phi = a.phi.data_ptr<T>();
     p.ld_phi = a.phi.stride(0);
@@ -268,6 +271,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
         const int64_t ib = std::min(rb, n - i0);
         at::Tensor xb = x.narrow(0, i0, ib), rbk = r.narrow(0, i0, ib);
         at::Tensor z = zb.narrow(0, 0, ib).narrow(1, 0, len), h = hb.narrow(0, 0, ib).narrow(1, 0, len);
+        if (k == 1 && cpu) {
+          // One pass: H into h, and the column sums dc += 1^T H, dB += r^T sigma(Z) on the fly
+          // (sigma(Z) is never stored); only the dA GEMM reads H again.
+          at::mm_out(z, xb, A.narrow(0, c0, len).t());
+          ActivateArgs a;
+          a.z = z;
+          a.bias = opt_narrow(c, 0, c0, len);
+          a.w = B_c[0];
+          a.rowmul = r0.narrow(0, i0, ib);
+          a.deriv = h;
+          a.deriv_colsum = gc_c;
+          a.phi_colsum = gB_c[0];
+          activate(act, a);
+          gA_c.addmm_(h.t(), xb);
+          continue;
+        }
         if (k == 1) {
           chunk_features(activate, act, xb, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), B_c[0], at::Tensor(), z,
                          z, h, r0.narrow(0, i0, ib));

@@ -18,7 +18,9 @@ template <typename T, int kAct>
 void activate_cpu_typed(const ActivateArgs& args) {
   const ActivateParams<T> p = activate_params<T>(args);
   if (p.rows == 0 || p.cols == 0) return;
-  const int64_t grain = std::max<int64_t>(1, 16384 / p.cols);
+  // Column reductions are accumulated row by row: one thread walks the rows then.
+  const bool reduce = p.phi_colsum != nullptr || p.deriv_colsum != nullptr;
+  const int64_t grain = reduce ? p.rows : std::max<int64_t>(1, 16384 / p.cols);
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) activate_row<T, kAct>(p, i);
   });

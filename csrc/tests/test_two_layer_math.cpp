@@ -91,6 +91,43 @@ void test_activate_row() {
   }
 }
 
+// Column reductions of the CPU VJP: phi_colsum += r_i sigma(z_ij), deriv_colsum += D_ij,
+// with sigma(z) not stored (phi == nullptr).
+void test_activate_colsums() {
+  std::mt19937 gen(11);
+  std::normal_distribution<double> nd(0.0, 1.5);
+  const int64_t rows = 5, cols = 270;
+  for (int act = 0; act < lazyfast::kNumActivations; ++act) {
+    std::vector<double> z(rows * cols), w(cols), r(rows), deriv(rows * cols), pcs(cols, 0.5), dcs(cols, -0.25);
+    for (auto& v : z) v = nd(gen);
+    for (auto& v : w) v = nd(gen);
+    for (auto& v : r) v = nd(gen);
+    lazyfast::ActivateParams<double> p;
+    p.rows = rows;
+    p.cols = cols;
+    p.z = z.data();
+    p.ld_z = cols;
+    p.w = w.data();
+    p.rowmul = r.data();
+    p.deriv = deriv.data();
+    p.ld_deriv = cols;
+    p.phi_colsum = pcs.data();
+    p.deriv_colsum = dcs.data();
+    activate_all(p, act);
+    const auto a = static_cast<lazyfast::Activation>(act);
+    for (int64_t j = 0; j < cols; ++j) {
+      double ps = 0.5, ds = -0.25;
+      for (int64_t i = 0; i < rows; ++i) {
+        const double zz = z[i * cols + j];
+        ps += r[i] * lazyfast::act_value<double>(a, zz);
+        ds += lazyfast::act_deriv<double>(a, zz) * w[j] * r[i];
+      }
+      check_close(pcs[j], ps, 1e-13, "phi_colsum", act, j);
+      check_close(dcs[j], ds, 1e-13, "deriv_colsum", act, j);
+    }
+  }
+}
+
 void test_chunk_sizes() {
   using lazyfast::two_layer_chunk;
   check_close(static_cast<double>(two_layer_chunk(10000, 100, 2, 1 << 20, 64, 2048)), 2048, 0, "chunk cap", -1, 0);
@@ -103,6 +140,7 @@ void test_chunk_sizes() {
 
 int main() {
   test_activate_row();
+  test_activate_colsums();
   test_chunk_sizes();
   std::printf("test_two_layer_math: %d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;

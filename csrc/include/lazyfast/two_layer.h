@@ -35,6 +35,9 @@ struct ActivateParams {
   int64_t ld_phi = 0;
   T* deriv = nullptr;  // (rows, cols), ld_deriv, or null
   int64_t ld_deriv = 0;
+  // Host-only column reductions (the CPU VJP; rows must then be walked by one thread):
+  T* phi_colsum = nullptr;    // (cols,) or null: += sum_i rowmul[i] * sigma(z_ij) (rowmul 1 if absent)
+  T* deriv_colsum = nullptr;  // (cols,) or null: += sum_i D_ij (needs deriv)
 };
 
 // One entry of the activate step; the activation is a compile-time constant so
@@ -91,9 +94,19 @@ inline void activate_row(const ActivateParams<T>& p, int64_t i) {
         for (int64_t j = 0; j < len; ++j) d[j] *= rm;
       }
     }
-    if (phr) {
-      T* f = phr + j0;
+    if (dr && p.deriv_colsum) {
+      const T* d = dr + j0;
+      T* cs = p.deriv_colsum + j0;
+      for (int64_t j = 0; j < len; ++j) cs[j] += d[j];
+    }
+    if (phr || p.phi_colsum) {
+      T* f = phr ? phr + j0 : zbuf;  // sigma(z) may overwrite zbuf: z is not needed any more
       for (int64_t j = 0; j < len; ++j) f[j] = act_value<T>(act, zbuf[j]);
+      if (p.phi_colsum) {
+        const T rm = p.rowmul ? p.rowmul[i] : T(1);
+        T* cs = p.phi_colsum + j0;
+        for (int64_t j = 0; j < len; ++j) cs[j] += rm * f[j];
+      }
     }
   }
 }
