@@ -10,7 +10,7 @@ import lazyfast
 from lazyfast import reference as R
 from lazyfast import two_layer as TL
 from lazyfast.models import ACTIVATIONS
-from lazyfast.testing import assert_close_rel
+from lazyfast.testing import assert_close_rel, rel_err
 from two_layer_cases import inputs, make_model, tangents, upcast, weights
 
 pytestmark = [
@@ -70,7 +70,15 @@ def test_cuda_ntk_odd_sizes_many_chunks(monkeypatch, n, m, dtype):
     for mode in ("trace", "full"):
         for xx2 in (None, x2):
             out = TL.two_layer_ntk(x1, xx2, A=A, B=B, c=c, scale=model.scale, activation="gelu", mode=mode)
-            assert_close_rel(out.cpu(), _ref_ntk(x1, xx2, A, c, B, model.scale, "gelu", mode), dtype)
+            ref = _ref_ntk(x1, xx2, A, c, B, model.scale, "gelu", mode)
+            rtol = None
+            if dtype == torch.float32:
+                # With m = 1 the kernel has a single term per entry and cancellation in x1.x2 + 1:
+                # allow twice PyTorch's own float32 error on the same numbers (flash-attention's rule).
+                own = R.two_layer_ntk_dense(*(None if t is None else t.cpu() for t in (x1, xx2, A, c, B)),
+                                            model.scale, "gelu", mode)
+                rtol = max(1e-5, 2 * rel_err(own, ref))
+            assert_close_rel(out.cpu(), ref, dtype, rtol=rtol)
 
 
 def test_cuda_ntk_agrees_with_cpu_op_and_oracle():
