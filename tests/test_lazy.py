@@ -14,6 +14,15 @@ from lazyfast.testing import rel_err
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: one thread avoids oversubscription on shared CI cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_cnn(dtype=F64):
     """A VGG-shaped CNN small enough for oracles: 8×8 inputs, two conv/ReLU/pool stages."""
 
