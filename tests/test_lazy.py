@@ -60,13 +60,14 @@ def flat_delta(lin):
                       zip(lin.model.named_parameters(), lin.model0.parameters())])
 
 
+@pytest.mark.parametrize("impl", ["ntk", "cached", "auto"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_linearized_forward_and_gradient_match_oracle(name):
+def test_linearized_forward_and_gradient_match_oracle(name, impl):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     net = make()
     x = torch.randn(*shape, dtype=F64)
-    lin = Linearized(net)
+    lin = Linearized(net, implementation=impl)
     assert rel_err(lin(x), net(x).reshape(x.shape[0], -1)) == 0.0  # exact at w0
     perturb_(lin.model)
     # independent oracle: per-example autograd gradients of the network at w0
@@ -79,15 +80,27 @@ def test_linearized_forward_and_gradient_match_oracle(name):
     (out * r).sum().backward()
     grad = torch.cat([p.grad.reshape(-1) for p in lin.model.parameters()])
     assert rel_err(grad, torch.einsum("nkp,nk->p", G, r)) <= 1e-12
+    # a second step on the same batch (auto switches to the cached linearization here)
+    perturb_(lin.model, seed=2)
+    for p in lin.model.parameters():
+        p.grad = None
+    out = lin(x)
+    assert rel_err(out, f0 + torch.einsum("nkp,p->nk", G, flat_delta(lin))) <= 1e-12
+    (out * r).sum().backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in lin.model.parameters()])
+    assert rel_err(grad, torch.einsum("nkp,nk->p", G, r)) <= 1e-12
+    if impl != "ntk":
+        assert lin._cache[0].linearization is not None
     # w0 untouched and frozen
     assert all(not p.requires_grad for p in lin.model0.parameters())
     assert all(torch.equal(p, q) for p, q in zip(lin.model0.parameters(), net.parameters()))
 
 
-def test_linearized_gradcheck():
+@pytest.mark.parametrize("impl", ["ntk", "cached"])
+def test_linearized_gradcheck(impl):
     torch.manual_seed(0)
     net = TwoLayer(3, 6, 2, activation="tanh", bias=True, dtype=F64)
-    lin = Linearized(net)
+    lin = Linearized(net, implementation=impl)
     perturb_(lin.model)
     x = torch.randn(4, 3, dtype=F64)
     params = tuple(lin.model.parameters())
@@ -99,11 +112,12 @@ def test_linearized_gradcheck():
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-8)
 
 
-def test_linearized_only_trainable_parameters_move():
+@pytest.mark.parametrize("impl", ["ntk", "cached"])
+def test_linearized_only_trainable_parameters_move(impl):
     torch.manual_seed(0)
     net = TwoLayer(4, 6, 1, bias=True, dtype=F64)
     net.hidden.bias.requires_grad_(False)
-    lin = Linearized(net)
+    lin = Linearized(net, implementation=impl)
     assert [n for n, p in lin.named_parameters() if p.requires_grad] == ["model.hidden.weight", "model.output.weight"]
     x = torch.randn(5, 4, dtype=F64)
     lin(x).sum().backward()
@@ -132,11 +146,28 @@ def test_linearized_caches_primal_and_invalidates():
     lin.primal(z)
     assert lin.primal(x) is not px  # evicted (least recent first)
     lin.clear_cache()
-    assert lin.primal(z) is not lin.primal(u) and lin._cache[0][0] is u
+    assert lin.primal(z) is not lin.primal(u) and lin._cache[0].x is u
     lin0 = Linearized(net, cache_size=0)
     assert lin0.primal(z) is not lin0.primal(z)
     with pytest.raises(ValueError, match="cache_size"):
         Linearized(net, cache_size=-1)
+    with pytest.raises(ValueError, match="cache_size"):
+        Linearized(net, implementation="cached", cache_size=0)
+    with pytest.raises(ValueError, match="implementation"):
+        Linearized(net, implementation="fused")
+
+
+def test_linearized_auto_caches_only_reused_batches():
+    torch.manual_seed(0)
+    lin = Linearized(TwoLayer(4, 6, 1, dtype=F64))
+    x = torch.randn(5, 4, dtype=F64)
+    lin(x)
+    assert lin._cache[0].linearization is None  # seen once: nothing built
+    lin(x)
+    assert lin._cache[0].linearization is not None  # reused: linearization kept
+    for _ in range(3):
+        lin(torch.randn(5, 4, dtype=F64))  # fresh mini-batches never build one
+    assert all(e.linearization is None for e in lin._cache)
 
 
 def test_linearized_state_dict_roundtrip_refreshes_cache():
