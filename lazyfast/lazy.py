@@ -290,6 +290,12 @@ class Linearized(nn.Module):
         # In-place writes to w0 (load_state_dict, copy_) bump these counters.
         return tuple(p._version for p in self.model0.parameters())
 
+    def __getstate__(self):
+        # deepcopy / pickle: the cache holds autograd graphs (not copyable) and is rebuilt on use
+        state = dict(super().__getstate__())
+        state["_cache"] = []
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         self._cache = []  # device/dtype moves invalidate the cached primals
         return super()._apply(fn, *args, **kwargs)

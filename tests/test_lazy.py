@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import lazyfast
 from lazyfast import reference
 from lazyfast.lazy import FrozenPatternNet, LazyModel, Linearized, scaled_loss, square_loss
 from lazyfast.models import MLP, TwoLayer
@@ -157,6 +158,20 @@ def test_linearized_caches_primal_and_invalidates():
         Linearized(net, implementation="fused")
 
 
+def test_linearized_copies_and_pickles_after_caching(tmp_path):
+    torch.manual_seed(0)
+    lin = Linearized(TwoLayer(4, 6, 1, dtype=F64), implementation="cached")
+    x = torch.randn(5, 4, dtype=F64)
+    perturb_(lin.model)
+    out = lin(x)
+    assert lin._cache[0].linearization is not None
+    twin = copy.deepcopy(lin)
+    assert twin._cache == [] and rel_err(twin(x), out) == 0.0
+    torch.save(lin, tmp_path / "lin.pt")
+    back = torch.load(tmp_path / "lin.pt", weights_only=False)
+    assert rel_err(back(x), out) == 0.0
+
+
 def test_linearized_auto_caches_only_reused_batches():
     torch.manual_seed(0)
     lin = Linearized(TwoLayer(4, 6, 1, dtype=F64))
@@ -279,6 +294,24 @@ def test_lazy_model_tracks_linearized_at_large_alpha():
         gaps[alpha] = float((a - b).norm() / b.norm())
     assert gaps[1e5] < 1e-4
     assert 7 < gaps[1e4] / gaps[1e5] < 13
+
+
+def test_frozen_pattern_net_on_vgg11():
+    torch.manual_seed(0)
+    net = lazyfast.vgg11(num_classes=3, in_channels=1).double()
+    x = torch.randn(2, 1, 32, 32, dtype=F64)
+    sur = FrozenPatternNet(net, alpha=10.0)
+    st = sur.stability(x)
+    assert sum(k.startswith("relu") for k in st) == 8 and sum(k.startswith("maxpool") for k in st) == 5
+    assert set(st.values()) == {1.0}
+    with torch.no_grad():
+        net.features[0].weight.add_(0.5)
+    st = sur.stability(x)
+    assert st["relu0"] < 1.0
+    out = sur(x)
+    assert out.shape == (2, 3) and float(out.detach().abs().max()) > 0
+    out.sum().backward()
+    assert net.features[0].weight.grad is not None  # trains the current weights
 
 
 def test_frozen_pattern_net_surrogate():
