@@ -300,6 +300,13 @@ class Linearized(nn.Module):
         self._cache = []  # device/dtype moves invalidate the cached primals
         return super()._apply(fn, *args, **kwargs)
 
+    def train(self, mode: bool = True):
+        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        super().train(mode)
+        if self.model0 is not None:
+            self.model0.eval()
+        return self
+
     def clear_cache(self) -> None:
         """Drops the cached primals and linearizations."""
         self._cache = []
@@ -403,6 +410,13 @@ class LazyModel(nn.Module):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
+    def train(self, mode: bool = True):
+        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        super().train(mode)
+        if self.model0 is not None:
+            self.model0.eval()
+        return self
+
     def h(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled centered model h(w, x): (n, ...) → (n, k)."""
         if self.center and isinstance(self.model, Linearized):
@@ -469,6 +483,13 @@ class FrozenPatternNet(nn.Module):
             self._check_layers(initial)
             if len(initial.features) != len(model.features):
                 raise ValueError("initial must have the same architecture as model")
+
+    def train(self, mode: bool = True):
+        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        super().train(mode)
+        if self.initial is not None:
+            self.initial.eval()
+        return self
 
     @staticmethod
     def _layers(seq):

@@ -216,6 +216,15 @@ def test_lazy_model_is_zero_at_init_and_scaled(name):
     assert rel_err(lazy(x), 1e3 * h) <= 1e-14
 
 
+def test_frozen_copies_stay_in_eval_mode():
+    net = tiny_cnn()
+    for wrapper, frozen in ((LazyModel(net, 2.0), "model0"), (Linearized(net), "model0"),
+                            (FrozenPatternNet(net), "initial")):
+        wrapper.train()
+        assert getattr(wrapper, frozen).training is False
+        assert wrapper.training is True
+
+
 def test_lazy_model_center_false_needs_symmetric_init():
     sym = TwoLayer(4, 8, 2, symmetric=True, dtype=F64)
     x = torch.randn(5, 4, dtype=F64)
