@@ -342,8 +342,8 @@ def _rate_check(alphas, n, d, m, k, activation, init, steps, lr, seed, dtype):
             curves[key].append(sup[key])
     slopes = {key: _fit_slope(alphas, vals) for key, vals in curves.items()}
     return {"alphas": alphas, "slopes": slopes, "curves": curves, "final_loss": final_loss,
-            "settings": {"n": n, "d": d, "m": m, "k": k, "activation": activation, "init": init, "steps": steps, "lr": lr,
-                         "seed": seed, "dtype": str(dtype)}}
+            "settings": {"n": n, "d": d, "m": m, "k": k, "activation": activation, "init": init, "steps": steps,
+                         "lr": lr, "seed": seed, "dtype": str(dtype)}}
 
 
 def _list_dist(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

@@ -9,10 +9,11 @@ objective R(αh(w))/α². Lazy training needs h(w0) = 0; two ways to get it:
   so ``center=False`` needs no copy.
 
 :class:`Linearized` is the tangent model h̄(w) = f(w0, ·) + J(w0, ·)(w − w0): its
-forward is one JVP at w0 and its backward one VJP at w0, both through the public
-:func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp`, so fused kernels serve
-``TwoLayer`` (and MLPs) wherever they are compiled and ``torch.func`` serves any
-other module.
+forward is one JVP at w0 and its backward one VJP at w0 — either through the public
+:func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp` (fused kernels serve ``TwoLayer``
+and MLPs wherever they are compiled, ``torch.func`` any other module), or, for a batch
+that is reused (full-batch training), through autograd graphs of the linearization at
+w0 kept in memory, which makes a step cost about as much as a standard training step.
 
 :class:`FrozenPatternNet` is *not* the linearization: it is the authors' "lazy
 net" surrogate for CNNs (ReLU and max-pool masks of the initial network, current
@@ -36,8 +37,8 @@ from lazyfast._validation import check_input, check_module, check_positive_finit
 LOSSES = ("square", "cross_entropy")
 
 __all__ = [
-    "LINEARIZED_IMPLEMENTATIONS", "LazyModel", "Linearized", "FrozenPatternNet", "frozen_copy", "square_loss", "cross_entropy_loss",
-    "scaled_loss", "LOSSES",
+    "LINEARIZED_IMPLEMENTATIONS", "LazyModel", "Linearized", "FrozenPatternNet", "frozen_copy", "square_loss",
+    "cross_entropy_loss", "scaled_loss", "LOSSES",
 ]
 
 
@@ -104,7 +105,8 @@ def _as_regression_target(pred: torch.Tensor, target: torch.Tensor, name: str) -
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     if not target.is_floating_point():
         if target.dim() != 1 or target.shape[0] != pred.shape[0]:
-            raise ValueError(f"{name} with integer labels must have shape ({pred.shape[0]},), got {tuple(target.shape)}")
+            raise ValueError(f"{name} with integer labels must have shape ({pred.shape[0]},), "
+                             f"got {tuple(target.shape)}")
         return F.one_hot(target.long(), pred.shape[1]).to(pred.dtype)
     if target.dim() == 1 and pred.dim() == 2 and pred.shape[1] == 1:
         target = target.unsqueeze(1)
