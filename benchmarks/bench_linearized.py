@@ -17,6 +17,7 @@ Group ``kernel_regression_cg``: matrix-free CG on Θ + λI via ``ntk_vp``.
 Sizes: small by default (CI); the issue's sizes (TwoLayer n=4096, d=100, m=65536; CG with
 n=200,000, d=100, m=1024) with ``LAZYFAST_BENCH_FULL=1`` — run those alone
 (``benchmarks/engine_cpu.py`` records time and peak memory per variant in fresh processes).
+``LAZYFAST_BENCH_THREADS=1`` pins torch to one thread (less noise on a loaded machine).
 """
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ CG_SIZES = (dict(n=200_000, d=100, m=1024, chunk=20_000, max_iter=int(os.environ
 CG_RIDGE_PER_SAMPLE = 1e-3  # ridge = n·λ: Θ has rank ≤ P < n here, a ridge makes the system well posed
 CG_TOL = 1e-3
 LR = 0.1
+THREADS = os.environ.get("LAZYFAST_BENCH_THREADS")  # e.g. 1 on a loaded shared machine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(int(THREADS))
+    yield
+    torch.set_num_threads(old)
 
 
 def make_problem(n, d, m, k=1, dtype=torch.float32, seed=0):
@@ -143,7 +154,8 @@ def test_linearized_step(benchmark, agreement, variant):
     benchmark.group = f"linearized_step n={STEP_SIZES['n']} d={STEP_SIZES['d']} m={STEP_SIZES['m']}"
     net, x, y = make_problem(**STEP_SIZES)
     step, _ = STEPS[variant](net, x, y)
-    step()  # warm-up (and the cached primal for lazyfast)
+    step()  # warm-up: the cached primal, and the first sighting of the batch for "auto"
+    step()  # the second call builds the cached linearization ("auto")
     loss = benchmark.pedantic(step, rounds=3 if FULL else 5, iterations=1)
     assert torch.isfinite(loss)
     n, d, m = STEP_SIZES["n"], STEP_SIZES["d"], STEP_SIZES["m"]

@@ -1,9 +1,9 @@
 """Records the engine's CPU numbers (time and peak memory) in benchmarks/results/engine_cpu.md.
 
 Each measurement runs in a fresh Python process, so its peak resident memory (ru_maxrss)
-belongs to that variant alone; "extra" is the peak minus the resident size after setup
-(model, data and, for the linearized variants, one warm-up step are included in the
-baseline only where stated).
+belongs to that variant alone. "RSS after setup" is measured after building the model,
+the data and the step function, before any step; the peak includes the steps (and, for
+``lazyfast``, the cached linearization of the batch).
 
     python benchmarks/engine_cpu.py                # the issue's sizes (minutes; run alone)
     python benchmarks/engine_cpu.py --small        # quick check of the script
@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--d", type=int, default=100)
     ap.add_argument("--m", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=25_000)
     ap.add_argument("--max-iter", type=int, default=40)
@@ -132,8 +132,8 @@ def main():
         tf = rows["torch_func"]["min"]
         lines += [f"## One linearized training step: TwoLayer n={step_n}, d={args.d}, m={step_m}, k=1, float32, ReLU",
                   "", "forward + backward + SGD update on the square loss; min of "
-                  f"{args.repeat} steps after {args.warmup} warm-up step(s) (the warm-up builds the cached primal "
-                  "and, for `lazyfast`, the cached linearization).", "",
+                  f"{args.repeat} steps after {args.warmup} warm-up step(s) (the warm-up fills the cached primal "
+                  "and, for `lazyfast` (auto), builds the cached linearization on the second sighting of the batch).", "",
                   "| variant | min step (s) | median (s) | vs standard | torch_func / this | peak RSS (MB) | "
                   "RSS after setup (MB) |", "|---|---|---|---|---|---|---|"]
         for v, r in rows.items():
