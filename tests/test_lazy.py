@@ -352,3 +352,23 @@ def test_frozen_pattern_net_surrogate():
         FrozenPatternNet(bad)
     with pytest.raises(ValueError, match="alpha"):
         FrozenPatternNet(tiny_cnn(), alpha=0.0)
+
+
+@pytest.mark.parametrize("impl", ["ntk", "cached"])
+def test_linearized_float32_matches_float64(impl):
+    torch.manual_seed(0)
+    net = TwoLayer(6, 33, 3, activation="gelu", bias=True, dtype=F64)
+    x = torch.randn(17, 6, dtype=F64)
+    lin64 = Linearized(net, implementation=impl)
+    perturb_(lin64.model, 0.05)
+    lin32 = copy.deepcopy(lin64).float()
+    x32 = x.float()
+    out64, out32 = lin64(x), lin32(x32)
+    out32 = lin32(x32)  # the cached path on the second call
+    assert out32.dtype == torch.float32
+    assert rel_err(out32, out64) <= 1e-5
+    r = torch.randn_like(out64)
+    (out64 * r).sum().backward()
+    (out32 * r.float()).sum().backward()
+    for p64, p32 in zip(lin64.model.parameters(), lin32.model.parameters()):
+        assert rel_err(p32.grad, p64.grad) <= 1e-5
