@@ -114,8 +114,10 @@ def _cmd_ntk(args) -> int:
                               gather=not args.no_gather,
                               overwrite=args.overwrite)
         rank, world = rank_and_world()
-        print(f"rank {rank}/{world}: computed blocks {res.computed_blocks}, skipped (already on disk) "
-              f"{res.skipped_blocks}, of {res.n_blocks}, in {time.perf_counter() - t0:.2f} s", flush=True)
+        # One write per report, so lines of different ranks do not interleave mid-line.
+        sys.stdout.write(f"rank {rank}/{world}: computed blocks {res.computed_blocks}, skipped (already on disk) "
+                         f"{res.skipped_blocks}, of {res.n_blocks}, in {time.perf_counter() - t0:.2f} s\n")
+        sys.stdout.flush()
         if res.kernel is not None:
             os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, "kernel.pt")
