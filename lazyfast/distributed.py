@@ -197,3 +197,74 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return True
+
+
+# ----------------------------------------------------------------------------- data-parallel training
+def _shard(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return idx[rank::world]
+
+
+def train_data_parallel(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
+                        batch_size: Optional[int] = None, momentum: float = 0.0, lr_decay: float = 0.0,
+                        alpha: Optional[float] = None, loss: str = "square", seed: int = 0) -> dict:
+    """Data-parallel (DDP) training of a :class:`~lazyfast.LazyModel`, a
+    :class:`~lazyfast.Linearized` or any module, on the scaled objective R(α·h)/α².
+
+    Every rank holds all of ``x``/``y`` (or the same view of them) and draws the same
+    global batch order from ``seed``; rank r takes samples r, r + W, … of each batch.
+    Each rank's loss is weighted by its share of the batch, so DDP's gradient average
+    is exactly the gradient of the global batch mean: the run follows single-process
+    training up to floating-point summation order.
+
+    Args:
+        module: the model; its output is α·h (``alpha`` defaults to ``module.alpha`` or 1).
+        x: (n, ...) inputs; y: (n, k) targets or (n,) labels.
+        steps: optimizer steps; batch_size: None = full batch, else global mini-batch size.
+        lr, momentum, lr_decay: SGD with η_t = lr / (1 + lr_decay·t).
+        loss: ``"square"`` or ``"cross_entropy"``.
+
+    Returns:
+        dict with ``losses`` (global batch objective before each step) and ``state_dict``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lazyfast.lazy import scaled_loss
+    from lazyfast._validation import check_positive_finite
+
+    check_positive_finite(lr, "lr")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} samples but x has {x.shape[0]}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    alpha = float(alpha if alpha is not None else getattr(module, "alpha", 1.0))
+    rank, world = rank_and_world()
+    net = DistributedDataParallel(module) if world > 1 else module
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + lr_decay * t))
+    gen = torch.Generator().manual_seed(int(seed))
+    n = x.shape[0]
+    order, pos, losses = torch.arange(n), n, []
+    for _ in range(steps):
+        if batch_size is None:
+            idx = torch.arange(n)
+        else:
+            if pos >= n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx, pos = order[pos:pos + batch_size], pos + batch_size
+        local = _shard(idx, rank, world).to(x.device)
+        weight = local.numel() * world / idx.numel()
+        opt.zero_grad(set_to_none=True)
+        out = net(x[local])
+        obj = scaled_loss(out, y[local], alpha, loss) * weight
+        obj.backward()
+        with torch.no_grad():
+            total = obj.detach().clone() / world
+            if world > 1:
+                dist.all_reduce(total)
+        losses.append(float(total))
+        opt.step()
+        sched.step()
+    return {"losses": losses, "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
