@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -50,6 +51,86 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _build_model(args):
+    import torch
+
+    from lazyfast import models
+
+    torch.manual_seed(args.seed)  # every rank builds the same parameters
+    if args.model.endswith((".pt", ".pth")):
+        model = torch.load(args.model, map_location="cpu", weights_only=False)
+        if not isinstance(model, torch.nn.Module):
+            raise SystemExit(f"--model {args.model}: the file does not hold a pickled torch.nn.Module")
+        return model
+    if args.model == "twolayer":
+        return models.TwoLayer(args.d, args.m, args.k, activation=args.activation, bias=args.bias)
+    if args.model == "mlp":
+        widths = [int(w) for w in args.widths.split(",") if w]
+        return models.MLP(args.d, widths, args.k, activation=args.activation, bias=args.bias)
+    if args.model in ("vgg11", "resnet18"):
+        return getattr(models, args.model)(num_classes=args.k, in_channels=args.channels)
+    raise SystemExit(f"--model must be twolayer, mlp, vgg11, resnet18 or a .pt file, got {args.model!r}")
+
+
+def _load_inputs(args, model):
+    import torch
+
+    if args.data:
+        obj = torch.load(args.data, map_location="cpu", weights_only=True)
+        if isinstance(obj, torch.Tensor):
+            return obj, None
+        if isinstance(obj, dict) and "x1" in obj:
+            return obj["x1"], obj.get("x2")
+        raise SystemExit(f"--data {args.data}: expected a tensor or a dict with 'x1' (and optional 'x2')")
+    if not args.synthetic:
+        raise SystemExit("give --data FILE.pt or --synthetic N")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    if args.model in ("vgg11", "resnet18"):
+        return torch.randn(args.synthetic, args.channels, 32, 32, generator=g), None
+    from lazyfast.data import sphere
+
+    return sphere(args.synthetic, args.d, generator=g, dtype=torch.float32), None
+
+
+def _cmd_ntk(args) -> int:
+    import torch
+
+    from lazyfast.distributed import distributed_ntk, init_from_env, rank_and_world
+
+    created = init_from_env(args.backend)
+    try:
+        dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+        model = _build_model(args).to(dtype)
+        x1, x2 = _load_inputs(args, model)
+        x1 = x1.to(dtype)
+        x2 = None if x2 is None else x2.to(dtype)
+        if torch.cuda.is_available() and args.device == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+            model, x1 = model.to(dev), x1.to(dev)
+            x2 = None if x2 is None else x2.to(dev)
+        t0 = time.perf_counter()
+        res = distributed_ntk(model, x1, x2, mode=args.mode, implementation=args.implementation,
+                              block_size=args.block_size, out_dir=None if args.in_memory else args.out,
+                              gather=not args.no_gather,
+                              overwrite=args.overwrite)
+        rank, world = rank_and_world()
+        # One write per report, so lines of different ranks do not interleave mid-line.
+        sys.stdout.write(f"rank {rank}/{world}: computed blocks {res.computed_blocks}, skipped (already on disk) "
+                         f"{res.skipped_blocks}, of {res.n_blocks}, in {time.perf_counter() - t0:.2f} s\n")
+        sys.stdout.flush()
+        if res.kernel is not None:
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, "kernel.pt")
+            torch.save(res.kernel, path)
+            print(f"kernel {tuple(res.kernel.shape)} {res.kernel.dtype} -> {path}")
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazyfast", description="Fast eNTKs and lazy training for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--m", type=int, default=512, help="width")
     pd.add_argument("--seed", type=int, default=0)
     pd.set_defaults(func=_cmd_demo)
+    pn = sub.add_parser("ntk", help="block-partitioned eNTK, one file per block (run under torchrun to distribute)",
+                        description="Computes Θ(x1, x2) in row blocks; under torchrun each rank takes every "
+                                    "WORLD_SIZE-th block. Finished blocks in --out are skipped on restart. "
+                                    "(Option names avoid prefixes of torchrun's own options.)")
+    pn.add_argument("--model", default="twolayer", help="twolayer | mlp | vgg11 | resnet18 | a pickled module .pt")
+    pn.add_argument("--input-dim", dest="d", type=int, default=100, help="input dimension (twolayer/mlp)")
+    pn.add_argument("--width", dest="m", type=int, default=1024, help="width (twolayer)")
+    pn.add_argument("--widths", default="512,512", help="comma-separated hidden widths (mlp)")
+    pn.add_argument("--outputs", dest="k", type=int, default=1, help="outputs (classes for CNNs)")
+    pn.add_argument("--channels", type=int, default=3, help="input channels (CNNs)")
+    pn.add_argument("--activation", default="relu")
+    pn.add_argument("--bias", action="store_true")
+    pn.add_argument("--data", help="a .pt file holding x1, or a dict with x1 and optional x2")
+    pn.add_argument("--synthetic", type=int, default=0, help="use N synthetic inputs instead of --data")
+    pn.add_argument("--mode", default="trace", choices=["trace", "full"])
+    pn.add_argument("--implementation", default="auto")
+    pn.add_argument("--block-size", type=int, default=256)
+    pn.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    pn.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pn.add_argument("--backend", default=None, choices=[None, "gloo", "nccl"], help="process-group backend")
+    pn.add_argument("--seed", type=int, default=0)
+    pn.add_argument("--out", required=True, help="output directory (shards, manifest.json, kernel.pt)")
+    pn.add_argument("--no-gather", action="store_true", help="only write the shards")
+    pn.add_argument("--in-memory", action="store_true",
+                    help="no shard files: gather the blocks to rank 0 (not resumable)")
+    pn.add_argument("--overwrite", action="store_true", help="replace shards of a different problem in --out")
+    pn.set_defaults(func=_cmd_ntk)
     return p
 
 

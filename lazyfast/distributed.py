@@ -1,0 +1,270 @@
+"""Beyond one machine: block-partitioned eNTK Gram matrices on ``torch.distributed``.
+
+Launch with ``torchrun`` (gloo on CPU, NCCL on GPU). Θ(x1, x2) is cut into row
+blocks of ``block_size`` rows; rank r computes blocks r, r + W, r + 2W, … with the
+fastest implementation lazyfast has for the model (``lazyfast.empirical_ntk``).
+With ``out_dir`` every block is written as its own file (atomically) and a
+restarted run skips blocks already on disk, so a killed job loses at most the
+blocks in progress. Rank 0 then assembles the kernel (from the files, or, without
+``out_dir``, by gathering the blocks) when ``gather=True``.
+
+Memory per rank: the model, x2, one block of the kernel (block_size · n2 · k²
+numbers in "full" mode) and whatever the chosen implementation holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lazyfast.ntk import empirical_ntk
+
+MANIFEST = "manifest.json"
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def row_blocks(n: int, block_size: int):
+    """[(start, end), …] covering range(n) in blocks of ``block_size`` rows."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+
+
+def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
+    """SHA-256 over the model's parameters and buffers and the given tensors, so shards
+    of one problem are never mixed with shards of another."""
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()) + [(f"arg{i}", t) for i, t in enumerate(tensors)]:
+        if t is None:
+            continue
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _block_path(out_dir: Path, b: int) -> Path:
+    return out_dir / f"block_{b:05d}.pt"
+
+
+def _load_block(path: Path, b: int, rows, fp: str, shape) -> Optional[torch.Tensor]:
+    """A finished block, or None if the file is missing, partial, corrupt or from another problem."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (obj.get("block") == b and tuple(obj.get("rows")) == tuple(rows) and obj.get("fingerprint") == fp
+              and tuple(obj["kernel"].shape) == tuple(shape))
+    except Exception:
+        ok = False
+    if not ok:
+        return None
+    return obj["kernel"]
+
+
+@dataclass
+class DistributedNTKResult:
+    kernel: Optional[torch.Tensor]  # full kernel on rank 0 (gather=True), else None
+    computed_blocks: List[int] = field(default_factory=list)  # blocks this rank computed in this run
+    skipped_blocks: List[int] = field(default_factory=list)  # blocks this rank found finished on disk
+    n_blocks: int = 0
+
+
+def _write_manifest(out_dir: Path, meta: dict, overwrite: bool) -> None:
+    path = out_dir / MANIFEST
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old != meta:
+            if not overwrite:
+                raise ValueError(
+                    f"out_dir {str(out_dir)!r} holds shards of a different problem ({MANIFEST} differs: "
+                    f"{old} vs {meta}); use a fresh directory or overwrite=True")
+            for p in out_dir.glob("block_*.pt"):
+                p.unlink()
+    tmp = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
+                    implementation: str = "auto", block_size: int = 256, out_dir: Optional[str] = None,
+                    gather: bool = True, overwrite: bool = False) -> DistributedNTKResult:
+    """Block-partitioned Θ(x1, x2) over the ranks of the default process group.
+
+    Call it on every rank with the same model parameters and inputs (it works without a
+    process group too, as one rank).
+
+    Args:
+        model, x1, x2, mode, implementation: as :func:`lazyfast.empirical_ntk`.
+        block_size: rows of Θ per block (the unit of work and of restart).
+        out_dir: directory for one file per block plus ``manifest.json``; finished blocks
+            found there are skipped. None keeps blocks in memory.
+        gather: assemble the kernel on rank 0.
+        overwrite: allow ``out_dir`` to hold shards of a different problem (they are deleted).
+
+    Returns:
+        :class:`DistributedNTKResult`; ``kernel`` is (n1, n2) or (n1, n2, k, k) on rank 0.
+    """
+    rank, world = rank_and_world()
+    x2_eff = x1 if x2 is None else x2
+    blocks = row_blocks(x1.shape[0], block_size)
+    fp = fingerprint(model, x1, x2) + f":{mode}:{block_size}"
+    with torch.no_grad():
+        k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] else 1
+    tail = (x2_eff.shape[0],) if mode == "trace" else (x2_eff.shape[0], k, k)
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        if rank == 0:
+            out_path.mkdir(parents=True, exist_ok=True)
+            meta = {"fingerprint": fp, "n1": x1.shape[0], "n2": x2_eff.shape[0], "k": k, "mode": mode,
+                    "block_size": block_size, "n_blocks": len(blocks), "dtype": str(x1.dtype)}
+            _write_manifest(out_path, meta, overwrite)
+        if world > 1:
+            dist.barrier()
+    result = DistributedNTKResult(kernel=None, n_blocks=len(blocks))
+    local = {}
+    for b in range(rank, len(blocks), world):
+        s, e = blocks[b]
+        if out_path is not None:
+            done = _load_block(_block_path(out_path, b), b, (s, e), fp, (e - s,) + tail)
+            if done is not None:
+                result.skipped_blocks.append(b)
+                continue
+        K = empirical_ntk(model, x1[s:e], x2_eff, mode=mode, implementation=implementation)
+        if out_path is not None:
+            _atomic_save({"block": b, "rows": (s, e), "fingerprint": fp, "kernel": K.detach().cpu()},
+                         _block_path(out_path, b))
+        else:
+            local[b] = K.detach().cpu()
+        result.computed_blocks.append(b)
+    if world > 1:
+        dist.barrier()
+    if not gather:
+        return result
+    if out_path is None and world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if rank == 0:
+            for part in gathered:
+                local.update(part)
+    if rank != 0:
+        return result
+    parts = []
+    for b, (s, e) in enumerate(blocks):
+        if out_path is not None:
+            blk = _load_block(_block_path(out_path, b), b, (s, e), fp, (e - s,) + tail)
+            if blk is None:
+                raise RuntimeError(f"block {b} is missing or corrupt in {out_path} after all ranks finished")
+            parts.append(blk)
+        else:
+            parts.append(local[b])
+    dtype = next(p for p in model.parameters()).dtype
+    result.kernel = torch.cat(parts) if parts else torch.zeros((0,) + tail, dtype=dtype)
+    return result
+
+
+def init_from_env(backend: Optional[str] = None) -> bool:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE set).
+    Returns True if a group was created. Backend: NCCL when CUDA is available, else gloo."""
+    if "WORLD_SIZE" not in os.environ or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+# ----------------------------------------------------------------------------- data-parallel training
+def _shard(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return idx[rank::world]
+
+
+def train_data_parallel(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
+                        batch_size: Optional[int] = None, momentum: float = 0.0, lr_decay: float = 0.0,
+                        alpha: Optional[float] = None, loss: str = "square", seed: int = 0) -> dict:
+    """Data-parallel (DDP) training of a :class:`~lazyfast.LazyModel`, a
+    :class:`~lazyfast.Linearized` or any module, on the scaled objective R(α·h)/α².
+
+    Every rank holds all of ``x``/``y`` (or the same view of them) and draws the same
+    global batch order from ``seed``; rank r takes samples r, r + W, … of each batch.
+    Each rank's loss is weighted by its share of the batch, so DDP's gradient average
+    is exactly the gradient of the global batch mean: the run follows single-process
+    training up to floating-point summation order.
+
+    Args:
+        module: the model; its output is α·h (``alpha`` defaults to ``module.alpha`` or 1).
+        x: (n, ...) inputs; y: (n, k) targets or (n,) labels.
+        steps: optimizer steps; batch_size: None = full batch, else global mini-batch size.
+        lr, momentum, lr_decay: SGD with η_t = lr / (1 + lr_decay·t).
+        loss: ``"square"`` or ``"cross_entropy"``.
+
+    Returns:
+        dict with ``losses`` (global batch objective before each step) and ``state_dict``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lazyfast.lazy import scaled_loss
+    from lazyfast._validation import check_positive_finite
+
+    check_positive_finite(lr, "lr")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} samples but x has {x.shape[0]}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    alpha = float(alpha if alpha is not None else getattr(module, "alpha", 1.0))
+    rank, world = rank_and_world()
+    net = DistributedDataParallel(module) if world > 1 else module
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + lr_decay * t))
+    gen = torch.Generator().manual_seed(int(seed))
+    n = x.shape[0]
+    order, pos, losses = torch.arange(n), n, []
+    for _ in range(steps):
+        if batch_size is None:
+            idx = torch.arange(n)
+        else:
+            if pos >= n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx, pos = order[pos:pos + batch_size], pos + batch_size
+        local = _shard(idx, rank, world).to(x.device)
+        weight = local.numel() * world / idx.numel()
+        opt.zero_grad(set_to_none=True)
+        out = net(x[local])
+        obj = scaled_loss(out, y[local], alpha, loss) * weight
+        obj.backward()
+        with torch.no_grad():
+            total = obj.detach().clone() / world
+            if world > 1:
+                dist.all_reduce(total)
+        losses.append(float(total))
+        opt.step()
+        sched.step()
+    return {"losses": losses, "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
