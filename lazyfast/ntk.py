@@ -5,6 +5,9 @@
     samples. Wins for small P·k and many samples.
   * ``"ntk_vp"`` — one VJP + one JVP per kernel column (never holds a Jacobian).
     Wins when P is huge and n2·k is small.
+  * ``"structured"`` — :class:`lazyfast.models.MLP` only: layerwise factors (one forward,
+    one k-wide backward) and the fused ``hadamard_gram_sum`` op, O(n²·Σ widths) instead of
+    O(n²·P); chunked over samples within ``memory_budget``. ``"auto"`` picks it for MLPs.
   * ``"auto"`` — the fastest correct path available for the model; for generic
     modules, Jacobian contraction with a chunk size that keeps the Jacobians within
     ``memory_budget`` bytes.
@@ -19,7 +22,7 @@ from torch import nn
 from lazyfast import reference
 from lazyfast._validation import (check_chunk_size, check_input, check_mode, check_module, model_param_info)
 
-NTK_IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp")
+NTK_IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp", "structured")
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of Jacobians held at once by the generic path
 
 
@@ -81,6 +84,16 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     check_mode(mode)
     chunk_size = check_chunk_size(chunk_size)
     _check_impl(implementation, NTK_IMPLEMENTATIONS)
+    from lazyfast.models import MLP  # structured (layerwise) route for deep MLPs (issue 4)
+
+    if isinstance(model, MLP) and implementation in ("auto", "structured") and all(
+            p.requires_grad for p in model.parameters()):
+        from lazyfast.mlp import mlp_ntk
+
+        return mlp_ntk(model, x1, x2, mode=mode, chunk_size=chunk_size, memory_budget=memory_budget)
+    if implementation == "structured":
+        raise ValueError("implementation='structured' needs a lazyfast.models.MLP with all parameters trainable, "
+                         f"got {type(model).__name__}")
     if implementation == "ntk_vp":
         return reference.ntk_ntkvp(model, x1, x2, mode=mode, chunk_size=chunk_size)
     if chunk_size is None and implementation == "auto":

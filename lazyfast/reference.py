@@ -224,3 +224,114 @@ def ntk_oracle(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = 
     if mode == "full":
         return full
     return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
+
+
+# ============================================================================= structured (layerwise) MLP eNTK
+# Θ(x, x')_ab = Σ_l ⟨δ_l,a(x), δ_l,b(x')⟩ · (γ_l ⟨h_{l−1}(x), h_{l−1}(x')⟩ + β_l)   (DESIGN.md §1.2)
+# with δ_l = ∂f/∂z_l, γ_l = weight_multiplier_l² and β_l = 1 for a bias, 0 without.
+def activation_derivative(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """σ' for an activation name of :mod:`lazyfast.models` (ReLU'(0) = 0, as autograd)."""
+    import torch.nn.functional as F
+
+    from lazyfast.models import check_activation
+
+    check_activation(name)
+
+    def gelu_deriv(z):
+        return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * torch.exp(-0.5 * z * z)
+
+    return {
+        "identity": torch.ones_like,
+        "relu": lambda z: (z > 0).to(z.dtype),
+        "tanh": lambda z: 1.0 - torch.tanh(z) ** 2,
+        "gelu": gelu_deriv,
+        "softplus": torch.sigmoid,
+    }[name]
+
+
+@torch.no_grad()
+def mlp_factors(mlp, x: torch.Tensor):
+    """Per-layer factors of the structured eNTK of a :class:`lazyfast.models.MLP`.
+
+    One forward pass storing the layer inputs h_{l−1} and σ'(z_l), then the k
+    backward passes for δ_l = ∂f/∂z_l vectorized as one batched GEMM chain.
+
+    Returns ``(ds, hs, gammas, betas)``: per layer l (input layer first),
+    ``ds[l]`` (k, n, w_l) = δ_l for every output a, ``hs[l]`` (n, fan_in_l) = h_{l−1},
+    ``gammas[l]`` = weight_multiplier_l² (the gradient w.r.t. W_l is mult·δ_l h_{l−1}ᵀ),
+    ``betas[l]`` = 1.0 with a bias, else 0.0.
+    """
+    from lazyfast.models import activation_fn
+
+    act = activation_fn(mlp.activation)
+    dact = activation_derivative(mlp.activation)
+    layers = list(mlp.layers)
+    L = len(layers)
+    hs, dacts = [], []
+    h = x
+    for i, layer in enumerate(layers):
+        hs.append(h)
+        if i < L - 1:
+            z = _dense_forward(h, layer.weight, layer.bias, layer.weight_multiplier)
+            dacts.append(dact(z))
+            h = act(z)
+    k = layers[-1].weight.shape[0]
+    n = x.shape[0]
+    ds = [None] * L
+    # δ of the output layer is the identity: ∂f_a/∂z_L = e_a for every sample.
+    ds[L - 1] = torch.eye(k, dtype=x.dtype, device=x.device).unsqueeze(1).expand(k, n, k)
+    for i in range(L - 2, -1, -1):
+        nxt = layers[i + 1]
+        if i == L - 2:
+            # δ_{L−1,a} = mult·W_L[a, :] ⊙ σ'(z): a broadcast, no GEMM needed.
+            back = (nxt.weight * nxt.weight_multiplier).unsqueeze(1)  # (k, 1, w)
+        else:
+            w_next = nxt.weight.shape[0]
+            back = (ds[i + 1].reshape(-1, w_next) @ nxt.weight).reshape(k, n, -1) * nxt.weight_multiplier
+        ds[i] = back * dacts[i].unsqueeze(0)
+    gammas = [float(layer.weight_multiplier) ** 2 for layer in layers]
+    betas = [1.0 if layer.bias is not None else 0.0 for layer in layers]
+    return ds, hs, gammas, betas
+
+
+def _dense_forward(h, weight, bias, multiplier):
+    """mult·h Wᵀ + b (the forward of ``lazyfast.models._Dense``)."""
+    z = torch.nn.functional.linear(h, weight) * multiplier
+    return z if bias is None else z + bias
+
+
+def hadamard_gram_sum(d1, h1, d2=None, h2=None, h_scale=None, beta=None, *, mode: str = "trace") -> torch.Tensor:
+    """Σ_l (D1_l D2_lᵀ) ⊙ (γ_l H1_l H2_lᵀ + β_l), the sum of Hadamard products of Grams.
+
+    d1[l]: (k, n1, w_l); h1[l]: (n1, v_l); d2/h2 likewise with n2, or None for the
+    first pair. ``mode="full"`` → (n1, n2, k, k) with out[i, j, a, b] using D1[a], D2[b];
+    ``"trace"`` → (n1, n2) = (1/k) Σ_a out[:, :, a, a]. One dense n1×n2 Gram per layer.
+    """
+    d2 = d1 if d2 is None else d2
+    h2 = h1 if h2 is None else h2
+    L = len(d1)
+    h_scale = [1.0] * L if h_scale is None else h_scale
+    beta = [0.0] * L if beta is None else beta
+    k = d1[0].shape[0]
+    out = None
+    for l in range(L):
+        mh = h_scale[l] * (h1[l] @ h2[l].T) + beta[l]
+        if mode == "full":
+            gd = torch.einsum("aiw,bjw->ijab", d1[l], d2[l])
+            term = gd * mh[:, :, None, None]
+        else:
+            a = d1[l].permute(1, 0, 2).reshape(d1[l].shape[1], -1)
+            b = d2[l].permute(1, 0, 2).reshape(d2[l].shape[1], -1)
+            term = (a @ b.T) * mh / k
+        out = term if out is None else out + term
+    return out
+
+
+def mlp_ntk_layerwise(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace") -> torch.Tensor:
+    """Structured eNTK of an MLP in plain PyTorch: the factors of :func:`mlp_factors`
+    and one dense Gram pair per layer (the layerwise baseline of the benchmarks)."""
+    f1 = mlp_factors(mlp, x1)
+    if x2 is None:
+        return hadamard_gram_sum(f1[0], f1[1], None, None, f1[2], f1[3], mode=mode)
+    f2 = mlp_factors(mlp, x2)
+    return hadamard_gram_sum(f1[0], f1[1], f2[0], f2[1], f1[2], f1[3], mode=mode)
