@@ -9,8 +9,9 @@
     one k-wide backward) and the fused ``hadamard_gram_sum`` op, O(n²·Σ widths) instead of
     O(n²·P); chunked over samples within ``memory_budget``. ``"auto"`` picks it for MLPs.
   * ``"auto"`` — the fastest correct path available for the model; for generic
-    modules, Jacobian contraction with a chunk size that keeps the Jacobians within
-    ``memory_budget`` bytes.
+    modules, Jacobian contraction (chunked over samples and parameter blocks) or
+    NTK-vector products, whichever a FLOP model with the measured forward cost says is
+    cheaper, both within ``memory_budget`` bytes (:mod:`lazyfast.generic`).
 """
 from __future__ import annotations
 
@@ -94,11 +95,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     if implementation == "structured":
         raise ValueError("implementation='structured' needs a lazyfast.models.MLP with all parameters trainable, "
                          f"got {type(model).__name__}")
-    if implementation == "ntk_vp":
-        return reference.ntk_ntkvp(model, x1, x2, mode=mode, chunk_size=chunk_size)
-    if chunk_size is None and implementation == "auto":
-        chunk_size = auto_chunk_size(model, x1, memory_budget)
-    return reference.ntk_jacobian(model, x1, x2, mode=mode, chunk_size=chunk_size)
+    from lazyfast.generic import generic_ntk  # memory-bounded generic path, cost-model "auto" (issue 4)
+
+    return generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
+                       memory_budget=memory_budget)
 
 
 def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
