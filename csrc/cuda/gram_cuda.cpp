@@ -11,9 +11,9 @@
 namespace lazyfast {
 namespace {
 
-#define LF_CUDA_CHECK(expr)                                                             \
+#define LF_CUDA_CHECK(...) /* variadic: template arguments carry commas */            \
   do {                                                                                  \
-    const cudaError_t lf_err = (expr);                                                  \
+    const cudaError_t lf_err = (__VA_ARGS__);                                                \
     TORCH_CHECK(lf_err == cudaSuccess, "lazyfast CUDA error: ", cudaGetErrorString(lf_err)); \
   } while (0)
 
