@@ -287,7 +287,11 @@ def mlp_factors(mlp, x: torch.Tensor):
             back = (nxt.weight * nxt.weight_multiplier).unsqueeze(1)  # (k, 1, w)
         else:
             w_next = nxt.weight.shape[0]
-            back = (ds[i + 1].reshape(-1, w_next) @ nxt.weight).reshape(k, n, -1) * nxt.weight_multiplier
+            back = (ds[i + 1].reshape(-1, w_next) @ nxt.weight).reshape(k, n, -1)
+            if nxt.weight_multiplier != 1.0:
+                back.mul_(nxt.weight_multiplier)
+            ds[i] = back.mul_(dacts[i].unsqueeze(0))
+            continue
         ds[i] = back * dacts[i].unsqueeze(0)
     gammas = [float(layer.weight_multiplier) ** 2 for layer in layers]
     betas = [1.0 if layer.bias is not None else 0.0 for layer in layers]
@@ -295,9 +299,10 @@ def mlp_factors(mlp, x: torch.Tensor):
 
 
 def _dense_forward(h, weight, bias, multiplier):
-    """mult·h Wᵀ + b (the forward of ``lazyfast.models._Dense``)."""
-    z = torch.nn.functional.linear(h, weight) * multiplier
-    return z if bias is None else z + bias
+    """mult·h Wᵀ + b (the forward of ``lazyfast.models._Dense``), as one GEMM with fused scale and bias."""
+    if bias is None:
+        return torch.mm(h, weight.T).mul_(multiplier) if multiplier != 1.0 else torch.mm(h, weight.T)
+    return torch.addmm(bias, h, weight.T, alpha=multiplier)
 
 
 def hadamard_gram_sum(d1, h1, d2=None, h2=None, h_scale=None, beta=None, *, mode: str = "trace") -> torch.Tensor:

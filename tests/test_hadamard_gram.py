@@ -15,13 +15,14 @@ def _factors(k, n, ws, vs, dtype, device, gen):
     return d, h
 
 
-# n chosen to cross the CPU tile (256) and leave ragged edges; k = 1 and 3; widths odd on purpose.
+# n chosen to cross the CPU row panels (512 symmetric, 1024 otherwise) and leave ragged edges; k = 1 and 3; widths odd on purpose.
 CASES = [
     # (k, n1, n2, ws, vs)
     (1, 7, 5, [3], [4]),
     (3, 6, 9, [5, 1, 3], [2, 7, 5]),
     (2, 300, 270, [17, 2], [9, 33]),
     (1, 513, 513, [4, 9, 1], [6, 4, 9]),
+    (2, 1100, 30, [3], [2]),  # crosses the CPU row panel (≤ 1024) in the non-symmetric case
 ]
 
 

@@ -1,9 +1,9 @@
 // CPU implementation of lazyfast::hadamard_gram_sum.
-// Blocked over (tile_i, tile_j) output tiles of kTile x kTile: per tile and layer the
-// two Gram tiles come from BLAS (at::mm_out, multithreaded) into bounded scratch and
-// are fused into the output by hadamard_accumulate_tile (at::parallel_for over rows).
-// No n1 x n2 per-layer Gram is ever held, and in the symmetric case (d2 = h2 = [])
-// only tiles with tile_j >= tile_i are computed, the rest mirrored: about half the flops.
+// Blocked over (row panel, column block) output blocks: per block and layer the two Gram
+// blocks come from BLAS (at::mm_out, multithreaded) into bounded scratch and are fused into
+// the output by hadamard_accumulate_tile (at::parallel_for over rows). No n1 x n2 per-layer
+// Gram is ever held, and in the symmetric case (d2 = h2 = []) a panel only meets the columns
+// at and right of its diagonal; the rest is mirrored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,14 +17,22 @@
 namespace lazyfast {
 namespace {
 
-// 256 keeps each GEMM large enough for BLAS efficiency (256 x 256 x w) while the
-// symmetric case skips 6 of 16 tiles at n = 1024.
-constexpr int64_t kTile = 256;
+// Row panels of height T against column blocks of width up to kMaxCols: large GEMMs keep BLAS
+// near its peak rate, while in the symmetric case panel I only meets columns >= its first
+// row (75% of the Gram work for two panels, -> 50% for many). Scratch is 2 * T * kMaxCols.
+constexpr int64_t kMinPanel = 512;
+constexpr int64_t kMaxPanel = 1024;
+constexpr int64_t kMaxCols = 8192;
+
+int64_t panel_rows(int64_t n1, bool symmetric) {
+  if (!symmetric) return std::min(n1, kMaxPanel);
+  return std::max<int64_t>(kMinPanel, std::min<int64_t>(kMaxPanel, ceil_div(n1, 2)));
+}
 
 template <typename scalar_t>
 void accumulate_parallel(scalar_t* out, int64_t n2, int64_t kk, const scalar_t* gd, const scalar_t* gh, int64_t ti,
                          int64_t tj, double gamma, double beta, double scale) {
-  at::parallel_for(0, ti, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, ti, 8, [&](int64_t b, int64_t e) {
     hadamard_accumulate_tile<scalar_t>(out + b * n2 * kk, n2, kk, gd + b * tj, gh + b * tj, tj, e - b, tj,
                                        static_cast<scalar_t>(gamma), static_cast<scalar_t>(beta),
                                        static_cast<scalar_t>(scale));
@@ -37,14 +45,15 @@ void hadamard_gram_sum_cpu_impl(const HadamardGramFactors& f, at::ArrayRef<doubl
   const int64_t n1 = f.n1, n2 = f.n2, k = f.k, kk = k * k;
   const auto& d2 = f.symmetric ? f.d1 : f.d2;
   const auto& h2 = f.symmetric ? f.h1 : f.h2;
-  at::Tensor gh_buf = at::empty({kTile * kTile}, f.d1[0].options());
-  at::Tensor gd_buf = at::empty({kTile * kTile}, f.d1[0].options());
+  const int64_t T = panel_rows(n1, f.symmetric);
+  const int64_t CW = std::min(n2, kMaxCols);
+  at::Tensor gh_buf = at::empty({T * CW}, f.d1[0].options());
+  at::Tensor gd_buf = at::empty({T * CW}, f.d1[0].options());
   scalar_t* o = out.data_ptr<scalar_t>();
-  const int64_t tiles_i = ceil_div(n1, kTile), tiles_j = ceil_div(n2, kTile);
-  for (int64_t ti_ = 0; ti_ < tiles_i; ++ti_) {
-    const int64_t i0 = ti_ * kTile, ti = std::min(kTile, n1 - i0);
-    for (int64_t tj_ = f.symmetric ? ti_ : 0; tj_ < tiles_j; ++tj_) {
-      const int64_t j0 = tj_ * kTile, tj = std::min(kTile, n2 - j0);
+  for (int64_t i0 = 0; i0 < n1; i0 += T) {
+    const int64_t ti = std::min(T, n1 - i0);
+    for (int64_t j0 = f.symmetric ? i0 : 0; j0 < n2; j0 += CW) {
+      const int64_t tj = std::min(CW, n2 - j0);
       at::Tensor gh = gh_buf.narrow(0, 0, ti * tj).view({ti, tj});
       at::Tensor gd = gd_buf.narrow(0, 0, ti * tj).view({ti, tj});
       for (size_t l = 0; l < f.d1.size(); ++l) {
@@ -61,8 +70,8 @@ void hadamard_gram_sum_cpu_impl(const HadamardGramFactors& f, at::ArrayRef<doubl
     }
   }
   if (f.symmetric) {
-    // Mirror out[i, j, a, b] = out[j, i, b, a] below the diagonal: fills the skipped tiles and
-    // makes the result exactly symmetric (BLAS need not round the two halves of a diagonal tile alike).
+    // Mirror out[i, j, a, b] = out[j, i, b, a] below the diagonal: fills the skipped blocks and
+    // makes the result exactly symmetric (BLAS need not round the two halves of a block alike).
     at::parallel_for(0, n1, 16, [&](int64_t b0, int64_t e0) {
       for (int64_t i = b0; i < e0; ++i) {
         for (int64_t j = 0; j < i; ++j)
