@@ -37,6 +37,13 @@ TORCH_LIBRARY(lazyfast, m) {
   m.def("two_layer_vjp(Tensor x, Tensor A, Tensor? c, Tensor B, float scale, int activation, Tensor r) -> (Tensor, Tensor, Tensor)");
   // Theta(x1, x2) v without forming Theta: v (n2, k) -> (n1, k).
   m.def("two_layer_ntk_vp(Tensor x1, Tensor? x2, Tensor A, Tensor? c, Tensor B, float scale, int activation, Tensor v) -> Tensor");
+  // Structured eNTK of deep MLPs: sum_l (D1_l D2_l^T) * (h_scale_l H1_l H2_l^T + beta_l), elementwise *.
+  // d1[l]: (k, n1, w_l), h1[l]: (n1, v_l); d2 = h2 = [] means the symmetric case X2 = X1.
+  // -> (n1, n2, k, k) if full else (n1, n2) = (1/k) sum_a [.., a, a]. Lists (Tensor[]) rather than stacked or
+  // padded tensors: layer widths differ (d, 2048, ..., k), padding would waste flops and a copy, and the lists
+  // are exactly what the forward/backward produce.
+  m.def("hadamard_gram_sum(Tensor[] d1, Tensor[] h1, Tensor[] d2, Tensor[] h2, float[] h_scale, float[] beta, "
+        "bool full) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -11,12 +11,13 @@ from lazyfast.models import MLP, TwoLayer, resnet18, vgg11
 from lazyfast.ntk import empirical_ntk, jvp, ntk_vp, vjp
 from lazyfast.ops import gram
 from lazyfast import reference
+from lazyfast import kernels, mlp  # noqa: E402  (issue 4: extract_kernel/centered, mlp_ntk/hadamard_gram_sum)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend_info", "cuda_version", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",
-    "TwoLayer", "MLP", "vgg11", "resnet18", "reference", "__version__",
+    "TwoLayer", "MLP", "vgg11", "resnet18", "reference", "kernels", "mlp", "__version__",
 ]
 
 # Lazy / linearized training engine (issue 5).

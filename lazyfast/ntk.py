@@ -8,9 +8,14 @@
   * ``"fused"`` — the compiled two-layer kernels (:mod:`lazyfast.two_layer`): only for
     :class:`~lazyfast.models.TwoLayer` models with all parameters trainable. Never holds
     a Jacobian or an (n, m) feature matrix; O(n1·n2·m) for the Gram, O(n·m·d) for JVP/VJP/NTK·v.
+  * ``"structured"`` — :class:`lazyfast.models.MLP` only: layerwise factors (one forward,
+    one k-wide backward) and the fused ``hadamard_gram_sum`` op, O(n²·Σ widths) instead of
+    O(n²·P); chunked over samples within ``memory_budget``.
   * ``"auto"`` — the fastest correct path available for the model: ``"fused"`` for
-    ``TwoLayer``; for generic modules, Jacobian contraction with a chunk size that
-    keeps the Jacobians within ``memory_budget`` bytes.
+    ``TwoLayer``, ``"structured"`` for ``MLP``; for generic modules, Jacobian contraction
+    (chunked over samples and parameter blocks) or NTK-vector products, whichever a FLOP
+    model with the measured forward cost says is cheaper, both within ``memory_budget``
+    bytes (:mod:`lazyfast.generic`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from torch import nn
 from lazyfast import reference, two_layer
 from lazyfast._validation import (check_chunk_size, check_input, check_mode, check_module, model_param_info)
 
-NTK_IMPLEMENTATIONS = ("auto", "fused", "jacobian", "ntk_vp")
+NTK_IMPLEMENTATIONS = ("auto", "fused", "structured", "jacobian", "ntk_vp")
 PRODUCT_IMPLEMENTATIONS = ("auto", "fused", "reference")
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of Jacobians held at once by the generic path
 
@@ -97,11 +102,20 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     _check_impl(implementation, NTK_IMPLEMENTATIONS)
     if _use_fused(model, implementation):
         return two_layer.model_ntk(model, x1, x2, mode=mode)
-    if implementation == "ntk_vp":
-        return reference.ntk_ntkvp(model, x1, x2, mode=mode, chunk_size=chunk_size)
-    if chunk_size is None and implementation == "auto":
-        chunk_size = auto_chunk_size(model, x1, memory_budget)
-    return reference.ntk_jacobian(model, x1, x2, mode=mode, chunk_size=chunk_size)
+    from lazyfast.models import MLP  # structured (layerwise) route for deep MLPs
+
+    if isinstance(model, MLP) and implementation in ("auto", "structured") and all(
+            p.requires_grad for p in model.parameters()):
+        from lazyfast.mlp import mlp_ntk
+
+        return mlp_ntk(model, x1, x2, mode=mode, chunk_size=chunk_size, memory_budget=memory_budget)
+    if implementation == "structured":
+        raise ValueError("implementation='structured' needs a lazyfast.models.MLP with all parameters trainable, "
+                         f"got {type(model).__name__}")
+    from lazyfast.generic import generic_ntk  # memory-bounded generic path with a cost-model "auto"
+
+    return generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
+                       memory_budget=memory_budget)
 
 
 def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,

@@ -318,3 +318,300 @@ def two_layer_ntk_vp_dense(x1: torch.Tensor, x2: Optional[torch.Tensor], A: torc
     """Θ(x1, x2)·v = J1 (J2ᵀ v): one dense VJP over x2, one dense JVP over x1. v (n2, k) → (n1, k)."""
     gA, gc, gB = two_layer_vjp_dense(x1 if x2 is None else x2, A, c, B, scale, activation, v)
     return two_layer_jvp_dense(x1, A, c, B, scale, activation, gA[None], None if c is None else gc[None], gB[None])[0]
+
+
+# ============================================================================= structured (layerwise) MLP eNTK
+# Θ(x, x')_ab = Σ_l ⟨δ_l,a(x), δ_l,b(x')⟩ · (γ_l ⟨h_{l−1}(x), h_{l−1}(x')⟩ + β_l)   (DESIGN.md §1.2)
+# with δ_l = ∂f/∂z_l, γ_l = weight_multiplier_l² and β_l = 1 for a bias, 0 without.
+def activation_derivative(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """σ' as a function, for an activation name of :mod:`lazyfast.models` (ReLU'(0) = 0, as autograd)."""
+    from lazyfast.models import check_activation
+
+    check_activation(name)
+    return lambda z: activation_deriv(name, z)
+
+
+def mlp_factors(mlp, x: torch.Tensor):
+    """Per-layer factors of the structured eNTK of a :class:`lazyfast.models.MLP`.
+
+    One forward pass storing the layer inputs h_{l−1} and σ'(z_l), then the k
+    backward passes for δ_l = ∂f/∂z_l vectorized as one batched GEMM chain.
+
+    Returns ``(ds, hs, gammas, betas)``: per layer l (input layer first),
+    ``ds[l]`` (k, n, w_l) = δ_l for every output a, ``hs[l]`` (n, fan_in_l) = h_{l−1},
+    ``gammas[l]`` = weight_multiplier_l² (the gradient w.r.t. W_l is mult·δ_l h_{l−1}ᵀ),
+    ``betas[l]`` = 1.0 with a bias, else 0.0.
+    """
+    from lazyfast.models import activation_fn
+
+    act = activation_fn(mlp.activation)
+    dact = activation_derivative(mlp.activation)
+    layers = list(mlp.layers)
+    L = len(layers)
+    hs, dacts = [], []
+    h = x
+    for i, layer in enumerate(layers):
+        hs.append(h)
+        if i < L - 1:
+            z = _dense_forward(h, layer.weight, layer.bias, layer.weight_multiplier)
+            dacts.append(dact(z))
+            h = act(z)
+    k = layers[-1].weight.shape[0]
+    n = x.shape[0]
+    ds = [None] * L
+    # δ of the output layer is the identity: ∂f_a/∂z_L = e_a for every sample.
+    ds[L - 1] = torch.eye(k, dtype=x.dtype, device=x.device).unsqueeze(1).expand(k, n, k)
+    for i in range(L - 2, -1, -1):
+        nxt = layers[i + 1]
+        if i == L - 2:
+            # δ_{L−1,a} = mult·W_L[a, :] ⊙ σ'(z): a broadcast, no GEMM needed.
+            back = (nxt.weight * nxt.weight_multiplier).unsqueeze(1)  # (k, 1, w)
+        else:
+            w_next = nxt.weight.shape[0]
+            back = (ds[i + 1].reshape(-1, w_next) @ nxt.weight).reshape(k, n, -1)
+            if nxt.weight_multiplier != 1.0:
+                back.mul_(nxt.weight_multiplier)
+            ds[i] = back.mul_(dacts[i].unsqueeze(0))
+            continue
+        ds[i] = back * dacts[i].unsqueeze(0)
+    gammas = [float(layer.weight_multiplier) ** 2 for layer in layers]
+    betas = [1.0 if layer.bias is not None else 0.0 for layer in layers]
+    return ds, hs, gammas, betas
+
+
+def _dense_forward(h, weight, bias, multiplier):
+    """mult·h Wᵀ + b (the forward of ``lazyfast.models._Dense``), as one GEMM with fused scale and bias."""
+    if bias is None:
+        return torch.mm(h, weight.T).mul_(multiplier) if multiplier != 1.0 else torch.mm(h, weight.T)
+    return torch.addmm(bias, h, weight.T, alpha=multiplier)
+
+
+def hadamard_gram_sum(d1, h1, d2=None, h2=None, h_scale=None, beta=None, *, mode: str = "trace") -> torch.Tensor:
+    """Σ_l (D1_l D2_lᵀ) ⊙ (γ_l H1_l H2_lᵀ + β_l), the sum of Hadamard products of Grams.
+
+    d1[l]: (k, n1, w_l); h1[l]: (n1, v_l); d2/h2 likewise with n2, or None for the
+    first pair. ``mode="full"`` → (n1, n2, k, k) with out[i, j, a, b] using D1[a], D2[b];
+    ``"trace"`` → (n1, n2) = (1/k) Σ_a out[:, :, a, a]. One dense n1×n2 Gram per layer.
+    """
+    d2 = d1 if d2 is None else d2
+    h2 = h1 if h2 is None else h2
+    L = len(d1)
+    h_scale = [1.0] * L if h_scale is None else h_scale
+    beta = [0.0] * L if beta is None else beta
+    k = d1[0].shape[0]
+    out = None
+    for l in range(L):
+        mh = h_scale[l] * (h1[l] @ h2[l].T) + beta[l]
+        if mode == "full":
+            gd = torch.einsum("aiw,bjw->ijab", d1[l], d2[l])
+            term = gd * mh[:, :, None, None]
+        else:
+            a = d1[l].permute(1, 0, 2).reshape(d1[l].shape[1], -1)
+            b = d2[l].permute(1, 0, 2).reshape(d2[l].shape[1], -1)
+            term = (a @ b.T) * mh / k
+        out = term if out is None else out + term
+    return out
+
+
+def mlp_ntk_layerwise(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace") -> torch.Tensor:
+    """Structured eNTK of an MLP in plain PyTorch: the factors of :func:`mlp_factors`
+    and one dense Gram pair per layer (the layerwise baseline of the benchmarks)."""
+    f1 = mlp_factors(mlp, x1)
+    if x2 is None:
+        return hadamard_gram_sum(f1[0], f1[1], None, None, f1[2], f1[3], mode=mode)
+    f2 = mlp_factors(mlp, x2)
+    return hadamard_gram_sum(f1[0], f1[1], f2[0], f2[1], f1[2], f1[3], mode=mode)
+
+
+# ============================================================================= memory-bounded generic eNTK
+# Jacobian contraction chunked over samples AND parameter blocks, sized so the Jacobian
+# chunks and the backward's intermediates stay within a byte budget (DESIGN.md §1.3).
+def forward_flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward pass on one sample, counted by ``torch.utils.flop_counter``
+    (matmuls and convolutions); at least 2·P so elementwise-only models are not free."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = sum(t.numel() for t in model.parameters())
+    if x.shape[0] == 0:
+        return float(2 * p)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x[:1])
+    return float(max(fc.get_total_flops(), 2 * p))
+
+
+def activation_numel_per_sample(model: nn.Module, x: torch.Tensor) -> int:
+    """Numbers produced by the leaf modules in one forward pass of one sample: what a
+    backward pass must keep (used to bound vmapped backward passes)."""
+    total = [0]
+
+    def hook(_m, _inp, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total[0], int(x[:1].numel()))
+
+
+def _param_blocks(params: Params, max_numel: int):
+    """Greedy groups of consecutive parameter tensors with ≤ max_numel numbers (a tensor larger
+    than that forms its own block; the sample chunk then shrinks for it)."""
+    blocks, cur, size = [], [], 0
+    for name, p in params.items():
+        if cur and size + p.numel() > max_numel:
+            blocks.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += p.numel()
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _block_jacobian(f, params: Params, names, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobian of f w.r.t. the parameters ``names`` only: (n, k, P_block)."""
+    fixed = {n: p for n, p in params.items() if n not in names}
+    blk = {n: params[n] for n in names}
+
+    def single(b, xi):
+        return f({**fixed, **b}, xi.unsqueeze(0))[0]
+
+    jac = vmap(jacrev(single), (None, 0))(blk, x)
+    n = x.shape[0]
+    return torch.cat([jac[nm].reshape(n, jac[nm].shape[1], -1) for nm in names], dim=2)
+
+
+def ntk_jacobian_blocked(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
+                         mode: str = "trace", memory_budget: int = 2 * 1024**3,
+                         chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Jacobian contraction that never holds more than about ``memory_budget`` bytes of
+    Jacobians and backward intermediates.
+
+    Parameters are grouped in blocks of P_b numbers and samples in chunks of c so that
+    2·c·k·P_b + 2·c·k·A ≤ budget (A: activation numbers per sample). Large sample chunks
+    are preferred (fewer recomputed Jacobians); with x2=None only chunk pairs J ≥ I are
+    contracted and mirrored. ``chunk_size`` caps c.
+    Shapes: x1 (n1, ...), x2 (n2, ...) → (n1, n2) trace | (n1, n2, k, k) full.
+    """
+    same = x2 is None
+    x2 = x1 if same else x2
+    f, params = functional_model(model)
+    k = _out_dim(f, params, x1) if x1.shape[0] else _out_dim(f, params, x2) if x2.shape[0] else 1
+    n1, n2 = x1.shape[0], x2.shape[0]
+    dtype = next(iter(params.values())).dtype
+    shape = (n1, n2) if mode == "trace" else (n1, n2, k, k)
+    out = torch.zeros(shape, dtype=dtype, device=x1.device)
+    if n1 == 0 or n2 == 0:
+        return out
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = max(int(memory_budget // itemsize), 1)  # numbers
+    act = activation_numel_per_sample(model, x1)
+    n_max = max(n1, n2)
+    c_cap = min(n_max, chunk_size or n_max)
+    # Parameter block size if all c_cap samples of both batches fit; at least the largest tensor.
+    per_sample_act = 2 * k * act
+    p_block = max(1, (budget - c_cap * per_sample_act) // max(2 * c_cap * k, 1))
+    for names in _param_blocks(params, p_block):
+        pb = sum(params[nm].numel() for nm in names)
+        c = max(1, min(c_cap, budget // max(2 * k * pb + per_sample_act, 1)))
+        for s1 in range(0, n1, c):
+            e1 = min(s1 + c, n1)
+            j1 = _block_jacobian(f, params, names, x1[s1:e1])
+            for s2 in range(s1 if same else 0, n2, c):
+                e2 = min(s2 + c, n2)
+                j2 = j1 if (same and s2 == s1) else _block_jacobian(f, params, names, x2[s2:e2])
+                if mode == "full":
+                    blk = torch.einsum("iap,jbp->ijab", j1, j2)
+                else:
+                    blk = (j1.reshape(e1 - s1, -1) @ j2.reshape(e2 - s2, -1).T) / k
+                out[s1:e1, s2:e2] += blk
+                if same and s2 != s1:
+                    out[s2:e2, s1:e1] += blk.transpose(0, 1) if mode == "trace" else blk.permute(1, 0, 3, 2)
+                del j2
+            del j1
+    return out
+
+
+def ntkvp_column_chunk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, memory_budget: int) -> int:
+    """Kernel columns per vmapped VJP+JVP batch within ``memory_budget`` bytes: each column
+    holds one parameter-sized cotangent/tangent and tangent activations over x1 and x2."""
+    _, dtype = next(((p.device, p.dtype) for p in model.parameters()), (None, torch.float32))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    p = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    act = activation_numel_per_sample(model, x1)
+    per_col = 2 * p + 2 * (x1.shape[0] + x2.shape[0]) * act
+    return max(1, int(memory_budget // (itemsize * per_col)))
+
+
+def generic_costs(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str,
+                  memory_budget: int) -> Dict[str, float]:
+    """Estimated FLOPs of the two generic methods (ANCHORS.md §3.1), with [FP] measured:
+    Jacobian contraction ≈ 3·k·[FP]·(Jacobians computed) + 2·n1·n2·k^(1|2)·P, where blocked
+    chunks recompute x2's Jacobians once per x1 chunk; NTK-vector products ≈ n2·k columns,
+    each a VJP over x2 (≈ 2·n2·[FP]) and a JVP over x1 (≈ 3·n1·[FP])."""
+    same = x2 is None
+    x2 = x1 if same else x2
+    n1, n2 = x1.shape[0], x2.shape[0]
+    fp = forward_flops_per_sample(model, x1 if n1 else x2)
+    p = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    k = 1
+    if n1:
+        with torch.no_grad():
+            k = model(x1[:1]).reshape(1, -1).shape[1]
+    dtype = next(model.parameters()).dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    act = activation_numel_per_sample(model, x1 if n1 else x2)
+    c = max(1, min(max(n1, n2), int(memory_budget // itemsize) // max(2 * k * p + 2 * k * act, 1)))
+    chunks1 = -(-n1 // c)
+    jac_samples = n1 + n2 * (chunks1 if not same else max(chunks1 - 1, 1) / 2 + 1)
+    contraction = 2.0 * n1 * n2 * p * (k * k if mode == "full" else k) * (0.5 if same else 1.0)
+    jc = 3.0 * k * fp * jac_samples + contraction
+    vp = n2 * k * (2.0 * n2 + 3.0 * n1) * fp
+    return {"jacobian": jc, "ntk_vp": vp, "forward_flops": fp}
+
+
+# ============================================================================= authors' kernel extraction (baseline d)
+def per_output_loop_kernel(model: nn.Module, x: torch.Tensor, *, batch_size: int = 9,
+                           out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The authors' tangent-kernel extraction (lazy-training-CNN ``cnn/extract_kernel.py``):
+    for each batch b, one ``backward`` per image and class fills J_b (bs·k, P); the kernel
+    blocks J_b J_b'ᵀ are formed over batch pairs b' ≥ b (J_b' recomputed the same way)
+    and mirrored. Returns (N·k, N·k) in ``out_dtype`` with row = k·n + class. Memory ≈ 2·bs·k·P."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    P = sum(p.numel() for p in params)
+
+    def jac(xb):
+        out = model(xb)
+        nb = out.shape[0]
+        k = out.reshape(nb, -1).shape[1]
+        out = out.reshape(nb, k)
+        J = torch.empty(nb * k, P, dtype=params[0].dtype, device=x.device)
+        for i in range(nb):
+            for a in range(k):
+                grads = torch.autograd.grad(out[i, a], params, retain_graph=True, allow_unused=True)
+                J[i * k + a] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                          for g, p in zip(grads, params)])
+        return J
+
+    N = x.shape[0]
+    starts = list(range(0, N, batch_size))
+    K = None
+    for bi, s in enumerate(starts):
+        Jb = jac(x[s:s + batch_size])
+        k = Jb.shape[0] // min(batch_size, N - s)
+        if K is None:
+            K = torch.zeros(N * k, N * k, dtype=out_dtype, device=x.device)
+        for s2 in starts[bi:]:
+            Jb2 = Jb if s2 == s else jac(x[s2:s2 + batch_size])
+            blk = (Jb @ Jb2.T).to(out_dtype)
+            K[s * k:s * k + Jb.shape[0], s2 * k:s2 * k + Jb2.shape[0]] = blk
+            K[s2 * k:s2 * k + Jb2.shape[0], s * k:s * k + Jb.shape[0]] = blk.T
+            del Jb2
+    if K is None:
+        return torch.zeros(0, 0, dtype=out_dtype, device=x.device)
+    return K

@@ -1,8 +1,6 @@
 """Block-partitioned eNTK under torchrun with 2 gloo processes (CPU)."""
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,26 +10,15 @@ import lazyfast
 from lazyfast.cli import _build_model, _load_inputs, build_parser
 from lazyfast.distributed import distributed_ntk, row_blocks
 from lazyfast.testing import assert_close_rel
+from torchrun_util import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--synthetic", "29", "--input-dim", "5", "--width", "12", "--outputs", "2", "--bias",
         "--activation", "tanh", "--block-size", "6", "--dtype", "float64", "--mode", "full"]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"  # same math on every rank and in the single-process run
-    return env
-
-
 def _ntk_cli(out, *extra, nproc=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    cmd = launcher + ["-m", "lazyfast.cli", "ntk", *ARGS, "--out", str(out), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+    return run_job(["-m", "lazyfast.cli", "ntk", *ARGS, "--out", str(out), *extra], nproc=nproc)
 
 
 def _expected():

@@ -1,7 +1,4 @@
 """Data-parallel lazy and linearized training: 2 gloo ranks (DDP) vs one process."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,18 +6,14 @@ import torch
 
 from lazyfast.distributed import train_data_parallel
 from lazyfast.testing import assert_close_rel
+from torchrun_util import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
 
 def _run(kind, out, nproc):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    r = subprocess.run(launcher + [str(WORKER), kind, str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    run_job([str(WORKER), kind, str(out)], nproc=nproc if nproc > 1 else None)
     return torch.load(out)
 
 

@@ -35,3 +35,22 @@ cudaError_t two_layer_mirror(T* out, int64_t n, int64_t k, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lazyfast
+
+// ---- hadamard_gram_sum (structured MLP eNTK), see lazyfast/hadamard_gram.h
+#include "lazyfast/hadamard_gram.h"
+
+namespace lazyfast {
+namespace cuda {
+
+// out (n1, n2, k, k) += scale * (D1_a D2_b^T) * (gamma * H1 H2^T + beta) for one layer;
+// D: (k, n, w), H: (n, v), contiguous. With p.symmetric only tiles on/above the diagonal.
+template <typename scalar_t>
+cudaError_t hadamard_gram_layer(const HadamardGramParams& p, const scalar_t* d1, const scalar_t* h1,
+                                const scalar_t* d2, const scalar_t* h2, scalar_t* out, cudaStream_t stream);
+
+// Fills the lower triangle of a symmetric (n, n, k, k) result: out[i, j, a, b] = out[j, i, b, a].
+template <typename scalar_t>
+cudaError_t hadamard_gram_mirror(int64_t n, int64_t k, scalar_t* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lazyfast

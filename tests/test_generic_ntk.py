@@ -1,0 +1,131 @@
+"""Generic (any nn.Module) eNTK paths: memory-bounded Jacobian contraction, NTK-vector
+products, the cost-model choice, the layerwise CNN kernel and the authors' extraction."""
+import pytest
+import torch
+from torch import nn
+
+import lazyfast
+from lazyfast import kernels, reference
+from lazyfast.generic import choose_generic_implementation, generic_ntk
+from lazyfast.testing import assert_close_rel
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, bias=True, k=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1, bias=bias)
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias)
+        self.fc = nn.Linear(4 * 2 * 2, k)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        h = nn.functional.max_pool2d(h, 2)
+        return self.fc(h.flatten(1))
+
+
+def _model(bias=True, k=3):
+    return SmallCNN(bias, k).double()
+
+
+def _x(n, seed=0):
+    return torch.randn(n, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("implementation", ["auto", "jacobian", "ntk_vp"])
+@pytest.mark.parametrize("mode", ["trace", "full"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_generic_matches_oracle(implementation, mode, symmetric):
+    m = _model()
+    x1, x2 = _x(5), (None if symmetric else _x(3, 1))
+    got = lazyfast.empirical_ntk(m, x1, x2, mode=mode, implementation=implementation)
+    assert_close_rel(got, reference.ntk_oracle(m, x1, x2, mode=mode), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["trace", "full"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocked_chunked_equals_unchunked(mode, symmetric):
+    m = _model()
+    x1, x2 = _x(5), (None if symmetric else _x(3, 1))
+    whole = reference.ntk_jacobian(m, x1, x2, mode=mode)
+    # budgets that force parameter blocks smaller than one tensor and 1-3 sample chunks
+    for budget in (20_000, 400_000):
+        got = reference.ntk_jacobian_blocked(m, x1, x2, mode=mode, memory_budget=budget)
+        assert_close_rel(got, whole, rtol=1e-12, what=f"budget {budget}")
+    got = generic_ntk(m, x1, x2, mode=mode, implementation="jacobian", chunk_size=2)
+    assert_close_rel(got, whole, rtol=1e-12)
+    got = generic_ntk(m, x1, x2, mode=mode, implementation="ntk_vp", chunk_size=4)
+    assert_close_rel(got, whole, rtol=1e-12)
+
+
+def test_cost_model_choice():
+    # few outputs, dense: contraction is cheaper; many outputs of a cheap-to-evaluate huge-P layer: NTK-vp
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    assert choose_generic_implementation(m, torch.randn(6, 4, dtype=torch.float64), None, "full", 2**31) == "jacobian"
+    wide = nn.Sequential(nn.Linear(2, 4000), nn.Linear(4000, 50)).double()
+    assert choose_generic_implementation(wide, torch.randn(3, 2, dtype=torch.float64), None, "full", 2**31) == "ntk_vp"
+    with pytest.raises(ValueError, match="memory_budget"):
+        generic_ntk(m, torch.randn(2, 4, dtype=torch.float64), memory_budget=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_layerwise_matches_oracle(bias, method, mode):
+    m = _model(bias)
+    x1, x2 = _x(4), _x(3, 1)
+    info = {}
+    got = kernels.layerwise_ntk(m, x1, x2, mode=mode, method=method, info=info)
+    assert_close_rel(got, reference.ntk_oracle(m, x1, x2, mode=mode), rtol=1e-10)
+    got = kernels.layerwise_ntk(m, x1, mode=mode, method=method, memory_budget=3_000)  # tiny blocks
+    assert_close_rel(got, reference.ntk_oracle(m, x1, mode=mode), rtol=1e-10)
+    if method == "auto":
+        assert info["methods"][0] == "jacobian" and info["methods"][-1] == "structured"
+
+
+def test_layerwise_frozen_and_unsupported():
+    m = _model()
+    m.c1.weight.requires_grad_(False)  # bias-only layer
+    x = _x(3)
+    assert_close_rel(kernels.layerwise_ntk(m, x), reference.ntk_oracle(m, x, mode="full"), rtol=1e-10)
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(128, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).double()
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        kernels.layerwise_ntk(bn, x)
+    bn[2].requires_grad_(False)
+    bn.train()
+    with pytest.raises(ValueError, match="depends on the other samples"):
+        kernels.layerwise_ntk(bn, x)
+    # extract_kernel falls back to the blocked Jacobian contraction for such models
+    bn.eval()
+    k = kernels.extract_kernel(bn, x, implementation="auto")
+    o = reference.ntk_oracle(bn, x, mode="full")
+    assert_close_rel(k, o.permute(0, 2, 1, 3).reshape(6, 6), rtol=1e-10)
+
+
+def test_centered_and_extract_kernel_layout():
+    m = _model()
+    c = kernels.centered(m)
+    x = _x(4)
+    assert torch.equal(c(x), torch.zeros(4, 3, dtype=torch.float64))
+    o = reference.ntk_oracle(m, x, mode="full")  # centering does not change the kernel
+    want = o.permute(0, 2, 1, 3).reshape(12, 12)  # row = k·n + class
+    for impl in ("auto", "layerwise", "jacobian"):
+        got = kernels.extract_kernel(c, x, implementation=impl)
+        assert got.dtype == torch.float64 and got.shape == (12, 12)
+        assert_close_rel(got, want, rtol=1e-10, what=impl)
+    assert_close_rel(reference.per_output_loop_kernel(c, x, batch_size=3), want, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_vgg11_extract_matches_authors_loop():
+    torch.manual_seed(0)
+    net = kernels.centered(lazyfast.vgg11(num_classes=3)).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = reference.per_output_loop_kernel(net, x, batch_size=1)
+    got = kernels.extract_kernel(net, x)
+    assert got.shape == (6, 6)
+    assert_close_rel(got, ref, rtol=1e-10)
+    # float32 gradients (the authors' setting), float64 kernel: close to the float64 kernel
+    net32 = kernels.centered(lazyfast.vgg11(num_classes=3))
+    net32.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    assert_close_rel(kernels.extract_kernel(net32, x.float()), ref, rtol=1e-5)
