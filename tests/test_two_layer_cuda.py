@@ -172,3 +172,30 @@ def test_cuda_large_float32_against_float64():
     out = TL.two_layer_ntk(x, A=A, B=B, c=c, scale=model.scale)
     ref = TL.two_layer_ntk(x.double(), A=A.double(), B=B.double(), scale=model.scale)
     assert_close_rel(out, ref, torch.float32)
+
+
+def test_cuda_random_shapes_match_cpu():
+    # Property test (hypothesis) over random shapes: CUDA ops equal the CPU ops in float64.
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=20, deadline=None, derandomize=True)
+    @given(st.integers(0, 150), st.integers(0, 150), st.integers(1, 9), st.integers(1, 300), st.integers(1, 3),
+           st.booleans(), st.booleans(), st.sampled_from(ACTIVATIONS), st.sampled_from(["trace", "full"]))
+    def check(n1, n2, d, m, k, bias, same, act, mode):
+        g = torch.Generator().manual_seed(n1 * 7919 + n2 * 104729 + m)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        A, B = r(m, d), r(k, m)
+        c = r(m) if bias else None
+        x1 = r(n1, d)
+        x2 = None if same else r(n2, d)
+        w = dict(A=A, B=B, c=c, scale=0.37, activation=act)
+        wc = {key: (v.cuda() if isinstance(v, torch.Tensor) else v) for key, v in w.items()}
+        cpu = TL.two_layer_ntk(x1, x2, mode=mode, **w)
+        gpu = TL.two_layer_ntk(x1.cuda(), None if x2 is None else x2.cuda(), mode=mode, **wc)
+        assert_close_rel(gpu.cpu(), cpu, torch.float64)
+        v = r(n1 if same else n2, k)
+        assert_close_rel(TL.two_layer_ntk_vp(x1.cuda(), v.cuda(), None if x2 is None else x2.cuda(), **wc).cpu(),
+                         TL.two_layer_ntk_vp(x1, v, x2, **w), torch.float64)
+
+    check()
