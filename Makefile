@@ -11,7 +11,7 @@ DEPS   := torch==2.13.0 "setuptools>=64" wheel ninja numpy scipy tqdm matplotlib
           pytest pytest-benchmark hypothesis expecttest
 OUT    ?= out/demo
 
-.PHONY: venv build demo test test-python native-test cuda-link-check bench clean
+.PHONY: venv build demo test test-python native-test cuda-link-check bench-quick bench clean
 
 venv: $(STAMP)
 
@@ -39,9 +39,16 @@ native-test:
 cuda-link-check:
 	bash scripts/cuda_link_check.sh
 
-test: test-python native-test cuda-link-check
+# lazyfast vs its pure-PyTorch baselines at small sizes; fails if any implementation disagrees.
+bench-quick: build
+	mkdir -p out
+	$(PY) -m lazyfast.cli bench --quick --json out/bench-quick.json --markdown out/bench-quick.md
 
+test: test-python native-test cuda-link-check bench-quick
+
+# The full-size benchmark table (minutes, several GB), and the pytest-benchmark suites.
 bench: build
+	$(PY) -m lazyfast.cli bench --json benchmarks/results/bench-cpu.json --markdown benchmarks/results/bench-cpu.md
 	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
 
 clean:

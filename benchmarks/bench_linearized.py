@@ -21,15 +21,14 @@ n=200,000, d=100, m=1024) with ``LAZYFAST_BENCH_FULL=1`` — run those alone
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
-from torch.func import functional_call, jvp
 
 from lazyfast.lazy import Linearized, square_loss
 from lazyfast.models import TwoLayer
+from lazyfast.reference import linearized_step_torch_func
 from lazyfast.solvers import kernel_regression_cg
 
 FULL = os.environ.get("LAZYFAST_BENCH_FULL", "0") == "1"
@@ -90,25 +89,8 @@ def lazyfast_step(net, x, y, implementation="auto"):
 
 
 def torch_func_step(net, x, y):
-    """Baseline linearized step written with torch.func.jvp and autograd through it."""
-    model0 = copy.deepcopy(net)
-    w0 = {k: v.detach() for k, v in model0.named_parameters()}
-    w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
-    opt = torch.optim.SGD(list(w.values()), lr=LR)
-
-    def f(p):
-        return functional_call(model0, p, (x,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        delta = {k: w[k] - w0[k] for k in w}
-        f0, df = jvp(f, (w0,), (delta,))
-        loss = square_loss(f0.detach() + df, y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step, w
+    """Baseline linearized step written with torch.func.jvp (lazyfast.reference)."""
+    return linearized_step_torch_func(net, x, y, LR, square_loss)
 
 
 def lazyfast_ntk_step(net, x, y):

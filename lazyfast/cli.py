@@ -170,10 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no shard files: gather the blocks to rank 0 (not resumable)")
     pn.add_argument("--overwrite", action="store_true", help="replace shards of a different problem in --out")
     pn.set_defaults(func=_cmd_ntk)
+    sub.add_parser("bench", help="benchmark lazyfast against its pure-PyTorch baselines (lazyfast bench --help)",
+                   add_help=False)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (lazyfast.bench), so `lazyfast bench --help` is complete
+        from lazyfast import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

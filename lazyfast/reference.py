@@ -615,3 +615,37 @@ def per_output_loop_kernel(model: nn.Module, x: torch.Tensor, *, batch_size: int
     if K is None:
         return torch.zeros(0, 0, dtype=out_dtype, device=x.device)
     return K
+
+
+# ============================================================================= linearized training step baseline
+def linearized_step_torch_func(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
+                               loss_fn: Optional[Callable] = None):
+    """Baseline linearized SGD step written with ``torch.func.jvp`` and autograd through it:
+    f̄(w, x) = f(w0, x) + J(w0, x)(w − w0), loss (1/2n)Σ‖f̄ − y‖² by default.
+
+    Returns ``(step, params)``: ``step()`` performs one SGD step and returns the loss before
+    it; ``params`` is the dict of trainable tensors being updated.
+    """
+    import copy
+
+    model0 = copy.deepcopy(model)
+    w0 = {k: v.detach() for k, v in model0.named_parameters() if v.requires_grad}
+    w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
+    opt = torch.optim.SGD(list(w.values()), lr=lr)
+    if loss_fn is None:
+        def loss_fn(out, target):
+            return 0.5 * (out - target).pow(2).sum() / max(out.shape[0], 1)
+
+    def f(p):
+        return functional_call(model0, p, (x,), strict=False).reshape(x.shape[0], -1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        delta = {k: w[k] - w0[k] for k in w}
+        f0, df = _func_jvp(f, (w0,), (delta,))
+        loss = loss_fn(f0.detach() + df, y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step, w
