@@ -191,6 +191,16 @@ def mlp_ntk(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: s
 
     if not isinstance(mlp, MLP):
         raise TypeError(f"mlp must be a lazyfast.models.MLP, got {type(mlp).__name__}")
+    from lazyfast._validation import check_input, check_mode
+
+    check_mode(mode)
+    check_input(x1, "x1", mlp)
+    if x2 is not None:
+        check_input(x2, "x2", mlp, like=x1)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
     if any(not p.requires_grad for p in mlp.parameters()):
         raise ValueError("mlp has frozen parameters; the structured eNTK differentiates all of them "
                          "(use implementation='jacobian' for a partial kernel)")

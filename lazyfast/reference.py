@@ -406,8 +406,9 @@ def hadamard_gram_sum(d1, h1, d2=None, h2=None, h_scale=None, beta=None, *, mode
             gd = torch.einsum("aiw,bjw->ijab", d1[l], d2[l])
             term = gd * mh[:, :, None, None]
         else:
-            a = d1[l].permute(1, 0, 2).reshape(d1[l].shape[1], -1)
-            b = d2[l].permute(1, 0, 2).reshape(d2[l].shape[1], -1)
+            kw = d1[l].shape[0] * d1[l].shape[2]
+            a = d1[l].permute(1, 0, 2).reshape(d1[l].shape[1], kw)
+            b = d2[l].permute(1, 0, 2).reshape(d2[l].shape[1], kw)
             term = (a @ b.T) * mh / k
         out = term if out is None else out + term
     return out

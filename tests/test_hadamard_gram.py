@@ -142,3 +142,28 @@ def test_cuda_matches_cpu(dtype, mode, symmetric):
     cu = lambda ts: None if ts is None else [t.cuda() for t in ts]  # noqa: E731
     gpu = hadamard_gram_sum(cu(d1), cu(h1), cu(d2), cu(h2), h_scale=[0.5, 2.0], beta=[1.0, 0.0], mode=mode)
     assert_close_rel(gpu.cpu(), cpu, rtol=1e-10 if dtype == torch.float64 else 2e-5)
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+
+    @needs_ext
+    @settings(max_examples=40, deadline=None)
+    @given(k=st.integers(1, 3), n1=st.integers(0, 12), n2=st.integers(0, 12), layers=st.integers(1, 3),
+           ws=st.lists(st.integers(1, 9), min_size=3, max_size=3), vs=st.lists(st.integers(1, 9), min_size=3, max_size=3),
+           full=st.booleans(), symmetric=st.booleans(), seed=st.integers(0, 2**16))
+    def test_property_random_shapes(k, n1, n2, layers, ws, vs, full, symmetric, seed):
+        g = torch.Generator().manual_seed(seed)
+        d1, h1 = _factors(k, n1, ws[:layers], vs[:layers], torch.float64, "cpu", g)
+        d2, h2 = (None, None) if symmetric else _factors(k, n2, ws[:layers], vs[:layers], torch.float64, "cpu", g)
+        gam = [float(torch.rand((), generator=g)) for _ in range(layers)]
+        bet = [float(torch.rand((), generator=g)) for _ in range(layers)]
+        mode = "full" if full else "trace"
+        got = hadamard_gram_sum(d1, h1, d2, h2, h_scale=gam, beta=bet, mode=mode)
+        ref = reference.hadamard_gram_sum(d1, h1, d2, h2, gam, bet, mode=mode)
+        assert got.shape == ref.shape
+        assert_close_rel(got, ref, rtol=1e-12)

@@ -87,6 +87,14 @@ def test_empty_batch_and_errors():
         lazyfast.empirical_ntk(m, torch.randn(2, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="mlp"):
         mlp_ntk(torch.nn.Linear(4, 2), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="x2"):
+        mlp_ntk(m, torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x1"):
+        mlp_ntk(m, torch.randn(2, 4))  # float32 inputs, float64 model
+    with pytest.raises(ValueError, match="memory_budget"):
+        mlp_ntk(m, torch.randn(2, 4, dtype=torch.float64), memory_budget=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mlp_ntk(m, torch.randn(2, 4, dtype=torch.float64), chunk_size=0)
 
 
 def test_frozen_parameters_fall_back_to_generic():
