@@ -125,7 +125,8 @@ def ntk_ntkvp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = N
 
 
 # ----------------------------------------------------------------------------- JVP / VJP / NTK·v
-def _full_tangents(params: Params, tangents: Dict[str, torch.Tensor]) -> Tuple[Params, int]:
+def check_tangents(params: Params, tangents: Dict[str, torch.Tensor]) -> int:
+    """Validates a tangent dict (name → (T, *param.shape)) against ``params``; returns T."""
     if not isinstance(tangents, dict) or not tangents:
         raise TypeError("tangents must be a non-empty dict: parameter name -> tensor of shape (T, *param.shape)")
     unknown = sorted(set(tangents) - set(params))
@@ -145,6 +146,11 @@ def _full_tangents(params: Params, tangents: Dict[str, torch.Tensor]) -> Tuple[P
             T = t.shape[0]
         elif t.shape[0] != T:
             raise ValueError(f"tangents[{name!r}] has {t.shape[0]} tangents but others have {T}")
+    return T
+
+
+def _full_tangents(params: Params, tangents: Dict[str, torch.Tensor]) -> Tuple[Params, int]:
+    T = check_tangents(params, tangents)
     full = {n: tangents[n] if n in tangents else torch.zeros((T,) + p.shape, dtype=p.dtype, device=p.device)
             for n, p in params.items()}
     return full, T

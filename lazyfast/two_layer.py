@@ -235,25 +235,7 @@ def model_jvp(model: TwoLayer, x, tangents: Dict[str, torch.Tensor]):
     """:func:`two_layer_jvp` with tangents keyed by parameter name
     (``hidden.weight``, ``hidden.bias``, ``output.weight``) → (T, n, k)."""
     w = model_weights(model)
-    if not isinstance(tangents, dict) or not tangents:
-        raise TypeError("tangents must be a non-empty dict: parameter name -> tensor of shape (T, *param.shape)")
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tangents) - set(params))
-    if unknown:
-        raise ValueError(f"tangents has names that are not trainable parameters of the model: {unknown}; "
-                         f"expected a subset of {sorted(params)}")
-    T = None
-    for name, t in tangents.items():
-        p = params[name]
-        if not isinstance(t, torch.Tensor) or t.dim() != p.dim() + 1 or t.shape[1:] != p.shape:
-            raise ValueError(f"tangents[{name!r}] must have shape (T, {', '.join(map(str, p.shape))}), "
-                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dtype != p.dtype or t.device != p.device:
-            raise TypeError(f"tangents[{name!r}] must have the parameter's dtype/device ({p.dtype}, {p.device}), "
-                            f"got ({t.dtype}, {t.device})")
-        if T is not None and t.shape[0] != T:
-            raise ValueError(f"tangents[{name!r}] has {t.shape[0]} tangents but others have {T}")
-        T = t.shape[0]
+    reference.check_tangents(dict(model.named_parameters()), tangents)
     return two_layer_jvp(x, dA=tangents.get("hidden.weight"), dc=tangents.get("hidden.bias"),
                          dB=tangents.get("output.weight"), **w)
 

@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.nodeid.lower():
             item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for modules of tiny problems: several OpenMP threads on shared CI
+    cores are many times slower than one (use with pytest.mark.usefixtures)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -15,13 +15,7 @@ from lazyfast.train import TrainConfig, train
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread avoids oversubscription on shared CI cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(n=15, n_test=6, d=4, m=12, k=2, seed=0, bias=True):

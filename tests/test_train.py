@@ -12,12 +12,7 @@ from lazyfast.train import CheckpointError, TrainConfig, learning_rate, load_che
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=40, d=5, k=3, labels=False, dtype=F64, seed=0):
