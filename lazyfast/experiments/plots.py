@@ -1,0 +1,213 @@
+"""One PNG figure per experiment, drawn from the experiment's result dict (matplotlib, Agg).
+
+Each ``plot_<name>(result, path)`` writes ``path`` and returns it; :func:`plot` dispatches on
+``result["experiment"]``. The figures follow the layout of the paper's figures where the
+authors' plotting code says what it was.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_cover(res: dict, path: str) -> str:
+    runs = res["runs"]
+    fig, axes = plt.subplots(1, 1 + len(runs), figsize=(4.2 * (1 + len(runs)), 4))
+    ax = axes[0]
+    for r, c in zip(runs, ("C3", "C0", "C2", "C1")):
+        it = [i + 1 for i in r["curve_iters"]]
+        ax.semilogy(it, r["curve_train"], color=c, label=f"train, τ={r['tau']:g}")
+        ax.semilogy(it, r["curve_test"], color=c, ls="--", label=f"test, τ={r['tau']:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_title("Convergence")
+    ax.legend(fontsize=7)
+    t = [i * 2 * math.pi / 200 for i in range(201)]
+    for ax, r in zip(axes[1:], runs):
+        ax.plot([math.cos(v) for v in t], [math.sin(v) for v in t], ":", color="k", lw=0.8)
+        for (tx, ty), sgn in zip(res["teacher_directions"], res["teacher_signs"]):
+            ax.arrow(0, 0, tx, ty, head_width=0.06, length_includes_head=True,
+                     facecolor="C3" if sgn > 0 else "C0", edgecolor="k")
+        bx = 1.1
+        for path_j, sgn in zip(r["paths"], r["final_sign"]):
+            xs = [p[0] for p in path_j]
+            ys = [p[1] for p in path_j]
+            c = "C3" if sgn > 0 else "C0"
+            ax.plot(xs, ys, color=c, lw=1.0)
+            ax.scatter([xs[-1]], [ys[-1]], s=20, color=c, zorder=3)
+            bx = max(bx, 1.1 * max(max(abs(v) for v in xs), max(abs(v) for v in ys)))
+        ax.set_xlim(-bx, bx)
+        ax.set_ylim(-bx, bx)
+        ax.set_aspect("equal")
+        ax.axis("off")
+        kind = "lazy" if r["relative_change"] < 0.1 else "non-lazy"
+        ax.set_title(f"τ = {r['tau']:g} ({kind}): ‖Δw‖/‖w0‖ = {r['relative_change']:.3g}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_tau_sweep(res: dict, path: str) -> str:
+    s = res["summary"]
+    ss = 1000.0  # the authors' "for nicer yticks"
+    taus = s["taus"]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for mean, std, style, label in ((s["test_end_mean"], s["test_end_std"], "-", "end of training"),
+                                    (s["test_best_mean"], s["test_best_std"], ":", "best throughout training")):
+        ax.fill_between(taus, [ss * (m - d) for m, d in zip(mean, std)], [ss * (m + d) for m, d in zip(mean, std)],
+                        color=(0.85, 0.85, 0.85))
+        ax.plot(taus, [ss * m for m in mean], style, color="k", lw=2.5, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("τ")
+    ax.set_ylabel("Test loss (×1000)")
+    ax.set_title(f"m={res['config']['m']}, d={res['config']['d']}, n={res['config']['n_train']}, "
+                 f"{s['ntrials_done']} trial(s)", fontsize=9)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_population_sgd(res: dict, path: str) -> str:
+    s = res["summary"]
+    taus = s["taus"]
+    mean, std = s["normalized_mean"], s["normalized_std"]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.fill_between(taus, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                    color=(0.85, 0.85, 0.85))
+    ax.plot(taus, mean, "k", lw=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("τ")
+    ax.set_ylabel("Population loss at convergence (normalized)")
+    ax.set_title(f"m={res['config']['m']}, d={res['config']['d']}, {res['config']['niter']} SGD steps, "
+                 f"{s['ntrials_done']} trial(s)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_width_sweep(res: dict, path: str) -> str:
+    s = res["summary"]
+    ms = s["ms"]
+    ss = res["config"].get("plot_scale", 1.0)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for key, color, label in (("ntk", "k", "scaling 1/√m"), ("mean_field", (0.5, 0.5, 0.5), "scaling 1/m")):
+        for t in res["trials"]:
+            ax.plot(ms, [ss * v for v in t[key]["test_end"]], "o", color=color, ms=2)
+        ax.plot(ms, [ss * v for v in s[key]["test_end_mean"]], color=color, lw=2.5, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("m")
+    ax.set_ylabel(f"Test loss (×{ss:g})")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_rates(res: dict, path: str) -> str:
+    s = res["summary"]
+    alphas = s["alphas"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for key, marker, label in (("weight_change", "o", "sup‖w_α − w0‖"),
+                               ("prediction_gap", "s", "sup‖αh(w_α) − αh̄(w̄_α)‖"),
+                               ("lazy_linear_gap", "^", "sup‖w_α − w̄_α‖")):
+        ax.loglog(alphas, s[key], marker + "-", label=f"{label}: slope {s['slopes'][key]:.2f}")
+    a0 = alphas[0]
+    for p, st in ((-1, ":"), (-2, "--")):
+        ref = s["weight_change"][0] if p == -1 else s["lazy_linear_gap"][0]
+        ax.loglog(alphas, [ref * (a / a0) ** p for a in alphas], st, color="gray", lw=0.8)
+    ax.set_xlabel("α")
+    ax.set_title("Theorem 2.2 rates (grey: slopes −1, −2)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_kernel_equivalence(res: dict, path: str) -> str:
+    s = res["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    ax = axes[0]
+    t = s["times"]
+    ax.semilogy(t, s["kernel_flow_test"], "k-", lw=3, label="kernel gradient flow")
+    ax.semilogy(t, s["linearized_test"], "C1--", lw=2, label="linearized GD")
+    for a, curve in zip(s["alphas"], s["lazy_test"]):
+        ax.semilogy(t, curve, lw=1, label=f"lazy GD, α={a:g}")
+    ax.set_xlabel("time t = η·step")
+    ax.set_ylabel("test loss")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.loglog(s["alphas"], s["lazy_vs_kernel_gap"], "o-", label="sup_t ‖αh(w_α) − kernel flow‖ (test)")
+    ax.loglog(s["alphas"], [s["linearized_vs_kernel_gap"]] * len(s["alphas"]), "k:",
+              label="linearized vs kernel flow")
+    ax.set_xlabel("α")
+    ax.set_title(f"slope of the gap: {s['gap_slope']:.2f}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_cnn_alpha(res: dict, path: str) -> str:
+    s = res["summary"]
+    alphas = s["alphas"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    ax = axes[0]
+    ax.semilogx(alphas, s["test_acc"], "ko-", label="network")
+    ax.semilogx(alphas, s["frozen_pattern_acc"], "C0s--", label="frozen-pattern surrogate")
+    if any(v is not None for v in s.get("linearized_acc", [])):
+        xs = [a for a, v in zip(alphas, s["linearized_acc"]) if v is not None]
+        ax.semilogx(xs, [v for v in s["linearized_acc"] if v is not None], "C1^:", label="linearized model")
+    ax.set_xlabel("α")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    layers = list(s["stability"][0].keys()) if s["stability"] else []
+    for j, name in enumerate(layers):
+        ax.semilogx(alphas, [st[name] for st in s["stability"]], "o-", ms=3, color=plt.cm.viridis(j / max(1, len(layers) - 1)),
+                    label=name)
+    ax.set_xlabel("α")
+    ax.set_ylabel("stability of activations (%)")
+    ax.legend(fontsize=5, ncol=2)
+    ax = axes[2]
+    for a, curve in zip(alphas, s["train_loss_curves"]):
+        ax.semilogy(range(1, len(curve) + 1), curve, label=f"α={a:g}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss (scaled objective)")
+    ax.legend(fontsize=6)
+    fig.suptitle(f"VGG-11 on {res['summary']['dataset']}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_kernel_spectrum(res: dict, path: str) -> str:
+    s = res["summary"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for key, label in (("eigenvalues_images", s.get("dataset", "images")), ("eigenvalues_random", "random images")):
+        ev = s[key]
+        ax.loglog(range(1, len(ev) + 1), [e / ev[0] for e in ev], label=label)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("eigenvalue / largest")
+    ax.set_title(f"eNTK of centred VGG-11 at init, N={s['n']}", fontsize=9)
+    ax.legend()
+    return _save(fig, path)
+
+
+PLOTTERS = {
+    "cover": plot_cover,
+    "tau-sweep": plot_tau_sweep,
+    "population-sgd": plot_population_sgd,
+    "width-sweep": plot_width_sweep,
+    "rates": plot_rates,
+    "kernel-equivalence": plot_kernel_equivalence,
+    "cnn-alpha": plot_cnn_alpha,
+    "kernel-spectrum": plot_kernel_spectrum,
+}
+
+
+def plot(result: dict, out_dir: str) -> List[str]:
+    """Writes the figure of ``result`` into ``out_dir`` as ``<experiment>.png``; returns the paths."""
+    name = result["experiment"]
+    if name == "demo":
+        return [p for sub in result["parts"].values() for p in plot(sub, out_dir)]
+    return [PLOTTERS[name](result, os.path.join(out_dir, f"{name}.png"))]
