@@ -1,0 +1,443 @@
+"""Lazy (α-scaled) models, exact linearizations, and the authors' CNN surrogate.
+
+The paper (Chizat, Oyallon & Bach, §2) trains the scaled model αh(w) on the
+objective R(αh(w))/α². Lazy training needs h(w0) = 0; two ways to get it:
+
+* **centering** (:class:`LazyModel` with ``center=True``): h(w) = f(w, ·) − f(w0, ·)
+  with a frozen copy of the initial model, as in the authors' CNN code;
+* **symmetrized init** (``TwoLayer(..., symmetric=True)``): f(w0, ·) = 0 already,
+  so ``center=False`` needs no copy.
+
+:class:`Linearized` is the tangent model h̄(w) = f(w0, ·) + J(w0, ·)(w − w0): its
+forward is one JVP at w0 and its backward one VJP at w0, both through the public
+:func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp`, so fused kernels serve
+``TwoLayer`` (and MLPs) wherever they are compiled and ``torch.func`` serves any
+other module.
+
+:class:`FrozenPatternNet` is *not* the linearization: it is the authors' "lazy
+net" surrogate for CNNs (ReLU and max-pool masks of the initial network, current
+weights). It has the value and Jacobian of the network at w0 but differs from h̄
+at second order in w − w0.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lazyfast import ntk as _ntk
+from lazyfast._validation import check_input, check_module, check_positive_finite
+
+LOSSES = ("square", "cross_entropy")
+
+__all__ = [
+    "LazyModel", "Linearized", "FrozenPatternNet", "frozen_copy", "square_loss", "cross_entropy_loss",
+    "scaled_loss", "LOSSES",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode whose parameters do not require grad."""
+    check_module(model)
+    m0 = copy.deepcopy(model)
+    for p in m0.parameters():
+        p.requires_grad_(False)
+    return m0.eval()
+
+
+@contextmanager
+def _trainable(module: nn.Module, names: List[str]):
+    """Temporarily marks the (frozen) parameters ``names`` of ``module`` as requiring grad,
+    because the public JVP/VJP differentiate with respect to ``requires_grad=True``
+    parameters. Only used where autograd is not recording (inside ``autograd.Function``)."""
+    named = dict(module.named_parameters())
+    params = [named[n] for n in names]
+    old = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield module
+    finally:
+        for p, r in zip(params, old):
+            p.requires_grad_(r)
+
+
+def _check_loss_name(loss: str) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+# ----------------------------------------------------------------------------- losses
+def square_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """R(f) = (1/2n) Σ_i ‖f_i − y_i‖² (sum over outputs, mean over samples).
+
+    This is the normalization of DESIGN §1.4 and of the authors' two-layer code; with
+    it, full-batch gradient flow on a linear model is f_t = y + exp(−ηtK/n)(f_0 − y).
+
+    Args:
+        pred: (n, k) predictions. target: (n, k) targets, or (n,) integer class labels
+            (turned into one-hot targets, as the authors do for CIFAR).
+    """
+    target = _as_regression_target(pred, target, "target")
+    n = max(pred.shape[0], 1)
+    return 0.5 * (pred - target).pow(2).sum() / n
+
+
+def cross_entropy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``pred`` (n, k) against integer labels ``target`` (n,)."""
+    if target.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        if target.dim() != 1 or target.shape[0] != pred.shape[0]:
+            raise ValueError(f"target must have shape ({pred.shape[0]},) of class labels, got {tuple(target.shape)}")
+        return F.cross_entropy(pred, target.long())
+    raise TypeError(f"cross-entropy needs integer class labels as target, got dtype {target.dtype}")
+
+
+def _as_regression_target(pred: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if not target.is_floating_point():
+        if target.dim() != 1 or target.shape[0] != pred.shape[0]:
+            raise ValueError(f"{name} with integer labels must have shape ({pred.shape[0]},), got {tuple(target.shape)}")
+        return F.one_hot(target.long(), pred.shape[1]).to(pred.dtype)
+    if target.dim() == 1 and pred.dim() == 2 and pred.shape[1] == 1:
+        target = target.unsqueeze(1)
+    if target.shape != pred.shape:
+        raise ValueError(f"{name} must have the predictions' shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    return target
+
+
+def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, loss: str = "square") -> torch.Tensor:
+    """The paper's scaled objective R(α·h)/α², given ``pred = α·h`` (a :class:`LazyModel` output).
+
+    The 1/α² keeps the predictor dynamics of order one as α grows (paper §2).
+
+    Args:
+        pred: (n, k) the scaled output α·h(w, x).
+        target: (n, k) float targets or (n,) integer labels.
+        alpha: α, finite and > 0.
+        loss: ``"square"`` (:func:`square_loss`) or ``"cross_entropy"``.
+    """
+    alpha = check_positive_finite(alpha, "alpha")
+    _check_loss_name(loss)
+    r = square_loss(pred, target) if loss == "square" else cross_entropy_loss(pred, target)
+    return r / (alpha * alpha)
+
+
+# ----------------------------------------------------------------------------- linearized model
+class _LinearizedFunction(torch.autograd.Function):
+    """out = J(w0, x)·(w − w0), backward = J(w0, x)ᵀ·grad (exact VJP at w0)."""
+
+    @staticmethod
+    def forward(ctx, lin: "Linearized", x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        names = lin._names
+        model0 = lin.model0
+        tangents = {}
+        for name, p in zip(names, params):
+            p0 = lin._initial[name]
+            tangents[name] = (p - p0).unsqueeze(0)  # T = 1
+        with _trainable(model0, names):
+            out = _ntk.jvp(model0, x, tangents)[0]  # (n, k)
+        ctx.lin = lin
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        lin = ctx.lin
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("Linearized does not differentiate with respect to its input x; "
+                               "pass x with requires_grad=False")
+        with _trainable(lin.model0, lin._names):
+            grads = _ntk.vjp(lin.model0, x, grad_out.contiguous())
+        return (None, None) + tuple(grads[name] if ctx.needs_input_grad[2 + i] else None
+                                    for i, name in enumerate(lin._names))
+
+
+class Linearized(nn.Module):
+    r"""The tangent model h̄(w, x) = f(w0, x) + J(w0, x)(w − w0), trainable by any optimizer.
+
+    ``self.model`` holds the trainable parameters w (a deep copy of ``model``, starting
+    at w0); ``self.model0`` is a frozen copy at w0 (its parameters do not require grad).
+    The forward pass is one batched JVP at w0 with a single tangent w − w0, the backward
+    pass one VJP at w0, both through :func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp`,
+    so gradients are exact. The primal f(w0, x) is cached for the last ``cache_size``
+    input tensors (matched by identity and version, so in-place edits invalidate it):
+    full-batch training evaluates it once.
+
+    Only trainable parameters (``requires_grad=True``) of ``model`` are linearized;
+    frozen parameters and buffers stay fixed at their initial values. Inputs are
+    constants: gradients with respect to x are not provided.
+
+    Args:
+        model: a network mapping (n, ...) → (n, k); not modified.
+        cache_size: how many input batches keep their primal f(w0, x) cached (0 disables).
+
+    Shapes: input (n, ...) → output (n, k).
+    """
+
+    def __init__(self, model: nn.Module, *, cache_size: int = 2):
+        super().__init__()
+        check_module(model)
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be a non-negative int, got {cache_size!r}")
+        self.model = copy.deepcopy(model)
+        self._names: List[str] = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self._names:
+            raise ValueError("model has no trainable parameters (requires_grad=True) to linearize")
+        # Frozen copy at w0; only the parameters in ``_names`` are ever toggled on for the
+        # JVP/VJP, so parameters frozen in ``model`` stay constants of the linearization.
+        self.model0 = frozen_copy(model)
+        self.cache_size = cache_size
+        self._cache: List[tuple] = []
+        for attr in ("in_features", "out_features", "symmetric"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    @property
+    def _initial(self) -> Dict[str, torch.Tensor]:
+        return dict(self.model0.named_parameters())
+
+    def _w0_version(self) -> tuple:
+        # In-place writes to w0 (load_state_dict, copy_) bump these counters.
+        return tuple(p._version for p in self.model0.parameters())
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = []  # device/dtype moves invalidate the cached primals
+        return super()._apply(fn, *args, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Drops the cached primals f(w0, x)."""
+        self._cache = []
+
+    @torch.no_grad()
+    def primal(self, x: torch.Tensor) -> torch.Tensor:
+        """f(w0, x), (n, k), cached for the last ``cache_size`` input tensors."""
+        key = (x._version, self._w0_version())
+        for entry in self._cache:
+            if entry[0] is x and entry[1] == key:
+                return entry[2]
+        out = self.model0(x).reshape(x.shape[0], -1)
+        if self.cache_size:
+            self._cache = [(x, key, out)] + self._cache[: self.cache_size - 1]
+        return out
+
+    def tangent(self, x: torch.Tensor) -> torch.Tensor:
+        """J(w0, x)(w − w0), (n, k): the linearized model minus its value at w0."""
+        check_input(x, "x", self.model0)
+        params = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        if len(params) != len(self._names):
+            raise RuntimeError("the set of trainable parameters of Linearized.model changed after construction")
+        return _LinearizedFunction.apply(self, x, *params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h̄(w, x) = f(w0, x) + J(w0, x)(w − w0): (n, ...) → (n, k)."""
+        check_input(x, "x", self.model0)
+        return self.primal(x) + self.tangent(x)
+
+    def extra_repr(self) -> str:
+        return f"trainable={len(self._names)} tensors, cache_size={self.cache_size}"
+
+
+# ----------------------------------------------------------------------------- lazy model
+class LazyModel(nn.Module):
+    r"""The α-scaled model of the paper: output α·h(w, x).
+
+    With ``center=True`` (default), h(w, x) = f(w, x) − f(w0, x) where f(w0, ·) is a
+    frozen deep copy of the initial model (parameters not trainable): h(w0) = 0 for any
+    architecture, the authors' CNN trick. With ``center=False``, h = f and the model
+    must already vanish at w0: this is accepted only for models built with the
+    symmetrized init (``TwoLayer(..., symmetric=True)``, ``symmetric`` attribute True),
+    whose output at init is zero up to round-off. When ``model`` is a
+    :class:`Linearized`, centering uses its tangent part J(w0)(w − w0) directly (no copy,
+    and no cancellation of α·f(w0) against itself).
+
+    Train on :func:`scaled_loss` (R(α h)/α²) or :meth:`loss`.
+
+    Args:
+        model: the network f; trained in place (``self.model`` is ``model``).
+        alpha: α, finite and > 0.
+        center: subtract the frozen initial model (see above).
+
+    Shapes: input (n, ...) → output (n, k).
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, *, center: bool = True):
+        super().__init__()
+        check_module(model)
+        self.alpha = check_positive_finite(alpha, "alpha")
+        if not isinstance(center, bool):
+            raise TypeError(f"center must be a bool, got {type(center).__name__}")
+        self.model = model
+        self.center = center
+        self.model0: Optional[nn.Module] = None
+        if center and not isinstance(model, Linearized):
+            self.model0 = frozen_copy(model)
+        if not center and not getattr(model, "symmetric", False):
+            raise ValueError("center=False needs a model whose output at init is zero, i.e. built with the "
+                             "symmetrized init (e.g. TwoLayer(..., symmetric=True)); use center=True "
+                             "to subtract a frozen copy of the initial model instead")
+        for attr in ("in_features", "out_features"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def h(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled centered model h(w, x): (n, ...) → (n, k)."""
+        if self.center and isinstance(self.model, Linearized):
+            return self.model.tangent(x)
+        out = self.model(x)
+        if self.center:
+            with torch.no_grad():
+                out0 = self.model0(x)
+            out = out - out0
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """α·h(w, x): (n, ...) → (n, k)."""
+        return self.alpha * self.h(x)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, loss: str = "square") -> torch.Tensor:
+        """The scaled objective R(α h(w, x))/α² on a batch."""
+        return scaled_loss(self(x), target, self.alpha, loss)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, center={self.center}"
+
+
+# ----------------------------------------------------------------------------- CNN surrogate
+_LINEAR_LAYERS = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+
+
+class FrozenPatternNet(nn.Module):
+    r"""The authors' "lazy net" **surrogate** for CNNs — not the exact linearization.
+
+    For each input, the frozen initial network records its ReLU on/off masks and its
+    max-pool argmax positions; the *current* weights are then applied with those masks
+    fixed (a gated-linear network), and the output is centered like the authors':
+    α·(FC(masked features(x)) − FC0(features0(x))). It shares the value and the Jacobian
+    of the network at w0 but differs from :class:`Linearized` by O(‖w − w0‖²), so it
+    tracks the linearized model only in the lazy regime.
+
+    Supports VGG-style models: ``model.features`` an ``nn.Sequential`` of Conv2d, ReLU,
+    MaxPool2d and linear layers (AvgPool2d, Flatten, Identity), and ``model.classifier``
+    an ``nn.Linear`` (or a Sequential of such layers and ReLUs) applied to the flattened
+    features.
+
+    Args:
+        model: the network with the *current* weights; used by reference (not copied), so
+            the surrogate follows a model being trained (e.g. ``LazyModel.model``).
+        initial: the frozen network at w0; None takes a frozen copy of ``model`` now.
+        alpha: output scale α (finite, > 0).
+
+    Shapes: input (n, C, H, W) → output (n, k).
+    """
+
+    def __init__(self, model: nn.Module, initial: Optional[nn.Module] = None, *, alpha: float = 1.0):
+        super().__init__()
+        check_module(model)
+        for name in ("features", "classifier"):
+            if not hasattr(model, name):
+                raise TypeError(f"model must have a `{name}` attribute (VGG-style features + classifier)")
+        self.alpha = check_positive_finite(alpha, "alpha")
+        self._check_layers(model)
+        self.model = model
+        self.initial = frozen_copy(model) if initial is None else initial
+        if initial is not None:
+            check_module(initial, "initial")
+            self._check_layers(initial)
+            if len(initial.features) != len(model.features):
+                raise ValueError("initial must have the same architecture as model")
+
+    @staticmethod
+    def _layers(seq):
+        return list(seq) if isinstance(seq, nn.Sequential) else [seq]
+
+    def _check_layers(self, model):
+        if not isinstance(model.features, nn.Sequential):
+            raise TypeError("model.features must be an nn.Sequential")
+        for part in (model.features, model.classifier):
+            for layer in self._layers(part):
+                if not isinstance(layer, _LINEAR_LAYERS + (nn.ReLU, nn.MaxPool2d, nn.Dropout)):
+                    raise TypeError(f"FrozenPatternNet does not support layer {type(layer).__name__}: only Conv2d, "
+                                    "Linear, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity")
+
+    @staticmethod
+    def _run_initial(layers, h, patterns):
+        """Runs the frozen layers, recording ReLU masks and max-pool indices."""
+        for layer in layers:
+            if isinstance(layer, nn.ReLU):
+                mask = h > 0
+                patterns.append(mask)
+                h = h * mask
+            elif isinstance(layer, nn.MaxPool2d):
+                h, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                                      ceil_mode=layer.ceil_mode, return_indices=True)
+                patterns.append(idx)
+            elif isinstance(layer, nn.Dropout):
+                continue
+            else:
+                h = layer(h)
+        return h
+
+    @staticmethod
+    def _run_masked(layers, h, patterns, it):
+        for layer in layers:
+            if isinstance(layer, nn.ReLU):
+                h = h * next(it)
+            elif isinstance(layer, nn.MaxPool2d):
+                idx = next(it)
+                h = h.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+            elif isinstance(layer, nn.Dropout):
+                continue
+            else:
+                h = layer(h)
+        return h
+
+    def patterns(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """ReLU masks and max-pool indices of the initial network on x, and its output."""
+        pats: List[torch.Tensor] = []
+        with torch.no_grad():
+            h = self._run_initial(self._layers(self.initial.features), x, pats)
+            out0 = self._run_initial(self._layers(self.initial.classifier), h.flatten(1), pats)
+        return pats, out0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """α·(FC(current weights, initial masks)(x) − FC0(net0(x))): (n, C, H, W) → (n, k)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a tensor of shape (n, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_input(x, "x", self.model)
+        pats, out0 = self.patterns(x)
+        it = iter(pats)
+        h = self._run_masked(self._layers(self.model.features), x, pats, it)
+        out = self._run_masked(self._layers(self.model.classifier), h.flatten(1), pats, it)
+        return self.alpha * (out - out0)
+
+    @torch.no_grad()
+    def stability(self, x: torch.Tensor) -> Dict[str, float]:
+        """The authors' "stability of activations" of the current network on x.
+
+        For each ReLU layer, the fraction of units (over n·C·H·W) whose on/off state equals
+        the state in the initial network; for each max-pool, the fraction of pooled outputs
+        whose argmax position is unchanged. Keys ``relu{i}`` / ``maxpool{i}`` in layer order.
+        """
+        pats0, _ = self.patterns(x)
+        pats: List[torch.Tensor] = []
+        h = self._run_initial(self._layers(self.model.features), x, pats)
+        self._run_initial(self._layers(self.model.classifier), h.flatten(1), pats)
+        out, n_relu, n_pool = {}, 0, 0
+        for p0, p in zip(pats0, pats):
+            agree = float((p0 == p).double().mean()) if p.numel() else 1.0
+            if p.dtype == torch.bool:
+                out[f"relu{n_relu}"] = agree
+                n_relu += 1
+            else:
+                out[f"maxpool{n_pool}"] = agree
+                n_pool += 1
+        return out
