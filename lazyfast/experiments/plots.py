@@ -111,19 +111,22 @@ def plot_width_sweep(res: dict, path: str) -> str:
 
 def plot_rates(res: dict, path: str) -> str:
     s = res["summary"]
+    labels = {"weight_change": "sup‖w_α − w0‖", "output_gap": "sup‖αh(w_α) − αh̄(w̄_α)‖",
+              "param_gap": "sup‖w_α − w̄_α‖"}
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for si, ser in enumerate(res["series"]):
+        st = ser["setting"]
+        for j, (key, marker) in enumerate(zip(labels, "os^")):
+            ax.loglog(ser["alphas"], ser["curves"][key], marker + ("-" if si == 0 else "--"), color=f"C{j}",
+                      ms=4, alpha=1.0 if si == 0 else 0.5,
+                      label=f"{labels[key]} [{st['activation']}, {st['init']}]: slope {ser['slopes'][key]:.2f}")
     alphas = s["alphas"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for key, marker, label in (("weight_change", "o", "sup‖w_α − w0‖"),
-                               ("prediction_gap", "s", "sup‖αh(w_α) − αh̄(w̄_α)‖"),
-                               ("lazy_linear_gap", "^", "sup‖w_α − w̄_α‖")):
-        ax.loglog(alphas, s[key], marker + "-", label=f"{label}: slope {s['slopes'][key]:.2f}")
-    a0 = alphas[0]
-    for p, st in ((-1, ":"), (-2, "--")):
-        ref = s["weight_change"][0] if p == -1 else s["lazy_linear_gap"][0]
-        ax.loglog(alphas, [ref * (a / a0) ** p for a in alphas], st, color="gray", lw=0.8)
+    for key, p in (("weight_change", -1), ("param_gap", -2)):
+        ref = s[key][0]
+        ax.loglog(alphas, [ref * (a / alphas[0]) ** p for a in alphas], ":", color="gray", lw=0.8)
     ax.set_xlabel("α")
-    ax.set_title("Theorem 2.2 rates (grey: slopes −1, −2)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title("Theorem 2.2 rates (dotted grey: slopes −1 and −2)", fontsize=9)
+    ax.legend(fontsize=6)
     return _save(fig, path)
 
 
