@@ -18,3 +18,17 @@ __all__ = [
     "backend_info", "cuda_version", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",
     "TwoLayer", "MLP", "vgg11", "resnet18", "reference", "__version__",
 ]
+
+# Lazy / linearized training engine (issue 5).
+# `lazyfast.train` stays the module (train loop: lazyfast.train.train); exporting the function
+# under the same name would shadow it for `import lazyfast.train as t`.
+from lazyfast import diagnostics, solvers, train  # noqa: E402
+from lazyfast.lazy import FrozenPatternNet, LazyModel, Linearized, scaled_loss, square_loss  # noqa: E402
+from lazyfast.solvers import KernelGradientFlow, kernel_gradient_flow, kernel_regression_cg  # noqa: E402
+from lazyfast.train import CheckpointError, TrainConfig  # noqa: E402
+
+__all__ += [
+    "LazyModel", "Linearized", "FrozenPatternNet", "scaled_loss", "square_loss", "KernelGradientFlow",
+    "kernel_gradient_flow", "kernel_regression_cg", "TrainConfig", "CheckpointError", "diagnostics", "solvers",
+    "train",
+]
