@@ -125,10 +125,11 @@ class RunStore:
         return self._runs[key]
 
     def put(self, key: str, result: Any) -> None:
+        result = json_safe(result)
         self._runs[key] = result
         if self.path is None:
             return
-        line = json.dumps({"key": key, "result": result}) + "\n"
+        line = json.dumps({"key": key, "result": result}, allow_nan=False) + "\n"
         d = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(d, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
@@ -140,9 +141,8 @@ class RunStore:
         """The stored result for ``key``, or ``fn()`` computed now and appended."""
         if key in self._runs:
             return self._runs[key]
-        result = fn()
-        self.put(key, result)
-        return result
+        self.put(key, fn())
+        return self._runs[key]
 
 
 # ----------------------------------------------------------------------------- progress
@@ -212,11 +212,33 @@ def loglog_slope(x: List[float], y: List[float]) -> float:
 
 
 def mean_std(rows: List[List[float]]):
-    """Column mean and sample std (ddof=1; 0 with one row) of a list of equal-length rows."""
-    t = torch.tensor(rows, dtype=torch.float64)
-    mean = t.mean(0)
-    std = t.std(0, unbiased=True) if t.shape[0] > 1 else torch.zeros_like(mean)
+    """Column mean and sample std (ddof=1; 0 with one value) of a list of equal-length rows,
+    ignoring non-finite entries (diverged runs; None reads as NaN); NaN where no entry is finite."""
+    t = torch.tensor([[float("nan") if v is None else v for v in r] for r in rows], dtype=torch.float64)
+    ok = torch.isfinite(t)
+    cnt = ok.sum(0)
+    z = torch.where(ok, t, torch.zeros_like(t))
+    mean = z.sum(0) / cnt.clamp_min(1)
+    var = (torch.where(ok, t - mean, torch.zeros_like(t)) ** 2).sum(0) / (cnt - 1).clamp_min(1)
+    mean = torch.where(cnt > 0, mean, torch.full_like(mean, float("nan")))
+    std = torch.where(cnt > 1, var.sqrt(), torch.zeros_like(mean))
     return mean.tolist(), std.tolist()
+
+
+def count_nonfinite(rows: List[List[float]]) -> List[int]:
+    """Per column, how many rows hold a non-finite value (e.g. diverged runs)."""
+    return [sum(1 for r in rows if r[i] is None or not math.isfinite(r[i])) for i in range(len(rows[0]))] if rows else []
+
+
+def json_safe(obj):
+    """``obj`` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def log_indices(n: int, k: int = 100) -> List[int]:

@@ -177,7 +177,7 @@ def plot_cnn_alpha(res: dict, path: str) -> str:
     for a, curve in zip(alphas, s["train_loss_curves"]):
         ax.semilogy(range(1, len(curve) + 1), curve, label=f"α={a:g}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss (scaled objective)")
+    ax.set_ylabel("train loss MSE(αh, onehot)")
     ax.legend(fontsize=6)
     fig.suptitle(f"VGG-11 on {res['summary']['dataset']}", fontsize=10)
     return _save(fig, path)

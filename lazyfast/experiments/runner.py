@@ -49,7 +49,7 @@ def reproduce(name: str, preset: str = "quick", out: Optional[str] = None, *, pl
         result["files"] = [os.path.relpath(p, out) for p in files]
         tmp = os.path.join(out, RESULTS_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+            json.dump(common.json_safe(result), f, indent=1, allow_nan=False)
         os.replace(tmp, os.path.join(out, RESULTS_FILE))
     return result
 
