@@ -259,7 +259,7 @@ def summarize(cfg: Config, runs: dict, lin: dict, dataset: str) -> dict:
 def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -> dict:
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     data = load_data(cfg)  # fails early, with how-to, when the dataset is missing
     fp = common.fingerprint(cfg, exclude=("alphas", "lrs", "linearized", "show_progress", "device",
                                           "eval_batch_size"))

@@ -121,6 +121,9 @@ class RunStore:
     def __len__(self) -> int:
         return len(self._runs)
 
+    def __bool__(self) -> bool:  # an empty store is still a store (`store or default` must not drop it)
+        return True
+
     def get(self, key: str):
         return self._runs[key]
 

@@ -110,7 +110,7 @@ def _run(cfg: Config) -> dict:
 def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -> dict:
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     res = store.run(f"{NAME}/{common.fingerprint(cfg, exclude=('show_progress', 'device'))}", lambda: _run(cfg))
     summary = {f"tau={r['tau']:g}": {k: r[k] for k in ("relative_change", "teacher_alignment", "train_init",
                                                      "train_end", "test_end")} for r in res["runs"]}

@@ -60,7 +60,7 @@ def _checks(parts: dict) -> list:
 def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -> dict:
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     common_over = {"dtype": cfg.dtype, "device": cfg.device, "show_progress": cfg.show_progress, "seed": cfg.seed}
     parts, seconds = {}, {}
     for mod in (cover, tau_sweep, rates):

@@ -111,6 +111,6 @@ def _run(cfg: Config) -> dict:
 def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -> dict:
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     res = store.run(f"{NAME}/{common.fingerprint(cfg, exclude=('show_progress', 'device'))}", lambda: _run(cfg))
     return {"experiment": NAME, "config": common.config_dict(cfg), "summary": res}

@@ -131,7 +131,7 @@ def summarize(cfg: Config, trials: List[dict]) -> dict:
 def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -> dict:
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     fp = common.fingerprint(cfg, exclude=("ntrials", "show_progress", "device"))
     trials = []
     for k in common.progress(range(cfg.ntrials), desc=f"{NAME} trials", enabled=cfg.show_progress):

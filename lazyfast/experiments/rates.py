@@ -72,7 +72,7 @@ def _run_series(cfg: Config, setting: dict) -> dict:
 def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -> dict:
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     fp = common.fingerprint(cfg, exclude=("show_progress", "extra_series", "device"))
     series = []
     for s in common.progress(_series(cfg), desc=f"{NAME} settings", enabled=cfg.show_progress):

@@ -141,7 +141,7 @@ def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -
     """Runs (or resumes) the sweep; returns per-trial results and the summary."""
     cfg = cfg or Config.quick()
     cfg.validate()
-    store = store or common.RunStore()
+    store = common.RunStore() if store is None else store
     fp = common.fingerprint(cfg, exclude=("ntrials", "show_progress", "device"))
     trials = []
     for k in common.progress(range(cfg.ntrials), desc=f"{NAME} trials", enabled=cfg.show_progress):
