@@ -16,6 +16,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _nan(v):
+    """None (a diverged run, written as JSON null) → NaN, which matplotlib leaves out."""
+    return float("nan") if v is None else v
+
+
+def _scaled(values, scale):
+    return [scale * _nan(v) for v in values]
+
+
 def _save(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -100,8 +109,8 @@ def plot_width_sweep(res: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     for key, color, label in (("ntk", "k", "scaling 1/√m"), ("mean_field", (0.5, 0.5, 0.5), "scaling 1/m")):
         for t in res["trials"]:
-            ax.plot(ms, [ss * v for v in t[key]["test_end"]], "o", color=color, ms=2)
-        ax.plot(ms, [ss * v for v in s[key]["test_end_mean"]], color=color, lw=2.5, label=label)
+            ax.plot(ms, _scaled(t[key]["test_end"], ss), "o", color=color, ms=2)
+        ax.plot(ms, _scaled(s[key]["test_end_mean"], ss), color=color, lw=2.5, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("m")
     ax.set_ylabel(f"Test loss (×{ss:g})")
@@ -175,7 +184,7 @@ def plot_cnn_alpha(res: dict, path: str) -> str:
     ax.legend(fontsize=5, ncol=2)
     ax = axes[2]
     for a, curve in zip(alphas, s["train_loss_curves"]):
-        ax.semilogy(range(1, len(curve) + 1), curve, label=f"α={a:g}")
+        ax.semilogy(range(1, len(curve) + 1), [_nan(v) for v in curve], label=f"α={a:g}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss MSE(αh, onehot)")
     ax.legend(fontsize=6)
