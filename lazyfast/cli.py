@@ -103,7 +103,8 @@ def _add_reproduce(sub) -> None:
     pr.add_argument("--data-dir", dest="data_dir", default=None,
                     help="cnn-alpha / kernel-spectrum: CIFAR-10 python-version batches (default: Fashion-MNIST "
                          "from /usr/share/datasets/fashion-mnist)")
-    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the two-layer experiments and the demo, "
+                                                          "torch's default for the CNN ones)")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override any config option, e.g. --set ntrials=3 --set 'taus=[0.1,1]'")
     pr.set_defaults(func=_cmd_reproduce)

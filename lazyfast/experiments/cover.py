@@ -20,6 +20,7 @@ from lazyfast.experiments import common
 from lazyfast.experiments.shallow import generator_for, relative_change, relu_net_gd, teacher_alignment
 
 NAME = "cover"
+DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass

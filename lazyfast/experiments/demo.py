@@ -9,6 +9,7 @@ from typing import Optional
 from lazyfast.experiments import common, cover, rates, tau_sweep
 
 NAME = "demo"
+DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass

@@ -23,6 +23,7 @@ from lazyfast.data import teacher_student
 from lazyfast.experiments import common
 
 NAME = "kernel-equivalence"
+DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass

@@ -23,6 +23,7 @@ from lazyfast.experiments.shallow import (gaussian_init, generator_for, log_grid
                                           relu_net_population_sgd)
 
 NAME = "population-sgd"
+DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 def _paper_taus():

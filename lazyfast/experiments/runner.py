@@ -25,14 +25,20 @@ def reproduce(name: str, preset: str = "quick", out: Optional[str] = None, *, pl
               threads: Optional[int] = None, **overrides) -> Dict[str, Any]:
     """Runs (or resumes) experiment ``name`` and returns its result dict.
 
+    ``threads``: torch CPU threads; None uses the experiment's ``DEFAULT_THREADS`` (1 for the small
+    two-layer experiments and the demo) or else leaves torch's setting.
+
     With ``out``, finished runs are appended to ``out/runs.jsonl`` (a rerun skips them), the
     result is written to ``out/results.json`` and the figure(s) to ``out/<name>.png``; the paths
     are listed under ``result["files"]``.
     """
+    module = get(name)
+    if threads is None:
+        # small problems: one thread (more only adds OpenMP contention, badly so on a busy CPU)
+        threads = getattr(module, "DEFAULT_THREADS", None)
     if threads is not None:
         common.check_positive(threads, "threads", integer=True)
         torch.set_num_threads(threads)
-    module = get(name)
     cfg = common.make_config(module.Config, preset, **overrides)
     store = common.RunStore(os.path.join(out, RUNS_FILE) if out else None)
     t0 = time.perf_counter()

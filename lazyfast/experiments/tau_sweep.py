@@ -21,6 +21,7 @@ from lazyfast.experiments.shallow import (gaussian_init, generator_for, log_grid
                                           teacher_alignment)
 
 NAME = "tau-sweep"
+DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass

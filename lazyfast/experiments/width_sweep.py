@@ -21,6 +21,7 @@ from lazyfast.experiments import common
 from lazyfast.experiments.shallow import gaussian_init, generator_for, relative_change, relu_net_gd
 
 NAME = "width-sweep"
+DEFAULT_THREADS = 1  # see runner.reproduce
 SCALINGS = ("ntk", "mean_field")
 
 
