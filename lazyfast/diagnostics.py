@@ -226,6 +226,9 @@ def lazy_linearized_gap(lazy: nn.Module, linearized: nn.Module, x: torch.Tensor)
 
 
 # ----------------------------------------------------------------------------- Theorem 2.2
+RATE_CHECK_INITS = ("centered", "symmetric", "uncentered")
+
+
 def _fit_slope(alphas: Sequence[float], values: Sequence[float]) -> float:
     la = torch.tensor([math.log(a) for a in alphas], dtype=torch.float64)
     lv = torch.tensor([math.log(max(v, 1e-300)) for v in values], dtype=torch.float64)
@@ -251,6 +254,9 @@ def rate_check(alphas: Sequence[float] = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
       kernel cancels between each neuron and its mirror (their gradients are equal for
       the output weights and opposite for the input weights), so the output gap decays
       like α⁻², faster than the theorem's O(α⁻¹) bound; the other two rates are unchanged.
+    * ``"uncentered"``: i.i.d. init and no centering, so h(w0) ≠ 0 — outside the theorem.
+      The predictor starts at αf(w0), O(α) away from the targets, the weights move by O(1)
+      and the rates visibly fail (weight-change slope near 0 instead of −1): a control.
 
     Along the paths it records the sup over steps of
 
@@ -271,7 +277,7 @@ def rate_check(alphas: Sequence[float] = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
         activation: any ``TwoLayer`` activation.
         steps, lr: gradient-descent steps and step size.
         seed: seeds the data (teacher–student on the sphere) and the init.
-        init: ``"centered"`` or ``"symmetric"`` (see above).
+        init: ``"centered"``, ``"symmetric"`` or ``"uncentered"`` (see above).
         dtype: float64 by default (the gaps fall to ~1/α² of O(1) quantities).
         num_threads: torch threads during the run (1 by default: the problem is tiny and
             more threads only add synchronization cost); None leaves the setting alone.
@@ -290,8 +296,8 @@ def rate_check(alphas: Sequence[float] = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     lr = check_positive_finite(lr, "lr")
-    if init not in ("centered", "symmetric"):
-        raise ValueError(f"init must be 'centered' or 'symmetric', got {init!r}")
+    if init not in RATE_CHECK_INITS:
+        raise ValueError(f"init must be one of {RATE_CHECK_INITS}, got {init!r}")
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -299,6 +305,17 @@ def rate_check(alphas: Sequence[float] = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
         return _rate_check(alphas, n, d, m, k, activation, init, steps, lr, seed, dtype)
     finally:
         torch.set_num_threads(old_threads)
+
+
+class _Uncentered(nn.Module):
+    """α·f(w, x) with no centering (h(w0) ≠ 0): the control case of :func:`rate_check`."""
+
+    def __init__(self, model: nn.Module, alpha: float):
+        super().__init__()
+        self.model, self.alpha = model, alpha
+
+    def forward(self, x):
+        return self.alpha * self.model(x)
 
 
 def _rate_check(alphas, n, d, m, k, activation, init, steps, lr, seed, dtype):
@@ -314,8 +331,12 @@ def _rate_check(alphas, n, d, m, k, activation, init, steps, lr, seed, dtype):
     curves: Dict[str, List[float]] = {"weight_change": [], "output_gap": [], "param_gap": []}
     final_loss: List[float] = []
     for alpha in alphas:
-        lazy = LazyModel(copy.deepcopy(net0), alpha, center=not symmetric)
-        lin = LazyModel(Linearized(net0), alpha, center=True)  # α·J(w0)(w − w0)
+        if init == "uncentered":
+            lazy = _Uncentered(copy.deepcopy(net0), alpha)
+            lin = _Uncentered(Linearized(net0), alpha)  # α·(f(w0) + J(w0)(w − w0))
+        else:
+            lazy = LazyModel(copy.deepcopy(net0), alpha, center=not symmetric)
+            lin = LazyModel(Linearized(net0), alpha, center=True)  # α·J(w0)(w − w0)
         w_lazy = list(lazy.model.parameters())
         w_lin = [p for p in lin.model.model.parameters()]
         w0 = [p.detach().clone() for p in net0.parameters()]
@@ -342,8 +363,8 @@ def _rate_check(alphas, n, d, m, k, activation, init, steps, lr, seed, dtype):
             curves[key].append(sup[key])
     slopes = {key: _fit_slope(alphas, vals) for key, vals in curves.items()}
     return {"alphas": alphas, "slopes": slopes, "curves": curves, "final_loss": final_loss,
-            "settings": {"n": n, "d": d, "m": m, "k": k, "activation": activation, "init": init, "steps": steps, "lr": lr,
-                         "seed": seed, "dtype": str(dtype)}}
+            "settings": {"n": n, "d": d, "m": m, "k": k, "activation": activation, "init": init, "steps": steps,
+                         "lr": lr, "seed": seed, "dtype": str(dtype)}}
 
 
 def _list_dist(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

@@ -9,10 +9,11 @@ objective R(αh(w))/α². Lazy training needs h(w0) = 0; two ways to get it:
   so ``center=False`` needs no copy.
 
 :class:`Linearized` is the tangent model h̄(w) = f(w0, ·) + J(w0, ·)(w − w0): its
-forward is one JVP at w0 and its backward one VJP at w0, both through the public
-:func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp`, so fused kernels serve
-``TwoLayer`` (and MLPs) wherever they are compiled and ``torch.func`` serves any
-other module.
+forward is one JVP at w0 and its backward one VJP at w0 — either through the public
+:func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp` (fused kernels serve ``TwoLayer``
+and MLPs wherever they are compiled, ``torch.func`` any other module), or, for a batch
+that is reused (full-batch training), through autograd graphs of the linearization at
+w0 kept in memory, which makes a step cost about as much as a standard training step.
 
 :class:`FrozenPatternNet` is *not* the linearization: it is the authors' "lazy
 net" surrogate for CNNs (ReLU and max-pool masks of the initial network, current
@@ -28,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from lazyfast import ntk as _ntk
 from lazyfast._validation import check_input, check_module, check_positive_finite
@@ -35,8 +37,8 @@ from lazyfast._validation import check_input, check_module, check_positive_finit
 LOSSES = ("square", "cross_entropy")
 
 __all__ = [
-    "LazyModel", "Linearized", "FrozenPatternNet", "frozen_copy", "square_loss", "cross_entropy_loss",
-    "scaled_loss", "LOSSES",
+    "LINEARIZED_IMPLEMENTATIONS", "LazyModel", "Linearized", "FrozenPatternNet", "frozen_copy", "square_loss",
+    "cross_entropy_loss", "scaled_loss", "LOSSES",
 ]
 
 
@@ -103,7 +105,8 @@ def _as_regression_target(pred: torch.Tensor, target: torch.Tensor, name: str) -
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     if not target.is_floating_point():
         if target.dim() != 1 or target.shape[0] != pred.shape[0]:
-            raise ValueError(f"{name} with integer labels must have shape ({pred.shape[0]},), got {tuple(target.shape)}")
+            raise ValueError(f"{name} with integer labels must have shape ({pred.shape[0]},), "
+                             f"got {tuple(target.shape)}")
         return F.one_hot(target.long(), pred.shape[1]).to(pred.dtype)
     if target.dim() == 1 and pred.dim() == 2 and pred.shape[1] == 1:
         target = target.unsqueeze(1)
@@ -130,34 +133,95 @@ def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, lo
 
 
 # ----------------------------------------------------------------------------- linearized model
+LINEARIZED_IMPLEMENTATIONS = ("auto", "cached", "ntk")
+
+
+class _CachedLinearization:
+    """J(w0, x) for one fixed input batch, as reusable autograd graphs (generic, any module).
+
+    Built once per batch: the forward at w0 with autograd on, and its backward with
+    ``create_graph=True`` as a function of a dummy cotangent u (g(u) = J(w0, x)ᵀu is
+    linear in u). Then, every training step,
+
+    * VJP: J(w0, x)ᵀr = backprop of the stored forward graph (one backward pass);
+    * JVP: J(w0, x)δ = ∂⟨g(u), δ⟩/∂u, the backprop of the stored backward graph
+      (the "double-VJP" trick) — no forward pass at w0 is recomputed.
+
+    So a step costs about one forward and one backward pass, like a standard step, at the
+    price of keeping the activations at w0 of this batch in memory.
+    """
+
+    def __init__(self, model0: nn.Module, names: List[str], x: torch.Tensor):
+        named = dict(model0.named_parameters())
+        self.w0 = [named[n].detach().requires_grad_(True) for n in names]
+        with torch.enable_grad():
+            out = functional_call(model0, dict(zip(names, self.w0)), (x,), strict=False)
+            out = out.reshape(x.shape[0], -1)
+            self.u = torch.zeros_like(out, requires_grad=True)
+            g = torch.autograd.grad(out, self.w0, grad_outputs=self.u, create_graph=True, allow_unused=True)
+        self.out = out
+        self.primal = out.detach()
+        # keep the entries of g that depend on u (a parameter unused by the forward has none)
+        self.g_index = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        self.g = [g[i] for i in self.g_index]
+
+    def jvp(self, deltas: List[torch.Tensor]) -> torch.Tensor:
+        if not self.g:
+            return torch.zeros_like(self.primal)
+        with torch.enable_grad():
+            (res,) = torch.autograd.grad(self.g, self.u, grad_outputs=[deltas[i] for i in self.g_index],
+                                         retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.primal) if res is None else res
+
+    def vjp(self, r: torch.Tensor) -> List[torch.Tensor]:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.out, self.w0, grad_outputs=r, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(self.w0, grads)]
+
+
 class _LinearizedFunction(torch.autograd.Function):
-    """out = J(w0, x)·(w − w0), backward = J(w0, x)ᵀ·grad (exact VJP at w0)."""
+    """out = J(w0, x)·(w − w0), backward = J(w0, x)ᵀ·grad (exact VJP at w0).
+
+    ``cached`` is a :class:`_CachedLinearization` of this batch, or None to go through the
+    public :func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp` (fused kernels where compiled).
+    """
 
     @staticmethod
-    def forward(ctx, lin: "Linearized", x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, lin: "Linearized", x: torch.Tensor, cached: Optional[_CachedLinearization],
+                *params: torch.Tensor) -> torch.Tensor:
         names = lin._names
-        model0 = lin.model0
-        tangents = {}
-        for name, p in zip(names, params):
-            p0 = lin._initial[name]
-            tangents[name] = (p - p0).unsqueeze(0)  # T = 1
-        with _trainable(model0, names):
-            out = _ntk.jvp(model0, x, tangents)[0]  # (n, k)
-        ctx.lin = lin
+        initial = lin._initial
+        deltas = [p - initial[name] for name, p in zip(names, params)]
+        if cached is not None:
+            out = cached.jvp(deltas)
+        else:
+            with _trainable(lin.model0, names):
+                out = _ntk.jvp(lin.model0, x, {n: d.unsqueeze(0) for n, d in zip(names, deltas)})[0]  # T = 1
+        ctx.lin, ctx.cached = lin, cached
         ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        lin = ctx.lin
+        lin, cached = ctx.lin, ctx.cached
         if ctx.needs_input_grad[1]:
             raise RuntimeError("Linearized does not differentiate with respect to its input x; "
                                "pass x with requires_grad=False")
-        with _trainable(lin.model0, lin._names):
-            grads = _ntk.vjp(lin.model0, x, grad_out.contiguous())
-        return (None, None) + tuple(grads[name] if ctx.needs_input_grad[2 + i] else None
-                                    for i, name in enumerate(lin._names))
+        if cached is not None:
+            grads = cached.vjp(grad_out.contiguous())
+        else:
+            with _trainable(lin.model0, lin._names):
+                gd = _ntk.vjp(lin.model0, x, grad_out.contiguous())
+            grads = [gd[name] for name in lin._names]
+        return (None, None, None) + tuple(g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads))
+
+
+class _CacheEntry:
+    __slots__ = ("x", "key", "primal", "linearization", "hits")
+
+    def __init__(self, x, key, primal):
+        self.x, self.key, self.primal, self.linearization, self.hits = x, key, primal, None, 0
 
 
 class Linearized(nn.Module):
@@ -165,11 +229,24 @@ class Linearized(nn.Module):
 
     ``self.model`` holds the trainable parameters w (a deep copy of ``model``, starting
     at w0); ``self.model0`` is a frozen copy at w0 (its parameters do not require grad).
-    The forward pass is one batched JVP at w0 with a single tangent w − w0, the backward
-    pass one VJP at w0, both through :func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp`,
-    so gradients are exact. The primal f(w0, x) is cached for the last ``cache_size``
-    input tensors (matched by identity and version, so in-place edits invalidate it):
-    full-batch training evaluates it once.
+    The output is exact and the gradients are exact VJPs at w0. Two ways to compute them
+    (``implementation``):
+
+    * ``"ntk"`` — every call does one JVP at w0 with the single tangent w − w0 and its
+      backward one VJP at w0, through the public :func:`lazyfast.ntk.jvp` /
+      :func:`lazyfast.ntk.vjp`: fused kernels serve ``TwoLayer`` (and MLPs) wherever they
+      are compiled, with their bounded memory; ``torch.func`` serves any other module.
+      Each call re-runs the network at w0 inside the JVP and the VJP.
+    * ``"cached"`` — for an input batch seen before, the linearization at w0 is kept as
+      autograd graphs (see :class:`_CachedLinearization`): a step then costs about one
+      forward and one backward pass, like a standard training step, but the batch's
+      activations at w0 stay in memory (``cache_size`` batches at most).
+    * ``"auto"`` (default) — ``"cached"`` from the second time a batch is seen (full-batch
+      training, a fixed evaluation set), ``"ntk"`` for batches seen once (mini-batch SGD),
+      so caching never costs work that is thrown away.
+
+    The primal f(w0, x) is cached for the last ``cache_size`` input tensors, matched by
+    identity and version (an in-place edit of x invalidates it), and by the version of w0.
 
     Only trainable parameters (``requires_grad=True``) of ``model`` are linearized;
     frozen parameters and buffers stay fixed at their initial values. Inputs are
@@ -177,16 +254,23 @@ class Linearized(nn.Module):
 
     Args:
         model: a network mapping (n, ...) → (n, k); not modified.
-        cache_size: how many input batches keep their primal f(w0, x) cached (0 disables).
+        implementation: ``"auto"``, ``"cached"`` or ``"ntk"`` (see above).
+        cache_size: how many input batches keep their primal (and, for ``"cached"``/
+            ``"auto"``, their linearization) cached; 0 disables caching.
 
     Shapes: input (n, ...) → output (n, k).
     """
 
-    def __init__(self, model: nn.Module, *, cache_size: int = 2):
+    def __init__(self, model: nn.Module, *, implementation: str = "auto", cache_size: int = 2):
         super().__init__()
         check_module(model)
+        if implementation not in LINEARIZED_IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {LINEARIZED_IMPLEMENTATIONS}, got {implementation!r}")
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be a non-negative int, got {cache_size!r}")
+        if implementation == "cached" and cache_size == 0:
+            raise ValueError("implementation='cached' needs cache_size >= 1")
+        self.implementation = implementation
         self.model = copy.deepcopy(model)
         self._names: List[str] = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if not self._names:
@@ -195,7 +279,7 @@ class Linearized(nn.Module):
         # JVP/VJP, so parameters frozen in ``model`` stay constants of the linearization.
         self.model0 = frozen_copy(model)
         self.cache_size = cache_size
-        self._cache: List[tuple] = []
+        self._cache: List[_CacheEntry] = []
         for attr in ("in_features", "out_features", "symmetric"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
@@ -208,41 +292,82 @@ class Linearized(nn.Module):
         # In-place writes to w0 (load_state_dict, copy_) bump these counters.
         return tuple(p._version for p in self.model0.parameters())
 
+    def __getstate__(self):
+        # deepcopy / pickle: the cache holds autograd graphs (not copyable) and is rebuilt on use
+        state = dict(super().__getstate__())
+        state["_cache"] = []
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         self._cache = []  # device/dtype moves invalidate the cached primals
         return super()._apply(fn, *args, **kwargs)
 
+    def train(self, mode: bool = True):
+        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        super().train(mode)
+        if self.model0 is not None:
+            self.model0.eval()
+        return self
+
     def clear_cache(self) -> None:
-        """Drops the cached primals f(w0, x)."""
+        """Drops the cached primals and linearizations."""
         self._cache = []
 
-    @torch.no_grad()
+    def _entry(self, x: torch.Tensor) -> Optional[_CacheEntry]:
+        key = (x._version, self._w0_version())
+        for i, e in enumerate(self._cache):
+            if e.x is x and e.key == key:
+                e.hits += 1
+                if i:  # most recently used first
+                    self._cache.insert(0, self._cache.pop(i))
+                return e
+        if not self.cache_size:
+            return None
+        with torch.no_grad():
+            primal = self.model0(x).reshape(x.shape[0], -1)
+        e = _CacheEntry(x, key, primal)
+        self._cache = [e] + self._cache[: self.cache_size - 1]
+        return e
+
     def primal(self, x: torch.Tensor) -> torch.Tensor:
         """f(w0, x), (n, k), cached for the last ``cache_size`` input tensors."""
-        key = (x._version, self._w0_version())
-        for entry in self._cache:
-            if entry[0] is x and entry[1] == key:
-                return entry[2]
-        out = self.model0(x).reshape(x.shape[0], -1)
-        if self.cache_size:
-            self._cache = [(x, key, out)] + self._cache[: self.cache_size - 1]
-        return out
+        e = self._entry(x)
+        if e is not None:
+            return e.primal
+        with torch.no_grad():
+            return self.model0(x).reshape(x.shape[0], -1)
+
+    def _linearization(self, e: Optional[_CacheEntry]) -> Optional[_CachedLinearization]:
+        if e is None or self.implementation == "ntk":
+            return None
+        if e.linearization is None and (self.implementation == "cached" or e.hits >= 1):
+            e.linearization = _CachedLinearization(self.model0, self._names, e.x)
+        return e.linearization
+
+    def _params(self) -> List[torch.Tensor]:
+        params = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        if len(params) != len(self._names):
+            raise RuntimeError("the set of trainable parameters of Linearized.model changed after construction")
+        return params
+
+    def _tangent(self, x: torch.Tensor, e: Optional[_CacheEntry]) -> torch.Tensor:
+        return _LinearizedFunction.apply(self, x, self._linearization(e), *self._params())
 
     def tangent(self, x: torch.Tensor) -> torch.Tensor:
         """J(w0, x)(w − w0), (n, k): the linearized model minus its value at w0."""
         check_input(x, "x", self.model0)
-        params = [p for n, p in self.model.named_parameters() if p.requires_grad]
-        if len(params) != len(self._names):
-            raise RuntimeError("the set of trainable parameters of Linearized.model changed after construction")
-        return _LinearizedFunction.apply(self, x, *params)
+        return self._tangent(x, self._entry(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h̄(w, x) = f(w0, x) + J(w0, x)(w − w0): (n, ...) → (n, k)."""
         check_input(x, "x", self.model0)
-        return self.primal(x) + self.tangent(x)
+        e = self._entry(x)
+        primal = e.primal if e is not None else self.primal(x)
+        return primal + self._tangent(x, e)
 
     def extra_repr(self) -> str:
-        return f"trainable={len(self._names)} tensors, cache_size={self.cache_size}"
+        return f"trainable={len(self._names)} tensors, implementation={self.implementation!r}, " \
+               f"cache_size={self.cache_size}"
 
 
 # ----------------------------------------------------------------------------- lazy model
@@ -286,6 +411,13 @@ class LazyModel(nn.Module):
         for attr in ("in_features", "out_features"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
+
+    def train(self, mode: bool = True):
+        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        super().train(mode)
+        if self.model0 is not None:
+            self.model0.eval()
+        return self
 
     def h(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled centered model h(w, x): (n, ...) → (n, k)."""
@@ -353,6 +485,13 @@ class FrozenPatternNet(nn.Module):
             self._check_layers(initial)
             if len(initial.features) != len(model.features):
                 raise ValueError("initial must have the same architecture as model")
+
+    def train(self, mode: bool = True):
+        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        super().train(mode)
+        if self.initial is not None:
+            self.initial.eval()
+        return self
 
     @staticmethod
     def _layers(seq):

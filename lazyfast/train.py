@@ -184,8 +184,11 @@ def _loss_value(out, y, loss):
 
 
 def _accuracy(out, y) -> Optional[float]:
+    """Classification accuracy for integer labels or one-hot float targets; None for regression."""
     if y.is_floating_point():
-        if y.dim() == 2 and y.shape[1] > 1:  # one-hot-like float targets
+        one_hot = (y.dim() == 2 and y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all())
+                   and bool((y.sum(1) == 1).all()))
+        if one_hot:
             return float((out.argmax(1) == y.argmax(1)).double().mean())
         return None
     return float((out.argmax(1) == y).double().mean())

@@ -130,6 +130,13 @@ def test_rate_check_symmetric_init():
     assert abs(s["output_gap"] + 2) <= 0.2, s
 
 
+def test_rate_check_uncentered_control_fails_the_rates():
+    """Without h(w0) = 0 the weights move O(1) whatever α: the theorem's rates do not hold."""
+    out = rate_check(alphas=(10.0, 100.0), steps=30, init="uncentered")
+    s = out["slopes"]
+    assert s["weight_change"] > -0.3 and s["param_gap"] > -0.3, s
+
+
 def test_rate_check_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"alphas\[1\]"):
         rate_check(alphas=(10.0, -1.0))

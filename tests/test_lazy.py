@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import lazyfast
 from lazyfast import reference
 from lazyfast.lazy import FrozenPatternNet, LazyModel, Linearized, scaled_loss, square_loss
 from lazyfast.models import MLP, TwoLayer
@@ -60,13 +61,14 @@ def flat_delta(lin):
                       zip(lin.model.named_parameters(), lin.model0.parameters())])
 
 
+@pytest.mark.parametrize("impl", ["ntk", "cached", "auto"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_linearized_forward_and_gradient_match_oracle(name):
+def test_linearized_forward_and_gradient_match_oracle(name, impl):
     make, shape = MODELS[name]
     torch.manual_seed(0)
     net = make()
     x = torch.randn(*shape, dtype=F64)
-    lin = Linearized(net)
+    lin = Linearized(net, implementation=impl)
     assert rel_err(lin(x), net(x).reshape(x.shape[0], -1)) == 0.0  # exact at w0
     perturb_(lin.model)
     # independent oracle: per-example autograd gradients of the network at w0
@@ -79,15 +81,27 @@ def test_linearized_forward_and_gradient_match_oracle(name):
     (out * r).sum().backward()
     grad = torch.cat([p.grad.reshape(-1) for p in lin.model.parameters()])
     assert rel_err(grad, torch.einsum("nkp,nk->p", G, r)) <= 1e-12
+    # a second step on the same batch (auto switches to the cached linearization here)
+    perturb_(lin.model, seed=2)
+    for p in lin.model.parameters():
+        p.grad = None
+    out = lin(x)
+    assert rel_err(out, f0 + torch.einsum("nkp,p->nk", G, flat_delta(lin))) <= 1e-12
+    (out * r).sum().backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in lin.model.parameters()])
+    assert rel_err(grad, torch.einsum("nkp,nk->p", G, r)) <= 1e-12
+    if impl != "ntk":
+        assert lin._cache[0].linearization is not None
     # w0 untouched and frozen
     assert all(not p.requires_grad for p in lin.model0.parameters())
     assert all(torch.equal(p, q) for p, q in zip(lin.model0.parameters(), net.parameters()))
 
 
-def test_linearized_gradcheck():
+@pytest.mark.parametrize("impl", ["ntk", "cached"])
+def test_linearized_gradcheck(impl):
     torch.manual_seed(0)
     net = TwoLayer(3, 6, 2, activation="tanh", bias=True, dtype=F64)
-    lin = Linearized(net)
+    lin = Linearized(net, implementation=impl)
     perturb_(lin.model)
     x = torch.randn(4, 3, dtype=F64)
     params = tuple(lin.model.parameters())
@@ -99,11 +113,12 @@ def test_linearized_gradcheck():
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-8)
 
 
-def test_linearized_only_trainable_parameters_move():
+@pytest.mark.parametrize("impl", ["ntk", "cached"])
+def test_linearized_only_trainable_parameters_move(impl):
     torch.manual_seed(0)
     net = TwoLayer(4, 6, 1, bias=True, dtype=F64)
     net.hidden.bias.requires_grad_(False)
-    lin = Linearized(net)
+    lin = Linearized(net, implementation=impl)
     assert [n for n, p in lin.named_parameters() if p.requires_grad] == ["model.hidden.weight", "model.output.weight"]
     x = torch.randn(5, 4, dtype=F64)
     lin(x).sum().backward()
@@ -132,11 +147,42 @@ def test_linearized_caches_primal_and_invalidates():
     lin.primal(z)
     assert lin.primal(x) is not px  # evicted (least recent first)
     lin.clear_cache()
-    assert lin.primal(z) is not lin.primal(u) and lin._cache[0][0] is u
+    assert lin.primal(z) is not lin.primal(u) and lin._cache[0].x is u
     lin0 = Linearized(net, cache_size=0)
     assert lin0.primal(z) is not lin0.primal(z)
     with pytest.raises(ValueError, match="cache_size"):
         Linearized(net, cache_size=-1)
+    with pytest.raises(ValueError, match="cache_size"):
+        Linearized(net, implementation="cached", cache_size=0)
+    with pytest.raises(ValueError, match="implementation"):
+        Linearized(net, implementation="fused")
+
+
+def test_linearized_copies_and_pickles_after_caching(tmp_path):
+    torch.manual_seed(0)
+    lin = Linearized(TwoLayer(4, 6, 1, dtype=F64), implementation="cached")
+    x = torch.randn(5, 4, dtype=F64)
+    perturb_(lin.model)
+    out = lin(x)
+    assert lin._cache[0].linearization is not None
+    twin = copy.deepcopy(lin)
+    assert twin._cache == [] and rel_err(twin(x), out) == 0.0
+    torch.save(lin, tmp_path / "lin.pt")
+    back = torch.load(tmp_path / "lin.pt", weights_only=False)
+    assert rel_err(back(x), out) == 0.0
+
+
+def test_linearized_auto_caches_only_reused_batches():
+    torch.manual_seed(0)
+    lin = Linearized(TwoLayer(4, 6, 1, dtype=F64))
+    x = torch.randn(5, 4, dtype=F64)
+    lin(x)
+    assert lin._cache[0].linearization is None  # seen once: nothing built
+    lin(x)
+    assert lin._cache[0].linearization is not None  # reused: linearization kept
+    for _ in range(3):
+        lin(torch.randn(5, 4, dtype=F64))  # fresh mini-batches never build one
+    assert all(e.linearization is None for e in lin._cache)
 
 
 def test_linearized_state_dict_roundtrip_refreshes_cache():
@@ -168,6 +214,15 @@ def test_lazy_model_is_zero_at_init_and_scaled(name):
     perturb_(net)
     h = net(x).reshape(x.shape[0], -1) - lazy.model0(x).reshape(x.shape[0], -1)
     assert rel_err(lazy(x), 1e3 * h) <= 1e-14
+
+
+def test_frozen_copies_stay_in_eval_mode():
+    net = tiny_cnn()
+    for wrapper, frozen in ((LazyModel(net, 2.0), "model0"), (Linearized(net), "model0"),
+                            (FrozenPatternNet(net), "initial")):
+        wrapper.train()
+        assert getattr(wrapper, frozen).training is False
+        assert wrapper.training is True
 
 
 def test_lazy_model_center_false_needs_symmetric_init():
@@ -250,6 +305,24 @@ def test_lazy_model_tracks_linearized_at_large_alpha():
     assert 7 < gaps[1e4] / gaps[1e5] < 13
 
 
+def test_frozen_pattern_net_on_vgg11():
+    torch.manual_seed(0)
+    net = lazyfast.vgg11(num_classes=3, in_channels=1).double()
+    x = torch.randn(2, 1, 32, 32, dtype=F64)
+    sur = FrozenPatternNet(net, alpha=10.0)
+    st = sur.stability(x)
+    assert sum(k.startswith("relu") for k in st) == 8 and sum(k.startswith("maxpool") for k in st) == 5
+    assert set(st.values()) == {1.0}
+    with torch.no_grad():
+        net.features[0].weight.add_(0.5)
+    st = sur.stability(x)
+    assert st["relu0"] < 1.0
+    out = sur(x)
+    assert out.shape == (2, 3) and float(out.detach().abs().max()) > 0
+    out.sum().backward()
+    assert net.features[0].weight.grad is not None  # trains the current weights
+
+
 def test_frozen_pattern_net_surrogate():
     torch.manual_seed(0)
     net = tiny_cnn()
@@ -279,3 +352,23 @@ def test_frozen_pattern_net_surrogate():
         FrozenPatternNet(bad)
     with pytest.raises(ValueError, match="alpha"):
         FrozenPatternNet(tiny_cnn(), alpha=0.0)
+
+
+@pytest.mark.parametrize("impl", ["ntk", "cached"])
+def test_linearized_float32_matches_float64(impl):
+    torch.manual_seed(0)
+    net = TwoLayer(6, 33, 3, activation="gelu", bias=True, dtype=F64)
+    x = torch.randn(17, 6, dtype=F64)
+    lin64 = Linearized(net, implementation=impl)
+    perturb_(lin64.model, 0.05)
+    lin32 = copy.deepcopy(lin64).float()
+    x32 = x.float()
+    out64, out32 = lin64(x), lin32(x32)
+    out32 = lin32(x32)  # the cached path on the second call
+    assert out32.dtype == torch.float32
+    assert rel_err(out32, out64) <= 1e-5
+    r = torch.randn_like(out64)
+    (out64 * r).sum().backward()
+    (out32 * r.float()).sum().backward()
+    for p64, p32 in zip(lin64.model.parameters(), lin32.model.parameters()):
+        assert rel_err(p32.grad, p64.grad) <= 1e-5

@@ -110,6 +110,17 @@ def test_metrics_jsonl_and_schedule(tmp_path):
     assert learning_rate(TrainConfig(lr=1.0, epochs=1, lr_decay=1 / 3, lr_decay_unit="epoch"), 50, 3) == 0.5
 
 
+def test_accuracy_only_for_classification_targets():
+    x, labels = data(labels=True)
+    onehot = torch.nn.functional.one_hot(labels, 3).to(F64)
+    xr, yr = data()
+    cfg = TrainConfig(lr=0.1, steps=1, progress=False)
+    acc_labels = train(make("plain"), x, labels, cfg)["history"][0]["train_acc"]
+    acc_onehot = train(make("plain"), x, onehot, cfg)["history"][0]["train_acc"]
+    assert acc_labels == acc_onehot and 0 <= acc_labels <= 1
+    assert train(make("plain"), xr, yr, cfg)["history"][0]["train_acc"] is None  # regression
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_lazy_objective_scaling_and_dtypes(dtype):
     x, y = data(dtype=dtype)
