@@ -55,6 +55,9 @@ def _checks(parts: dict) -> list:
     for key, slope in rs["slopes"].items():
         exp, tol = rs["expected"][key], rs["tolerance"][key]
         rows.append(("rates", f"slope of {key}", slope, f"{exp:g} ± {tol:g}", abs(slope - exp) <= tol))
+    if rs.get("uncentered_slopes"):
+        slope = rs["uncentered_slopes"]["weight_change"]
+        rows.append(("rates", "weight_change slope, no centering", slope, "fails (> -0.5)", slope > -0.5))
     return rows
 
 

@@ -126,7 +126,7 @@ def plot_rates(res: dict, path: str) -> str:
     for si, ser in enumerate(res["series"]):
         st = ser["setting"]
         for j, (key, marker) in enumerate(zip(labels, "os^")):
-            ax.loglog(ser["alphas"], ser["curves"][key], marker + ("-" if si == 0 else "--"), color=f"C{j}",
+            ax.loglog(ser["alphas"], ser["curves"][key], marker + ("-", "--", ":")[min(si, 2)], color=f"C{j}",
                       ms=4, alpha=1.0 if si == 0 else 0.5,
                       label=f"{labels[key]} [{st['activation']}, {st['init']}]: slope {ser['slopes'][key]:.2f}")
     alphas = s["alphas"]

@@ -29,8 +29,10 @@ class Config:
     init: str = "centered"
     steps: int = 100
     lr: float = 0.5
-    # Extra settings run with the same α grid, e.g. the paper's ReLU net with the symmetrized init.
-    extra_series: List[dict] = field(default_factory=lambda: [{"activation": "relu", "init": "symmetric"}])
+    # Extra settings run with the same α grid: the paper's ReLU net with the symmetrized init, and a
+    # control without centering (h(w0) ≠ 0, outside the theorem), where the rates must fail.
+    extra_series: List[dict] = field(default_factory=lambda: [{"activation": "relu", "init": "symmetric"},
+                                                              {"activation": "tanh", "init": "uncentered"}])
     seed: int = 0
     dtype: str = "float64"
     device: str = "cpu"
@@ -90,5 +92,6 @@ def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -
         "within_tolerance": within,
         **{k: main["curves"][k] for k in EXPECTED},
         "other_series": [{"setting": s["setting"], "slopes": s["slopes"]} for s in series[1:]],
+        "uncentered_slopes": next((s["slopes"] for s in series if s["setting"]["init"] == "uncentered"), None),
     }
     return {"experiment": NAME, "config": common.config_dict(cfg), "series": series, "summary": summary}
