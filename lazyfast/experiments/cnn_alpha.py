@@ -55,10 +55,12 @@ class Config:
 
     @classmethod
     def quick(cls) -> "Config":
-        # CPU-sized: Fashion-MNIST subset, VGG-11 with 1/8 of the channels, a few epochs, float32
-        # (enough for α ≤ 1e4: the signal α·h is resolved to ~1e-3 relative).
-        return cls(n_train=2000, n_test=1000, alphas=[0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], lrs=[0.05],
-                   epochs=4, channel_divisor=8, dtype="float32", beta=1.0 / 3.0)
+        # CPU-sized: Fashion-MNIST subset, VGG-11 with 1/8 of the channels, 5 epochs, float32 (enough for
+        # α ≤ 1e4: the signal α·h is resolved to ~1e-3 relative). Xavier gain √2 instead of the authors'
+        # 1: with gain 1 this narrow BN-free net barely trains in a few epochs at any α (≈ 10–25 %
+        # test accuracy after 4 epochs), which says nothing about laziness.
+        return cls(n_train=4000, n_test=1000, alphas=[0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], lrs=[0.1, 0.03],
+                   epochs=5, channel_divisor=8, gain=math.sqrt(2.0), dtype="float32")
 
     def validate(self) -> None:
         common.check_positive_list(self.alphas, "alphas")
