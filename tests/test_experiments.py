@@ -359,3 +359,17 @@ def test_spearman_and_slope_helpers():
     assert common.loglog_slope([1, 10, 100], [1, 0.1, 0.01]) == pytest.approx(-1.0)
     m, s = common.mean_std([[1.0, float("nan")], [3.0, 2.0]])
     assert m[0] == 2.0 and m[1] == 2.0 and s[1] == 0.0
+
+
+def test_tau_sweep_runs_over_disjoint_taus_merge_into_one_sweep():
+    over = dict(d=5, n_train=20, n_test=20, m=4, niter=30, ntrials=2, **NOPROG)
+    full = tau_sweep.run(common.make_config(tau_sweep.Config, "quick", taus=[0.1, 0.5, 2.0], **over))["trials"]
+    a = tau_sweep.run(common.make_config(tau_sweep.Config, "quick", taus=[2.0, 0.1], **over))["trials"]
+    b = tau_sweep.run(common.make_config(tau_sweep.Config, "quick", taus=[0.5], ntrials=1,
+                                         **{k: v for k, v in over.items() if k != "ntrials"}))["trials"]
+    merged = tau_sweep.merge_trials([a, b])
+    assert len(merged) == 1  # only trials present in every part
+    for key in ("taus", "test_end", "relative_change"):
+        np.testing.assert_allclose(merged[0][key], full[0][key], rtol=1e-10)
+    with pytest.raises(ValueError, match="share"):
+        tau_sweep.merge_trials([a, a])

@@ -148,3 +148,34 @@ def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None) -
     for k in common.progress(range(cfg.ntrials), desc=f"{NAME} trials", enabled=cfg.show_progress):
         trials.append(store.run(f"{NAME}/{fp}/trial{k}", lambda: run_trial(cfg, k)))
     return {"experiment": NAME, "config": common.config_dict(cfg), "trials": trials, "summary": summarize(cfg, trials)}
+
+
+PER_TAU_KEYS = ("taus", "stepsize", "test_end", "test_best", "train_end", "train_init", "test_init",
+                "relative_change", "teacher_alignment", "curve_train", "curve_test")
+
+
+def merge_trials(parts: List[List[dict]]) -> List[dict]:
+    """Joins sweeps of the same trials over disjoint τ sets (e.g. run in parallel, or in another
+    dtype) into one list of trials with all τ, sorted. Trials are matched by index; only trials
+    present in every part are kept. The same seed gives the same teacher, data and W0 for a trial
+    index whatever the τ set or dtype, so the joined trial is one consistent sweep."""
+    by_part = [{t["trial"]: t for t in p} for p in parts]
+    common_ids = sorted(set.intersection(*(set(d) for d in by_part))) if by_part else []
+    out = []
+    for k in common_ids:
+        rows = []
+        for d in by_part:
+            t = d[k]
+            if t["curve_iters"] != by_part[0][k]["curve_iters"]:
+                raise ValueError(f"trial {k}: parts were logged at different iterations; they cannot be merged")
+            for i in range(len(t["taus"])):
+                rows.append({key: t[key][i] for key in PER_TAU_KEYS})
+        rows.sort(key=lambda r: r["taus"])
+        taus = [r["taus"] for r in rows]
+        if len(set(taus)) != len(taus):
+            raise ValueError(f"trial {k}: the parts share τ values {sorted(set(t for t in taus if taus.count(t) > 1))}")
+        merged = {key: [r[key] for r in rows] for key in PER_TAU_KEYS}
+        merged.update(trial=k, curve_iters=by_part[0][k]["curve_iters"],
+                      seconds=sum(d[k]["seconds"] for d in by_part))
+        out.append(merged)
+    return out
