@@ -167,6 +167,7 @@ def plot_cnn_alpha(res: dict, path: str) -> str:
     s = res["summary"]
     alphas = s["alphas"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig.subplots_adjust(wspace=0.32)
     ax = axes[0]
     ax.semilogx(alphas, s["test_acc"], "ko-", label="network")
     ax.semilogx(alphas, s["frozen_pattern_acc"], "C0s--", label="frozen-pattern surrogate")
