@@ -25,8 +25,9 @@ build: $(STAMP)
 	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m lazyfast.cli info
 
+# The main job: quick presets of the paper's cover, tau-sweep and rates experiments, with figures.
 demo: build
-	$(PY) -m lazyfast.cli demo
+	$(PY) -m lazyfast.cli reproduce demo --out $(OUT)
 
 test-python: build
 	$(PY) -m pytest -q tests

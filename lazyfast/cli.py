@@ -20,7 +20,7 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
+def _cmd_example(args) -> int:
     import torch
 
     import lazyfast
@@ -95,7 +95,7 @@ def _load_inputs(args, model):
 def _cmd_ntk(args) -> int:
     import torch
 
-    from lazyfast.distributed import distributed_ntk, init_from_env, rank_and_world
+    from lazyfast.distributed import distributed_ntk, init_from_env, rank_and_world, shutdown
 
     created = init_from_env(args.backend)
     try:
@@ -125,10 +125,67 @@ def _cmd_ntk(args) -> int:
             print(f"kernel {tuple(res.kernel.shape)} {res.kernel.dtype} -> {path}")
     finally:
         if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            shutdown()
     return 0
+
+
+def _parse_set(items):
+    """``--set key=value`` pairs → dict (values parsed as JSON when possible: 3, 0.5, [1,2], true)."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise SystemExit(f"lazyfast reproduce: --set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _cmd_reproduce(args) -> int:
+    from lazyfast.experiments import runner
+
+    overrides = _parse_set(args.set)
+    for key in ("seed", "device", "dtype", "data_dir"):
+        val = getattr(args, key)
+        if val is not None:
+            overrides[key] = val
+    out = args.out if args.out is not None else os.path.join("results", args.name, args.preset)
+    try:
+        result = runner.reproduce(args.name, args.preset, out, threads=args.threads, **overrides)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"lazyfast reproduce {args.name}: error: {e}", file=sys.stderr)
+        return 2
+    print(runner.summary_text(result))
+    print(f"\nwrote {os.path.join(out, runner.RESULTS_FILE)}" +
+          "".join(f"\nwrote {os.path.join(out, f)}" for f in result.get("files", [])))
+    return 0
+
+
+def _add_reproduce(sub) -> None:
+    from lazyfast.experiments import EXPERIMENTS
+
+    names = list(EXPERIMENTS)
+    pr = sub.add_parser(
+        "reproduce", help="reproduce an experiment of Chizat, Oyallon & Bach (2019)",
+        description="Reproduce an experiment of the paper. Experiments: " + ", ".join(names) +
+                    ". 'demo' runs the quick presets of cover, tau-sweep and rates and prints a table.")
+    pr.add_argument("name", choices=names, help="experiment")
+    pr.add_argument("--preset", choices=("quick", "paper"), default="quick", help="size preset (default quick)")
+    pr.add_argument("--out", default=None, help="output directory (default results/NAME/PRESET); "
+                                                "finished runs in OUT/runs.jsonl are skipped on rerun")
+    pr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    pr.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    pr.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    pr.add_argument("--data-dir", dest="data_dir", default=None,
+                    help="cnn-alpha / kernel-spectrum: CIFAR-10 python-version batches (default: Fashion-MNIST "
+                         "from /usr/share/datasets/fashion-mnist)")
+    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the two-layer experiments and the demo, "
+                                                          "torch's default for the CNN ones)")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any config option, e.g. --set ntrials=3 --set 'taus=[0.1,1]'")
+    pr.set_defaults(func=_cmd_reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="print what is compiled (backend_info)")
     pi.add_argument("--json", action="store_true", help="print JSON")
     pi.set_defaults(func=_cmd_info)
-    pd = sub.add_parser("demo", help="a small eNTK + kernel regression on synthetic teacher-student data")
+    pd = sub.add_parser("example", help="a small eNTK + kernel regression on synthetic teacher-student data "
+                                        "(the paper's experiments: `lazyfast reproduce`)")
     pd.add_argument("--n", type=int, default=200, help="samples")
     pd.add_argument("--d", type=int, default=10, help="input dimension")
     pd.add_argument("--m", type=int, default=512, help="width")
     pd.add_argument("--seed", type=int, default=0)
-    pd.set_defaults(func=_cmd_demo)
+    pd.set_defaults(func=_cmd_example)
     pn = sub.add_parser("ntk", help="block-partitioned eNTK, one file per block (run under torchrun to distribute)",
                         description="Computes Θ(x1, x2) in row blocks; under torchrun each rank takes every "
                                     "WORLD_SIZE-th block. Finished blocks in --out are skipped on restart. "
@@ -172,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.set_defaults(func=_cmd_ntk)
     sub.add_parser("bench", help="benchmark lazyfast against its pure-PyTorch baselines (lazyfast bench --help)",
                    add_help=False)
+    _add_reproduce(sub)
     return p
 
 

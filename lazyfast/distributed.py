@@ -13,6 +13,7 @@ numbers in "full" mode) and whatever the chosen implementation holds.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -187,6 +188,16 @@ def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
     return result
 
 
+def shutdown() -> None:
+    """Ends the default process group cleanly: a barrier first, so no rank tears down its
+    communication threads while another still talks to it (a torn-down gloo pair can abort
+    the process with "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_from_env(backend: Optional[str] = None) -> bool:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE set).
     Returns True if a group was created. Backend: NCCL when CUDA is available, else gloo."""
@@ -267,4 +278,10 @@ def train_data_parallel(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         losses.append(float(total))
         opt.step()
         sched.step()
+    if world > 1:
+        # Free the DDP reducer now, while the process group is alive: left to the garbage
+        # collector it can be destroyed at interpreter exit, after the group, and abort.
+        del net
+        gc.collect()
+        dist.barrier()
     return {"losses": losses, "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}

@@ -2,7 +2,7 @@
 train_data_parallel, under torchrun (DDP, gloo) or as one plain process, and saves the result."""
 import sys, torch
 import lazyfast
-from lazyfast.distributed import init_from_env, rank_and_world, train_data_parallel
+from lazyfast.distributed import init_from_env, rank_and_world, shutdown, train_data_parallel
 created = init_from_env("gloo")
 kind, out = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -13,4 +13,4 @@ res = train_data_parallel(model, x, y, steps=7, lr=0.5, batch_size=8, momentum=0
 if rank_and_world()[0] == 0:
     torch.save(res, out)
 if created:
-    torch.distributed.destroy_process_group()
+    shutdown()
