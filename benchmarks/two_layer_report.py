@@ -206,8 +206,8 @@ def write(res, outdir):
         "# Two-layer fused ops on the CPU (issue 3)",
         "",
         f"Machine: {res['machine']}. Measured {res['date']} with `{res['command']}`; "
-        f"load average before/after: {res['load_before']} / {res['load_after']} (the 2 cores are shared with "
-        "other engineers' builds and tests, so absolute times are noisy; ratios are measured in one run, "
+        f"load average before/after: {res['load_before']} / {res['load_after']} (absolute times on a shared "
+        "2-core machine are noisy; ratios are measured in one run, "
         "variants interleaved, best of 5).",
         "",
         "## eNTK Gram, n=1024, d=100, m=4096, k=1, float32, ReLU",

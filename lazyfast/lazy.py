@@ -241,9 +241,12 @@ class Linearized(nn.Module):
       autograd graphs (see :class:`_CachedLinearization`): a step then costs about one
       forward and one backward pass, like a standard training step, but the batch's
       activations at w0 stay in memory (``cache_size`` batches at most).
-    * ``"auto"`` (default) — ``"cached"`` from the second time a batch is seen (full-batch
-      training, a fixed evaluation set), ``"ntk"`` for batches seen once (mini-batch SGD),
-      so caching never costs work that is thrown away.
+    * ``"auto"`` (default) — ``"ntk"`` for a ``TwoLayer`` served by the compiled kernels
+      (their fused JVP + VJP cost less than a standard training step: 1.57 s vs 2.49 s at
+      n = 4096, m = 65536 on 2 CPU cores, ``benchmarks/results/engine_cpu_step_fused.md``);
+      otherwise ``"cached"`` from the second time a batch is seen (full-batch training, a
+      fixed evaluation set) and ``"ntk"`` for batches seen once (mini-batch SGD), so caching
+      never costs work that is thrown away.
 
     The primal f(w0, x) is cached for the last ``cache_size`` input tensors, matched by
     identity and version (an in-place edit of x invalidates it), and by the version of w0.
@@ -337,9 +340,23 @@ class Linearized(nn.Module):
         with torch.no_grad():
             return self.model0(x).reshape(x.shape[0], -1)
 
+    def _fused_serves(self) -> bool:
+        """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
+        parameters linearized, a kernel dtype, kernels built for its device)."""
+        from lazyfast import _ext
+        from lazyfast.models import TwoLayer
+
+        if not isinstance(self.model0, TwoLayer) or len(self._names) != len(list(self.model0.parameters())):
+            return False
+        p = next(self.model0.parameters())
+        built = _ext.HAS_CPU_KERNELS if p.device.type == "cpu" else (p.device.type == "cuda" and _ext.HAS_CUDA_KERNELS)
+        return built and p.dtype in (torch.float32, torch.float64)
+
     def _linearization(self, e: Optional[_CacheEntry]) -> Optional[_CachedLinearization]:
         if e is None or self.implementation == "ntk":
             return None
+        if self.implementation == "auto" and self._fused_serves():
+            return None  # the fused JVP + VJP cost less than a standard step: nothing to cache
         if e.linearization is None and (self.implementation == "cached" or e.hits >= 1):
             e.linearization = _CachedLinearization(self.model0, self._names, e.x)
         return e.linearization

@@ -84,8 +84,10 @@ def test_linearized_forward_and_gradient_match_oracle(name, impl):
     (out * r).sum().backward()
     grad = torch.cat([p.grad.reshape(-1) for p in lin.model.parameters()])
     assert rel_err(grad, torch.einsum("nkp,nk->p", G, r)) <= 1e-12
-    if impl != "ntk":
+    if impl == "cached" or (impl == "auto" and not lin._fused_serves()):
         assert lin._cache[0].linearization is not None
+    elif impl == "auto":  # the compiled two-layer kernels serve it: nothing cached but the primal
+        assert lin._cache[0].linearization is None
     # w0 untouched and frozen
     assert all(not p.requires_grad for p in lin.model0.parameters())
     assert all(torch.equal(p, q) for p, q in zip(lin.model0.parameters(), net.parameters()))
@@ -168,7 +170,7 @@ def test_linearized_copies_and_pickles_after_caching(tmp_path):
 
 def test_linearized_auto_caches_only_reused_batches():
     torch.manual_seed(0)
-    lin = Linearized(TwoLayer(4, 6, 1, dtype=F64))
+    lin = Linearized(MLP(4, [6], 1, dtype=F64))  # no fused kernels for MLPs: the generic auto path
     x = torch.randn(5, 4, dtype=F64)
     lin(x)
     assert lin._cache[0].linearization is None  # seen once: nothing built
@@ -177,6 +179,21 @@ def test_linearized_auto_caches_only_reused_batches():
     for _ in range(3):
         lin(torch.randn(5, 4, dtype=F64))  # fresh mini-batches never build one
     assert all(e.linearization is None for e in lin._cache)
+
+
+@pytest.mark.skipif(not lazyfast._ext.HAS_CPU_KERNELS, reason="needs the compiled two-layer kernels")
+def test_linearized_auto_uses_fused_kernels_for_two_layer():
+    torch.manual_seed(0)
+    lin = Linearized(TwoLayer(4, 6, 1, dtype=F64))
+    assert lin._fused_serves()
+    x = torch.randn(5, 4, dtype=F64)
+    for _ in range(3):
+        lin(x)
+    assert lin._cache[0].linearization is None  # fused JVP/VJP every step, only the primal cached
+    # ...unless a parameter is frozen (the fused kernels linearize all of A, c, B)
+    net = TwoLayer(4, 6, 1, bias=True, dtype=F64)
+    net.hidden.bias.requires_grad_(False)
+    assert not Linearized(net)._fused_serves()
 
 
 def test_linearized_state_dict_roundtrip_refreshes_cache():
