@@ -152,7 +152,7 @@ except ImportError:  # pragma: no cover
 if given is not None:
 
     @needs_ext
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=40, deadline=None, derandomize=True)  # reproducible in CI
     @given(k=st.integers(1, 3), n1=st.integers(0, 12), n2=st.integers(0, 12), layers=st.integers(1, 3),
            ws=st.lists(st.integers(1, 9), min_size=3, max_size=3), vs=st.lists(st.integers(1, 9), min_size=3, max_size=3),
            full=st.booleans(), symmetric=st.booleans(), seed=st.integers(0, 2**16))
