@@ -28,7 +28,7 @@ NAME = "cnn-alpha"
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     data: str = "auto"  # auto (CIFAR-10 with data_dir, else Fashion-MNIST) | cifar10 | fashion-mnist | synthetic
     data_dir: Optional[str] = None
     n_train: Optional[int] = None  # None: the whole training set
@@ -45,13 +45,6 @@ class Config:
     linearized: bool = True  # also train the true linearized model (one run per η0)
     eval_batch_size: int = 100
     seed: int = 58
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
-
-    @classmethod
-    def paper(cls) -> "Config":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Config":

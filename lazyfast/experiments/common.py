@@ -44,6 +44,22 @@ def make_config(config_cls, preset: str = "quick", **overrides):
     return cfg
 
 
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Settings every experiment's ``Config`` shares (each adds its own fields and ``seed``).
+
+    ``paper()`` is the authors' setup, i.e. the defaults; subclasses define ``quick()`` and may
+    override ``paper()``."""
+
+    dtype: str = "float64"
+    device: str = "cpu"
+    show_progress: bool = True
+
+    @classmethod
+    def paper(cls):
+        return cls()
+
+
 def config_dict(cfg) -> Dict[str, Any]:
     """The config as a JSON-friendly dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

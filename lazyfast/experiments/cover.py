@@ -24,7 +24,7 @@ DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     d: int = 2
     n_train: int = 15
     n_test: int = 20
@@ -35,13 +35,6 @@ class Config:
     stepsize: float = 0.005
     path_points: int = 100
     seed: int = 1
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
-
-    @classmethod
-    def paper(cls) -> "Config":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Config":

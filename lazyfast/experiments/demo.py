@@ -13,12 +13,9 @@ DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     parts_preset: str = "quick"  # preset of the three experiments
     seed: Optional[int] = None  # None: each experiment's own default seed
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
 
     @classmethod
     def quick(cls) -> "Config":

@@ -27,7 +27,7 @@ DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     n_train: int = 50
     n_test: int = 200
     d: int = 5
@@ -41,9 +41,6 @@ class Config:
     lr: float = 1.0  # capped at n/λ_max(K) for stability
     log_points: int = 60
     seed: int = 0
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
 
     @classmethod
     def quick(cls) -> "Config":

@@ -23,7 +23,7 @@ NAME = "kernel-spectrum"
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     data: str = "auto"  # auto | cifar10 | fashion-mnist | synthetic
     data_dir: Optional[str] = None
     n: int = 495  # the authors' --subset 495 (K is 4950 × 4950)
@@ -31,12 +31,6 @@ class Config:
     channel_divisor: int = 1
     seed: int = 58
     dtype: str = "float32"  # the authors' precision for this experiment; K is accumulated in float64
-    device: str = "cpu"
-    show_progress: bool = True
-
-    @classmethod
-    def paper(cls) -> "Config":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Config":

@@ -31,7 +31,7 @@ def _paper_taus():
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     d: int = 100
     m0: int = 3
     m: int = 50
@@ -45,13 +45,6 @@ class Config:
     teacher_scale: Optional[float] = None  # None: 1/batchsize, the authors' choice
     curve_points: int = 100
     seed: int = 1
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
-
-    @classmethod
-    def paper(cls) -> "Config":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Config":

@@ -20,7 +20,7 @@ TOLERANCE = {"weight_change": 0.1, "output_gap": 0.15, "param_gap": 0.15}
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     alphas: List[float] = field(default_factory=lambda: [10.0, 20.0, 50.0, 100.0, 200.0, 500.0])
     n: int = 20
     d: int = 5
@@ -34,9 +34,6 @@ class Config:
     extra_series: List[dict] = field(default_factory=lambda: [{"activation": "relu", "init": "symmetric"},
                                                               {"activation": "tanh", "init": "uncentered"}])
     seed: int = 0
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
 
     @classmethod
     def quick(cls) -> "Config":

@@ -25,7 +25,7 @@ DEFAULT_THREADS = 1  # see runner.reproduce
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     d: int = 100
     n_train: int = 1000
     n_test: int = 1000
@@ -40,13 +40,6 @@ class Config:
     positive_first_half: bool = True
     curve_points: int = 100  # log-spaced loss-curve samples kept per run
     seed: int = 1
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
-
-    @classmethod
-    def paper(cls) -> "Config":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Config":

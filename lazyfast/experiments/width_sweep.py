@@ -26,7 +26,7 @@ SCALINGS = ("ntk", "mean_field")
 
 
 @dataclass
-class Config:
+class Config(common.ExperimentConfig):
     d: int = 100
     n_train: int = 1000
     n_test: int = 1000
@@ -39,13 +39,6 @@ class Config:
     mean_field_step: float = 0.05  # stepsize = mean_field_step / m with scaling 1/m
     plot_scale: float = 0.1  # the authors plot test loss × 0.1
     seed: int = 2
-    dtype: str = "float64"
-    device: str = "cpu"
-    show_progress: bool = True
-
-    @classmethod
-    def paper(cls) -> "Config":
-        return cls()
 
     @classmethod
     def quick(cls) -> "Config":
