@@ -23,6 +23,7 @@ at second order in w − w0.
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
@@ -32,7 +33,8 @@ from torch import nn
 from torch.func import functional_call
 
 from lazyfast import ntk as _ntk
-from lazyfast._validation import check_input, check_module, check_positive_finite
+from lazyfast._validation import (check_alpha, check_bool, check_input, check_int, check_module,
+                                  model_param_info)
 
 LOSSES = ("square", "cross_entropy")
 
@@ -67,6 +69,45 @@ def _trainable(module: nn.Module, names: List[str]):
     finally:
         for p, r in zip(params, old):
             p.requires_grad_(r)
+
+
+# modules whose output depends on train/eval mode (batch statistics, random masks)
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd,
+                   nn.modules.instancenorm._InstanceNorm)
+
+
+def mode_dependent_modules(model: nn.Module) -> List[str]:
+    """Names (and types) of the submodules of ``model`` in training mode whose output there
+    differs from eval mode: BatchNorm, Dropout, InstanceNorm with running statistics."""
+    out = []
+    for name, m in model.named_modules():
+        if not m.training or not isinstance(m, _MODE_DEPENDENT):
+            continue
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats:
+            continue
+        out.append(f"{name or '<model>'} ({type(m).__name__})")
+    return out
+
+
+def _rng_states(device: torch.device):
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return cpu, cuda
+
+
+def _set_rng_states(states, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _as_rows(out: torch.Tensor, n: int) -> torch.Tensor:
+    """Model output (n, ...) → (n, k), also for n = 0 (where reshape(0, -1) is ambiguous)."""
+    if out.dim() == 1:
+        return out.reshape(n, 1)
+    if n == 0:
+        return out.reshape(0, math.prod(out.shape[1:]))
+    return out.reshape(n, -1)
 
 
 def _check_loss_name(loss: str) -> str:
@@ -123,10 +164,14 @@ def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, lo
     Args:
         pred: (n, k) the scaled output α·h(w, x).
         target: (n, k) float targets or (n,) integer labels.
-        alpha: α, finite and > 0.
+        alpha: α, finite, > 0, with α² and 1/α² representable (:func:`lazyfast._validation.check_alpha`).
         loss: ``"square"`` (:func:`square_loss`) or ``"cross_entropy"``.
     """
-    alpha = check_positive_finite(alpha, "alpha")
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
+    if not pred.is_floating_point() or pred.dim() != 2:
+        raise ValueError(f"pred must be a floating-point (n, k) tensor, got {pred.dtype} of shape {tuple(pred.shape)}")
+    alpha = check_alpha(alpha, "alpha", pred.dtype)
     _check_loss_name(loss)
     r = square_loss(pred, target) if loss == "square" else cross_entropy_loss(pred, target)
     return r / (alpha * alpha)
@@ -156,7 +201,7 @@ class _CachedLinearization:
         self.w0 = [named[n].detach().requires_grad_(True) for n in names]
         with torch.enable_grad():
             out = functional_call(model0, dict(zip(names, self.w0)), (x,), strict=False)
-            out = out.reshape(x.shape[0], -1)
+            out = _as_rows(out, x.shape[0])
             self.u = torch.zeros_like(out, requires_grad=True)
             g = torch.autograd.grad(out, self.w0, grad_outputs=self.u, create_graph=True, allow_unused=True)
         self.out = out
@@ -269,10 +314,15 @@ class Linearized(nn.Module):
         check_module(model)
         if implementation not in LINEARIZED_IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {LINEARIZED_IMPLEMENTATIONS}, got {implementation!r}")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be a non-negative int, got {cache_size!r}")
+        check_int(cache_size, "cache_size", minimum=0)
         if implementation == "cached" and cache_size == 0:
             raise ValueError("implementation='cached' needs cache_size >= 1")
+        dependent = mode_dependent_modules(model)
+        if dependent:
+            raise ValueError(
+                "Linearized linearizes one fixed function, but model is in training mode with modules whose "
+                f"output depends on the mode: {', '.join(dependent)}. Call model.eval() first: Linearized then "
+                "linearizes the eval-mode network (running statistics, no dropout), as documented")
         self.implementation = implementation
         self.model = copy.deepcopy(model)
         self._names: List[str] = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -324,10 +374,10 @@ class Linearized(nn.Module):
                 if i:  # most recently used first
                     self._cache.insert(0, self._cache.pop(i))
                 return e
-        if not self.cache_size:
-            return None
+        if not self.cache_size or torch.is_inference_mode_enabled():
+            return None  # (inference tensors must not outlive the inference_mode block in the cache)
         with torch.no_grad():
-            primal = self.model0(x).reshape(x.shape[0], -1)
+            primal = _as_rows(self.model0(x), x.shape[0])
         e = _CacheEntry(x, key, primal)
         self._cache = [e] + self._cache[: self.cache_size - 1]
         return e
@@ -338,7 +388,7 @@ class Linearized(nn.Module):
         if e is not None:
             return e.primal
         with torch.no_grad():
-            return self.model0(x).reshape(x.shape[0], -1)
+            return _as_rows(self.model0(x), x.shape[0])
 
     def _fused_serves(self) -> bool:
         """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
@@ -353,8 +403,8 @@ class Linearized(nn.Module):
         return built and p.dtype in (torch.float32, torch.float64)
 
     def _linearization(self, e: Optional[_CacheEntry]) -> Optional[_CachedLinearization]:
-        if e is None or self.implementation == "ntk":
-            return None
+        if e is None or self.implementation == "ntk" or torch.is_inference_mode_enabled():
+            return None  # under torch.inference_mode no autograd graph can be built: one JVP
         if self.implementation == "auto" and self._fused_serves():
             return None  # the fused JVP + VJP cost less than a standard step: nothing to cache
         if e.linearization is None and (self.implementation == "cached" or e.hits >= 1):
@@ -373,13 +423,19 @@ class Linearized(nn.Module):
     def tangent(self, x: torch.Tensor) -> torch.Tensor:
         """J(w0, x)(w − w0), (n, k): the linearized model minus its value at w0."""
         check_input(x, "x", self.model0)
-        return self._tangent(x, self._entry(x))
+        e = self._entry(x)
+        if x.shape[0] == 0:
+            primal = e.primal if e is not None else self.primal(x)
+            return primal.new_zeros(primal.shape) + sum(p.sum() for p in self._params()) * 0
+        return self._tangent(x, e)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h̄(w, x) = f(w0, x) + J(w0, x)(w − w0): (n, ...) → (n, k)."""
         check_input(x, "x", self.model0)
         e = self._entry(x)
         primal = e.primal if e is not None else self.primal(x)
+        if x.shape[0] == 0:  # no samples: (0, k), still connected to the parameters (zero gradients)
+            return primal + sum(p.sum() for p in self._params()) * 0
         return primal + self._tangent(x, e)
 
     def extra_repr(self) -> str:
@@ -413,11 +469,9 @@ class LazyModel(nn.Module):
     def __init__(self, model: nn.Module, alpha: float, *, center: bool = True):
         super().__init__()
         check_module(model)
-        self.alpha = check_positive_finite(alpha, "alpha")
-        if not isinstance(center, bool):
-            raise TypeError(f"center must be a bool, got {type(center).__name__}")
+        self.alpha = check_alpha(alpha, "alpha", model_param_info(model)[1])
+        self.center = check_bool(center, "center")
         self.model = model
-        self.center = center
         self.model0: Optional[nn.Module] = None
         if center and not isinstance(model, Linearized):
             self.model0 = frozen_copy(model)
@@ -430,22 +484,48 @@ class LazyModel(nn.Module):
                 setattr(self, attr, getattr(model, attr))
 
     def train(self, mode: bool = True):
-        """Sets training mode; the frozen initial copy always stays in eval mode."""
+        """Sets training mode. The frozen initial copy is not trained: at every forward it
+        runs in the mode of the live model (see :meth:`h`)."""
         super().train(mode)
         if self.model0 is not None:
             self.model0.eval()
         return self
 
+    def _initial_output(self, x: torch.Tensor, rng) -> torch.Tensor:
+        """f(w0, x) evaluated exactly as the live model was just evaluated: each module in the
+        live model's mode, with the live model's current buffers (running statistics; copies
+        in training mode, so nothing is updated) and, when ``rng`` is given, the random stream
+        the live forward started from (identical dropout masks). Hence h(w0) = 0 exactly in
+        both modes, for BatchNorm and Dropout too."""
+        for m, m0 in zip(self.model.modules(), self.model0.modules()):
+            m0.training = m.training
+        try:
+            buffers = {n: (b.clone() if rng is not None else b) for n, b in self.model.named_buffers()}
+            with torch.no_grad():
+                if rng is None:
+                    return functional_call(self.model0, buffers, (x,), strict=False)
+                after = _rng_states(x.device)
+                _set_rng_states(rng, x.device)
+                try:
+                    return functional_call(self.model0, buffers, (x,), strict=False)
+                finally:
+                    _set_rng_states(after, x.device)
+        finally:
+            self.model0.eval()
+
     def h(self, x: torch.Tensor) -> torch.Tensor:
-        """The unscaled centered model h(w, x): (n, ...) → (n, k)."""
+        """The unscaled centered model h(w, x) = f(w, x) − f(w0, x): (n, ...) → (n, k).
+
+        f(w0, x) uses the initial parameters with the live model's current buffers and
+        train/eval modes (and, in training mode, the same random stream), so that h(w0) = 0
+        holds exactly for models with BatchNorm or Dropout too."""
         if self.center and isinstance(self.model, Linearized):
             return self.model.tangent(x)
+        if not self.center:
+            return self.model(x)
+        rng = _rng_states(x.device) if isinstance(x, torch.Tensor) and self.model.training else None
         out = self.model(x)
-        if self.center:
-            with torch.no_grad():
-                out0 = self.model0(x)
-            out = out - out0
-        return out
+        return out - self._initial_output(x, rng)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """α·h(w, x): (n, ...) → (n, k)."""
@@ -493,7 +573,7 @@ class FrozenPatternNet(nn.Module):
         for name in ("features", "classifier"):
             if not hasattr(model, name):
                 raise TypeError(f"model must have a `{name}` attribute (VGG-style features + classifier)")
-        self.alpha = check_positive_finite(alpha, "alpha")
+        self.alpha = check_alpha(alpha, "alpha", model_param_info(model)[1])
         self._check_layers(model)
         self.model = model
         self.initial = frozen_copy(model) if initial is None else initial

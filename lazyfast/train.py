@@ -16,86 +16,48 @@ global torch RNG are all saved.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
 import os
-import struct
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from lazyfast._validation import check_input, check_module, check_positive_finite
+from lazyfast import _store
+from lazyfast._validation import (check_alpha, check_bool, check_float, check_input, check_int, check_module,
+                                  check_positive_finite, model_param_info)
+from lazyfast._validation import check_finite
 from lazyfast.lazy import LOSSES, cross_entropy_loss, square_loss
 
 __all__ = ["TrainConfig", "train", "CheckpointError", "save_checkpoint", "load_checkpoint", "learning_rate",
            "evaluate"]
 
 _MAGIC = b"LAZYFAST-CKPT\x00v1"
-_HEADER = struct.Struct("<16sQ32s")  # magic, payload length, sha256(payload)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(_store.IntegrityError):
     """A checkpoint file is missing, truncated, corrupt, or from an incompatible run."""
 
 
 # ----------------------------------------------------------------------------- checkpoint files
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Writes ``state`` (tensors, dicts, numbers, strings) to ``path`` atomically.
-
-    The bytes go to ``path + '.tmp'`` first, are fsync'ed, then renamed over ``path``
-    (``os.replace`` is atomic on POSIX), and the directory is fsync'ed: a crash leaves
-    either the previous checkpoint or the new one, never a mix.
-    """
+    """Writes ``state`` (tensors, dicts, numbers, strings) to ``path`` atomically, framed
+    (magic, length, SHA-256) by :mod:`lazyfast._store`: a crash leaves either the previous
+    checkpoint or the new one, never a mix."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
-    header = _HEADER.pack(_MAGIC, len(payload), hashlib.sha256(payload).digest())
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(header)
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dirname = os.path.dirname(os.path.abspath(path))
-    try:
-        dfd = os.open(dirname, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    _store.write_framed(path, buf.getvalue(), _MAGIC)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Reads a checkpoint written by :func:`save_checkpoint`, verifying magic, length and
     SHA-256; raises :class:`CheckpointError` naming the problem otherwise."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} does not exist") from None
-    if len(data) < _HEADER.size:
-        raise CheckpointError(f"checkpoint {path!r} is truncated ({len(data)} bytes, header needs {_HEADER.size})")
-    magic, length, digest = _HEADER.unpack_from(data)
-    if magic != _MAGIC:
-        raise CheckpointError(f"{path!r} is not a lazyfast checkpoint (bad magic bytes)")
-    payload = data[_HEADER.size:]
-    if len(payload) != length:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or padded: payload has {len(payload)} bytes, "
-                              f"header says {length}")
-    if hashlib.sha256(payload).digest() != digest:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: SHA-256 checksum mismatch")
+    payload = _store.read_framed(path, _MAGIC, what="checkpoint", error=CheckpointError)
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
@@ -149,26 +111,20 @@ class TrainConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps (full-batch GD) or epochs")
         for name in ("steps", "epochs"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+            check_int(getattr(self, name), name, minimum=0, allow_none=True)
         for name in ("batch_size", "eval_batch_size", "checkpoint_every"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ValueError(f"log_every must be a positive int, got {self.log_every!r}")
-        for name in ("momentum", "lr_decay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.momentum >= 1:
-            raise ValueError(f"momentum must be < 1, got {self.momentum!r}")
+            check_int(getattr(self, name), name, minimum=1, allow_none=True)
+        check_int(self.log_every, "log_every", minimum=1)
+        check_int(self.seed, "seed")
+        check_float(self.momentum, "momentum", nonnegative=True, below=1.0)
+        check_float(self.lr_decay, "lr_decay", nonnegative=True)
         for name in ("lr_decay_unit", "log_unit"):
             if getattr(self, name) not in ("step", "epoch"):
                 raise ValueError(f"{name} must be 'step' or 'epoch', got {getattr(self, name)!r}")
         if self.alpha is not None:
-            check_positive_finite(self.alpha, "alpha")
+            check_alpha(self.alpha, "alpha")
+        if self.progress is not None:
+            check_bool(self.progress, "progress")
         return self
 
 
@@ -219,16 +175,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = 
 def _check_targets(y, n, name):
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-    if y.shape[0] != n:
+    if y.dim() == 0 or y.shape[0] != n:
         raise ValueError(f"{name} must have {n} rows (one per input), got shape {tuple(y.shape)}")
-    if y.is_floating_point() and y.numel() and not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    if y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{name} must be float targets or integer class labels, got dtype {y.dtype}")
+    if y.is_floating_point():
+        check_finite(**{name: y})
 
 
-def _config_fingerprint(config: TrainConfig, n: int) -> str:
+def _config_fingerprint(config: TrainConfig, n: int, data_digest: str = "") -> str:
+    """The configuration and a digest of the data (x_train, y_train, x_test, y_test): a
+    checkpoint of another problem, even one of the same size, is never resumed."""
     fields = dataclasses.asdict(config)
     fields.pop("progress")
     fields["n_train"] = n
+    fields["data_sha256"] = data_digest
     return json.dumps(fields, sort_keys=True)
 
 
@@ -248,13 +209,7 @@ def _rewrite_metrics(path: str, keep_until_step: int) -> List[Dict[str, Any]]:
                 break  # a partial last line from the kill
             if rec.get("step", -1) < keep_until_step:
                 kept.append(rec)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        for rec in kept:
-            fh.write(json.dumps(rec) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _store.atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
     return kept
 
 
@@ -290,6 +245,9 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
+    resume = check_bool(resume, "resume")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     check_input(x_train, "x_train", model)
     n = x_train.shape[0]
     if n == 0:
@@ -298,11 +256,19 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither")
     if x_test is not None:
-        check_input(x_test, "x_test", model, like=x_train)
+        check_input(x_test, "x_test", model, like=x_train, like_name="x_train")
         _check_targets(y_test, x_test.shape[0], "y_test")
     if config.loss == "cross_entropy" and y_train.is_floating_point():
         raise TypeError("loss='cross_entropy' needs integer class labels in y_train")
-    alpha = float(config.alpha if config.alpha is not None else getattr(model, "alpha", 1.0))
+    # writable paths up front: a bad path must not cost the whole run (and its history)
+    for pname, path in (("metrics_path", metrics_path), ("checkpoint_path", checkpoint_path)):
+        if path is not None:
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"{pname} must be a path (str or os.PathLike) or None, got {type(path).__name__}")
+            _store.check_writable(path, pname)
+    _, model_dtype = model_param_info(model)
+    alpha = check_alpha(config.alpha if config.alpha is not None else getattr(model, "alpha", 1.0),
+                        "config.alpha" if config.alpha is not None else "model.alpha", model_dtype)
     inv_a2 = 1.0 / (alpha * alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -313,7 +279,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
     batches_per_epoch = math.ceil(n / bs)
     total_steps = config.steps if config.steps is not None else config.epochs * batches_per_epoch
     gen = torch.Generator().manual_seed(int(config.seed))
-    fingerprint = _config_fingerprint(config, n)
+    fingerprint = _config_fingerprint(config, n, _store.tensor_digest(x_train, y_train, x_test, y_test))
 
     step, epoch, perm, perm_epoch = 0, 0, None, -1
     history: List[Dict[str, Any]] = []
@@ -322,7 +288,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
         state = load_checkpoint(checkpoint_path)
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(f"checkpoint {checkpoint_path!r} was written with a different configuration or "
-                                  f"dataset size; refusing to resume (saved: {state.get('fingerprint')}, "
+                                  f"data; refusing to resume (saved: {state.get('fingerprint')}, "
                                   f"now: {fingerprint})")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -373,6 +339,14 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
             metrics_fh.flush()
 
     train_acc_batch = None
+    warned = []
+
+    def watch(value: float):
+        if not warned and not math.isfinite(value):
+            warned.append(step)
+            warnings.warn(f"train: the loss became {value} at step {step} (diverged: lr too large for this "
+                          f"alpha/model?); training goes on, the metrics record it", RuntimeWarning, stacklevel=3)
+
     try:
         model.train()
         while step < total_steps:
@@ -398,6 +372,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
             if log_now:
                 train_acc_batch = _accuracy(out.detach(), yb)
                 log(float(r.detach()))
+                watch(history[-1]["train_loss"])
             opt.step()
             step += 1
             if step % batches_per_epoch == 0:
@@ -411,6 +386,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
                 callback({"step": step, "epoch": epoch, "loss": float(r.detach()), "model": model})
         model.eval()
         log(None)
+        watch(history[-1]["train_loss"])
         checkpoint()
     finally:
         if bar is not None:

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from lazyfast import _ext, reference
+from lazyfast._validation import check_finite
 from lazyfast.models import ACTIVATION_CODES, TwoLayer, check_activation
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -48,11 +49,6 @@ def _like(t, ref, name, shape):
     return t
 
 
-def _finite(t, name):
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
 def _check_weights(A, c, B, scale, activation):
     _tensor(A, "A", 2)
     m, _ = A.shape
@@ -62,7 +58,9 @@ def _check_weights(A, c, B, scale, activation):
     _like(B, A, "B", B.shape)
     if c is not None:
         _like(c, A, "c", (m,))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a finite float, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     check_activation(activation)
     return float(scale), ACTIVATION_CODES[activation]
@@ -76,7 +74,6 @@ def _check_x(x, A, name):
         raise TypeError(f"{name} has dtype {x.dtype} but A has dtype {A.dtype}")
     if x.device != A.device:
         raise ValueError(f"{name} is on {x.device} but A is on {A.device}")
-    _finite(x, name)
 
 
 def _no_grad_wanted(op, **tensors):
@@ -119,6 +116,9 @@ def two_layer_ntk(x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, A: tor
     if mode not in ("trace", "full"):
         raise ValueError(f"mode must be 'trace' or 'full', got {mode!r}")
     _no_grad_wanted("two_layer_ntk", x1=x1, x2=x2, A=A, c=c, B=B)
+    # one fused NaN/inf check of inputs AND weights (the ReLU kernels would hide NaN weights:
+    # σ'(NaN) = 0 drops them, while the model's own output is NaN)
+    check_finite(x1=x1, x2=x2, A=A, c=c, B=B)
     if _use_kernels(x1):
         return torch.ops.lazyfast.two_layer_ntk(x1, x2, A, c, B, s, code, mode == "full")
     return reference.two_layer_ntk_dense(x1, x2, A, c, B, s, activation, mode)
@@ -156,6 +156,7 @@ def two_layer_jvp(x: torch.Tensor, *, A: torch.Tensor, B: torch.Tensor, c: Optio
     if dB is not None:
         _like(dB, A, "dB", (T, k, m))
     _no_grad_wanted("two_layer_jvp", x=x, A=A, c=c, B=B)
+    check_finite(x=x, A=A, c=c, B=B, dA=dA, dc=dc, dB=dB)
     if _use_kernels(x):
         return torch.ops.lazyfast.two_layer_jvp(x, A, c, B, s, code, dA, dc, dB)
     return reference.two_layer_jvp_dense(x, A, c, B, s, activation, dA, dc, dB)
@@ -177,8 +178,8 @@ def two_layer_vjp(x: torch.Tensor, r: torch.Tensor, *, A: torch.Tensor, B: torch
     s, code = _check_weights(A, c, B, scale, activation)
     _check_x(x, A, "x")
     _like(r, A, "r", (x.shape[0], B.shape[0]))
-    _finite(r, "r")
     _no_grad_wanted("two_layer_vjp", x=x, A=A, c=c, B=B)
+    check_finite(x=x, r=r, A=A, c=c, B=B)
     if _use_kernels(x):
         return tuple(torch.ops.lazyfast.two_layer_vjp(x, A, c, B, s, code, r))
     return reference.two_layer_vjp_dense(x, A, c, B, s, activation, r)
@@ -202,8 +203,8 @@ def two_layer_ntk_vp(x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tenso
         _check_x(x2, A, "x2")
     n2 = (x1 if x2 is None else x2).shape[0]
     _like(v, A, "v", (n2, B.shape[0]))
-    _finite(v, "v")
     _no_grad_wanted("two_layer_ntk_vp", x1=x1, x2=x2, A=A, c=c, B=B)
+    check_finite(x1=x1, x2=x2, v=v, A=A, c=c, B=B)
     if _use_kernels(x1):
         return torch.ops.lazyfast.two_layer_ntk_vp(x1, x2, A, c, B, s, code, v)
     return reference.two_layer_ntk_vp_dense(x1, x2, A, c, B, s, activation, v)
@@ -259,23 +260,55 @@ def model_ntk_vp(model: TwoLayer, x1, v, x2=None):
 # ----------------------------------------------------------------------------- fake kernels + autograd
 if _ext._C is not None:
 
+    def _fake_weights(op, x, A, c, B, x_name="x"):
+        """Shape checks of the fake kernels (torch.compile / meta tensors): the same
+        contract the compiled ops enforce with TORCH_CHECK."""
+        torch._check(A.dim() == 2, lambda: f"{op}: A must be 2-D (m, d), got {tuple(A.shape)}")
+        torch._check(B.dim() == 2 and B.shape[1] == A.shape[0],
+                     lambda: f"{op}: B must be (k, m) with m = A.shape[0], got {tuple(B.shape)}")
+        torch._check(c is None or (c.dim() == 1 and c.shape[0] == A.shape[0]),
+                     lambda: f"{op}: c must be (m,) with m = A.shape[0]")
+        torch._check(x.dim() == 2 and x.shape[1] == A.shape[1],
+                     lambda: f"{op}: {x_name} must be (n, d) with d = A.shape[1] = {A.shape[1]}, got {tuple(x.shape)}")
+        for name, t in (("B", B), ("c", c), (x_name, x)):
+            torch._check(t is None or t.dtype == A.dtype, lambda: f"{op}: {name} must have A's dtype {A.dtype}")
+
     @torch.library.register_fake("lazyfast::two_layer_ntk")
     def _ntk_fake(x1, x2, A, c, B, scale, activation, full):
+        _fake_weights("two_layer_ntk", x1, A, c, B, "x1")
+        if x2 is not None:
+            _fake_weights("two_layer_ntk", x2, A, c, B, "x2")
         n2 = x1.shape[0] if x2 is None else x2.shape[0]
         k = B.shape[0]
         return x1.new_empty((x1.shape[0], n2, k, k) if full else (x1.shape[0], n2))
 
     @torch.library.register_fake("lazyfast::two_layer_jvp")
     def _jvp_fake(x, A, c, B, scale, activation, dA, dc, dB):
-        t = next(t for t in (dA, dc, dB) if t is not None)
-        return x.new_empty((t.shape[0], x.shape[0], B.shape[0]))
+        _fake_weights("two_layer_jvp", x, A, c, B)
+        given = [t for t in (dA, dc, dB) if t is not None]
+        torch._check(len(given) > 0, lambda: "two_layer_jvp: needs at least one tangent: dA, dc or dB")
+        T = given[0].shape[0]
+        m, d = A.shape
+        for name, t, shape in (("dA", dA, (T, m, d)), ("dc", dc, (T, m)), ("dB", dB, (T, B.shape[0], m))):
+            torch._check(t is None or tuple(t.shape) == shape,
+                         lambda: f"two_layer_jvp: {name} must have shape {shape}, got {tuple(t.shape)}")
+        return x.new_empty((T, x.shape[0], B.shape[0]))
 
     @torch.library.register_fake("lazyfast::two_layer_vjp")
     def _vjp_fake(x, A, c, B, scale, activation, r):
+        _fake_weights("two_layer_vjp", x, A, c, B)
+        torch._check(r.dim() == 2 and r.shape[0] == x.shape[0] and r.shape[1] == B.shape[0],
+                     lambda: f"two_layer_vjp: r must be (n, k) = ({x.shape[0]}, {B.shape[0]}), got {tuple(r.shape)}")
         return A.new_empty(A.shape), A.new_empty((A.shape[0],)), B.new_empty(B.shape)
 
     @torch.library.register_fake("lazyfast::two_layer_ntk_vp")
     def _ntk_vp_fake(x1, x2, A, c, B, scale, activation, v):
+        _fake_weights("two_layer_ntk_vp", x1, A, c, B, "x1")
+        if x2 is not None:
+            _fake_weights("two_layer_ntk_vp", x2, A, c, B, "x2")
+        n2 = x1.shape[0] if x2 is None else x2.shape[0]
+        torch._check(v.dim() == 2 and v.shape[0] == n2 and v.shape[1] == B.shape[0],
+                     lambda: f"two_layer_ntk_vp: v must be (n2, k) = ({n2}, {B.shape[0]}), got {tuple(v.shape)}")
         return x1.new_empty((x1.shape[0], B.shape[0]))
 
     def _refuse(op, ctx, n_weights):

@@ -4,8 +4,8 @@ progress bars, dtype/device parsing and small statistics.
 Every experiment module defines a dataclass ``Config`` with classmethods ``quick()`` and
 ``paper()`` and a function ``run(config, store=None) -> dict`` returning a plain,
 JSON-serializable dict. A sweep is split into *runs* (usually one trial); each finished run is
-appended to a JSONL file by :class:`RunStore`, so a rerun skips it and a killed sweep loses at
-most the run in progress.
+appended to a checksummed JSONL file by :class:`RunStore`, so a rerun skips it and a killed
+sweep loses at most the run in progress.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import hashlib
 import json
 import math
 import os
-import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
+
+from lazyfast._store import JsonlLog, file_digest, tensor_digest
 
 PRESETS = ("quick", "paper")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -108,28 +109,30 @@ def check_positive_list(values, name):
 
 # ----------------------------------------------------------------------------- resumable runs
 class RunStore:
-    """Append-only JSONL store of finished runs, keyed by a string.
+    """Append-only store of finished runs, keyed by a string (``runs.jsonl``).
 
-    ``path=None`` keeps runs in memory only. Each line is ``{"key": ..., "result": ...}``,
-    written and flushed (fsync) in one go, so a kill leaves at most a truncated last line,
-    which is ignored on reload with a warning.
+    ``path=None`` keeps runs in memory only. On disk it is a :class:`lazyfast._store.JsonlLog`:
+    each line is ``{"key", "fingerprint", "result", "sha256"}``, the SHA-256 of the record's
+    own canonical JSON, written in one ``write`` and fsync'ed. On open, a torn last line (a
+    kill mid-write) is reported once and cut off, records that fail their checksum (edited by
+    hand, or from an older lazyfast) are reported and not reused, and a file that is not UTF-8
+    raises :class:`lazyfast._store.IntegrityError` naming it.
+
+    ``fingerprint``: the problem the runs belong to (e.g. a digest of the data files a run
+    reads); a stored run is reused only when its key AND fingerprint match, so runs on other
+    data are recomputed instead of silently reused.
     """
 
-    def __init__(self, path: Optional[str] = None):
+    def __init__(self, path: Optional[str] = None, *, fingerprint: Optional[str] = None):
         self.path = path
+        self.fingerprint = fingerprint
         self._runs: Dict[str, Any] = {}
-        if path is not None and os.path.exists(path):
-            with open(path, "r", encoding="utf-8") as f:
-                lines = f.read().split("\n")
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
+        self._log = None
+        if path is not None:
+            self._log = JsonlLog(path)
+            for rec in self._log.records():
+                if rec.get("fingerprint") == fingerprint and "key" in rec and "result" in rec:
                     self._runs[rec["key"]] = rec["result"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    print(f"lazyfast: ignoring unreadable line {i + 1} of {path} (a run killed while writing?)",
-                          file=sys.stderr)
 
     def __contains__(self, key: str) -> bool:
         return key in self._runs
@@ -144,17 +147,14 @@ class RunStore:
         return self._runs[key]
 
     def put(self, key: str, result: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
         result = json_safe(result)
+        # canonical JSON round trip: what is returned now is exactly what a rerun will read
+        result = json.loads(json.dumps(result, allow_nan=False))
+        if self._log is not None:
+            self._log.append({"key": key, "fingerprint": self.fingerprint, "result": result})
         self._runs[key] = result
-        if self.path is None:
-            return
-        line = json.dumps({"key": key, "result": result}, allow_nan=False) + "\n"
-        d = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(d, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
 
     def run(self, key: str, fn: Callable[[], Any]):
         """The stored result for ``key``, or ``fn()`` computed now and appended."""
@@ -162,6 +162,15 @@ class RunStore:
             return self._runs[key]
         self.put(key, fn())
         return self._runs[key]
+
+
+def data_fingerprint(*tensors, files=()) -> str:
+    """Digest of the data a run reads (tensors and/or files), for ``RunStore(fingerprint=...)``."""
+    h = hashlib.sha256()
+    h.update(tensor_digest(*tensors).encode())
+    if files:
+        h.update(file_digest(files).encode())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- progress

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from lazyfast._store import atomic_write
 from lazyfast.experiments import common, get
 
 RUNS_FILE = "runs.jsonl"
@@ -40,7 +41,8 @@ def reproduce(name: str, preset: str = "quick", out: Optional[str] = None, *, pl
         common.check_positive(threads, "threads", integer=True)
         torch.set_num_threads(threads)
     cfg = common.make_config(module.Config, preset, **overrides)
-    store = common.RunStore(os.path.join(out, RUNS_FILE) if out else None)
+    store = common.RunStore(os.path.join(out, RUNS_FILE) if out else None,
+                            fingerprint=data_fingerprint(name, cfg) if out else None)
     t0 = time.perf_counter()
     result = module.run(cfg, store)
     result["preset"] = preset
@@ -53,11 +55,26 @@ def reproduce(name: str, preset: str = "quick", out: Optional[str] = None, *, pl
 
             files = plots.plot(result, out)
         result["files"] = [os.path.relpath(p, out) for p in files]
-        tmp = os.path.join(out, RESULTS_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(common.json_safe(result), f, indent=1, allow_nan=False)
-        os.replace(tmp, os.path.join(out, RESULTS_FILE))
+        text = json.dumps(common.json_safe(result), indent=1, allow_nan=False)
+        atomic_write(os.path.join(out, RESULTS_FILE), text.encode("utf-8"))
     return result
+
+
+def data_fingerprint(name: str, cfg) -> str:
+    """The problem fingerprint of experiment ``name``'s stored runs: the experiment's name and
+    a digest of the data files it reads (CIFAR-10 / Fashion-MNIST under ``data_dir``), so runs
+    on other data are never reused. Experiments that generate their data from the config's
+    seed read no file: their keys (config fingerprints) already determine the data."""
+    files = []
+    source = getattr(cfg, "data", "auto")
+    if hasattr(cfg, "data_dir") and source != "synthetic":
+        from lazyfast.experiments.image_data import FASHION_MNIST_DIR
+
+        d = cfg.data_dir or (FASHION_MNIST_DIR if source in ("auto", "fashion-mnist") else None)
+        if d and os.path.isdir(d):
+            files = [os.path.join(d, f) for f in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, f))]
+    digest = common.file_digest(files) if files else "generated"
+    return f"{name}:{digest[:16]}"
 
 
 def config_fields(name: str):
