@@ -138,14 +138,17 @@ def check_float(value, name: str, *, positive: bool = False, nonnegative: bool =
         else:
             raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
-    if math.isnan(v) or (finite and math.isinf(v)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and not v > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if nonnegative and not v >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if below is not None and not v < below:
-        raise ValueError(f"{name} must be < {below:g}, got {value!r}")
+    req = ["finite"] if finite else ["not NaN"]
+    if positive:
+        req.append("> 0")
+    if nonnegative:
+        req.append(">= 0")
+    if below is not None:
+        req.append(f"< {below:g}")
+    bad = (math.isnan(v) or (finite and math.isinf(v)) or (positive and not v > 0)
+           or (nonnegative and not v >= 0) or (below is not None and not v < below))
+    if bad:
+        raise ValueError(f"{name} must be {' and '.join(req)}, got {value!r}")
     return v
 
 

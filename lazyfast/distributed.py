@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -25,9 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lazyfast import _store
+from lazyfast._validation import check_bool, check_input, check_mode, check_module
 from lazyfast.ntk import empirical_ntk
 
 MANIFEST = "manifest.json"
+_SHARD_MAGIC = b"LAZYFAST-SHARD1\x00"
 
 
 def rank_and_world():
@@ -56,13 +62,12 @@ def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_block(obj, path: Path) -> None:
+    """A block file: the torch-serialized block behind a checksummed header
+    (:func:`lazyfast._store.frame`), written atomically."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _store.write_framed(path, buf.getvalue(), _SHARD_MAGIC)
 
 
 def _block_path(out_dir: Path, b: int) -> Path:
@@ -70,11 +75,13 @@ def _block_path(out_dir: Path, b: int) -> Path:
 
 
 def _load_block(path: Path, b: int, rows, fp: str, shape) -> Optional[torch.Tensor]:
-    """A finished block, or None if the file is missing, partial, corrupt or from another problem."""
+    """A finished block, or None if the file is missing, partial, corrupt (checksum), edited,
+    or from another problem (fingerprint of the model, the data and the settings)."""
     if not path.exists():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        payload = _store.read_framed(path, _SHARD_MAGIC, what="block file")
+        obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         ok = (obj.get("block") == b and tuple(obj.get("rows")) == tuple(rows) and obj.get("fingerprint") == fp
               and tuple(obj["kernel"].shape) == tuple(shape))
     except Exception:
@@ -106,14 +113,17 @@ def _write_manifest(out_dir: Path, meta: dict, overwrite: bool) -> None:
                     f"{old} vs {meta}); use a fresh directory or overwrite=True")
             for p in out_dir.glob("block_*.pt"):
                 p.unlink()
-    tmp = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    _store.atomic_write(path, json.dumps(meta, indent=1, sort_keys=True).encode())
+    for stale in out_dir.glob(".*.tmp"):  # temporary files of writes killed midway
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
                     implementation: str = "auto", block_size: int = 256, out_dir: Optional[str] = None,
-                    gather: bool = True, overwrite: bool = False) -> DistributedNTKResult:
+                    gather: bool = True, overwrite: bool = False, progress=None) -> DistributedNTKResult:
     """Block-partitioned Θ(x1, x2) over the ranks of the default process group.
 
     Call it on every rank with the same model parameters and inputs (it works without a
@@ -126,16 +136,34 @@ def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
             found there are skipped. None keeps blocks in memory.
         gather: assemble the kernel on rank 0.
         overwrite: allow ``out_dir`` to hold shards of a different problem (they are deleted).
+        progress: True prints one line per block on stderr (rank, block, rows, seconds); a
+            callable receives a dict per block instead; None/False: silent.
 
     Returns:
         :class:`DistributedNTKResult`; ``kernel`` is (n1, n2) or (n1, n2, k, k) on rank 0.
     """
+    check_module(model)
+    check_input(x1, "x1", model)
+    if x2 is not None:
+        check_input(x2, "x2", model, like=x1)
+    check_mode(mode)
+    gather, overwrite = check_bool(gather, "gather"), check_bool(overwrite, "overwrite")
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError(f"progress must be a bool, a callable or None, got {type(progress).__name__}")
     rank, world = rank_and_world()
     x2_eff = x1 if x2 is None else x2
     blocks = row_blocks(x1.shape[0], block_size)
     fp = fingerprint(model, x1, x2) + f":{mode}:{block_size}"
-    with torch.no_grad():
-        k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] else 1
+    k = getattr(model, "out_features", None)
+    if k is None:
+        probe = x1 if x1.shape[0] else x2_eff
+        if not probe.shape[0]:
+            raise ValueError("x1 and x2 are both empty and the model declares no out_features: the kernel's "
+                             "number of outputs k is unknown")
+        with torch.no_grad():
+            k = model(probe[:1]).reshape(1, -1).shape[1]
     tail = (x2_eff.shape[0],) if mode == "trace" else (x2_eff.shape[0], k, k)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
@@ -148,20 +176,36 @@ def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
             dist.barrier()
     result = DistributedNTKResult(kernel=None, n_blocks=len(blocks))
     local = {}
+
+    def report(b, s, e, status, seconds):
+        if not progress:
+            return
+        info = {"rank": rank, "world": world, "block": b, "n_blocks": len(blocks), "rows": (s, e),
+                "status": status, "seconds": seconds}
+        if callable(progress) and not isinstance(progress, bool):
+            progress(info)
+        else:
+            sys.stderr.write(f"rank {rank}/{world}: block {b + 1}/{len(blocks)} rows {s}:{e} {status}"
+                             + (f" in {seconds:.2f} s" if status == "computed" else "") + "\n")
+            sys.stderr.flush()
+
     for b in range(rank, len(blocks), world):
         s, e = blocks[b]
         if out_path is not None:
             done = _load_block(_block_path(out_path, b), b, (s, e), fp, (e - s,) + tail)
             if done is not None:
                 result.skipped_blocks.append(b)
+                report(b, s, e, "already on disk", 0.0)
                 continue
+        t0 = time.perf_counter()
         K = empirical_ntk(model, x1[s:e], x2_eff, mode=mode, implementation=implementation)
         if out_path is not None:
-            _atomic_save({"block": b, "rows": (s, e), "fingerprint": fp, "kernel": K.detach().cpu()},
-                         _block_path(out_path, b))
+            _save_block({"block": b, "rows": (s, e), "fingerprint": fp, "kernel": K.detach().cpu()},
+                        _block_path(out_path, b))
         else:
             local[b] = K.detach().cpu()
         result.computed_blocks.append(b)
+        report(b, s, e, "computed", time.perf_counter() - t0)
     if world > 1:
         dist.barrier()
     if not gather:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lazyfast._validation import check_bool, check_float, check_int
+
 ACTIVATIONS = ("identity", "relu", "tanh", "gelu", "softplus")
 # Integer codes shared with csrc/include/lazyfast/activations.h.
 ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -37,9 +39,13 @@ def activation_fn(name: str):
 
 
 def _check_pos_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+    return check_int(v, name, minimum=1)
+
+
+def _check_dtype(dtype):
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    return dtype
 
 
 class TwoLayer(nn.Module):
@@ -68,6 +74,9 @@ class TwoLayer(nn.Module):
         self.width = _check_pos_int(m, "m")
         self.out_features = _check_pos_int(k, "k")
         self.activation = check_activation(activation)
+        bias = check_bool(bias, "bias")
+        symmetric = check_bool(symmetric, "symmetric")
+        _check_dtype(dtype)
         if isinstance(scale, str):
             if scale == "ntk":
                 s = 1.0 / math.sqrt(m)
@@ -76,17 +85,14 @@ class TwoLayer(nn.Module):
             else:
                 raise ValueError(f"scale must be 'ntk', 'mean_field' or a float, got {scale!r}")
         else:
-            s = float(scale)
-            if not math.isfinite(s) or s == 0:
+            s = check_float(scale, "scale")
+            if s == 0:
                 raise ValueError(f"scale must be finite and non-zero, got {scale!r}")
         self.scale = s
         if symmetric and m % 2:
             raise ValueError(f"symmetric=True needs an even width m, got m={m}")
-        self.symmetric = bool(symmetric)
-        tau = float(init_scale)
-        if not math.isfinite(tau) or tau <= 0:
-            raise ValueError(f"init_scale must be finite and > 0, got {init_scale!r}")
-        self.init_scale = tau
+        self.symmetric = symmetric
+        self.init_scale = check_float(init_scale, "init_scale", positive=True)
         self.hidden = nn.Linear(d, m, bias=bias, dtype=dtype, device=device)
         self.output = nn.Linear(m, k, bias=False, dtype=dtype, device=device)
         self.reset_parameters()
@@ -170,9 +176,14 @@ class MLP(nn.Module):
                  parametrization: str = "ntk", dtype=None, device=None):
         super().__init__()
         self.in_features = _check_pos_int(d, "d")
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple, range)):
+            raise TypeError(f"widths must be a list or tuple of hidden widths (e.g. [512, 512]), got "
+                            f"{type(widths).__name__} {widths!r}")
         widths = list(widths)
         for i, w in enumerate(widths):
             _check_pos_int(w, f"widths[{i}]")
+        bias = check_bool(bias, "bias")
+        _check_dtype(dtype)
         self.widths = widths
         self.out_features = _check_pos_int(k, "k")
         self.activation = check_activation(activation)
@@ -214,6 +225,7 @@ class VGG11(nn.Module):
         _check_pos_int(num_classes, "num_classes")
         _check_pos_int(in_channels, "in_channels")
         _check_pos_int(width, "width")
+        check_float(gain, "gain", positive=True)
         layers, c = [], in_channels
         for v in VGG11_CFG:
             if v == "M":
@@ -257,6 +269,7 @@ class ResNet18(nn.Module):
         _check_pos_int(num_classes, "num_classes")
         _check_pos_int(in_channels, "in_channels")
         _check_pos_int(width, "width")
+        check_float(gain, "gain", positive=True)
         w = 64 * width
         self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
         blocks, cin = [], w

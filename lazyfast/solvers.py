@@ -32,30 +32,36 @@ import torch
 from torch import nn
 
 from lazyfast import ntk as _ntk
-from lazyfast._validation import check_input, check_module, check_positive_finite
+from lazyfast._validation import (check_bool, check_chunk_size, check_finite, check_float, check_input, check_int,
+                                  check_module, check_positive_finite)
 
 __all__ = ["KernelGradientFlow", "kernel_gradient_flow", "CGResult", "kernel_regression_cg", "chunked_ntk_vp",
            "kernel_predict"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_tensor(t, name, dims=None):
+def _check_tensor(t, name, dims=None, like=None, like_name="K"):
+    """Floating tensor with ``dims`` dimensions, finite, and (with ``like``) on its device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if dims is not None and t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    check_finite(**{name: t})
     return t
 
 
-def _as_2d_targets(y, name, n):
-    _check_tensor(y, name, (1, 2))
+def _as_2d_targets(y, name, n, k=None, like=None, like_name="K"):
+    """(n, k) targets from (n, k) or (n,) (k = 1); ``k`` checks the number of columns."""
+    _check_tensor(y, name, (1, 2), like, like_name)
     y = y.unsqueeze(1) if y.dim() == 1 else y
     if y.shape[0] != n:
-        raise ValueError(f"{name} must have {n} rows (one per training point), got shape {tuple(y.shape)}")
+        raise ValueError(f"{name} must have {n} rows (one per point), got shape {tuple(y.shape)}")
+    if k is not None and y.shape[1] != k:
+        raise ValueError(f"{name} must have shape ({n}, {k}) (or ({n},) when k = 1), got {tuple(y.shape)}")
     return y
 
 
@@ -99,20 +105,37 @@ class KernelGradientFlow:
             raise ValueError(f"K must be square over training points, got shape {tuple(K.shape)}")
         self.n = n
         self.lr = check_positive_finite(lr, "lr")
-        self.y = _as_2d_targets(y, "y", n).to(K.dtype)
+        self.y = _as_2d_targets(y, "y", n, like=K).to(K.dtype)
         self.k = self.y.shape[1]
         self.full = K.dim() == 4
-        if self.full and K.shape[2] != self.k:
-            raise ValueError(f"K has {K.shape[2]} outputs but y has {self.k} columns")
-        self.f0 = torch.zeros_like(self.y) if f0 is None else _as_2d_targets(f0, "f0", n).to(K.dtype)
-        if self.f0.shape != self.y.shape:
-            raise ValueError(f"f0 must have the shape of y {tuple(self.y.shape)}, got {tuple(self.f0.shape)}")
+        if self.full and (K.shape[2] != self.k or K.shape[3] != self.k):
+            raise ValueError(f"K has shape {tuple(K.shape)}: a full kernel must be (n, n, k, k) with k = "
+                             f"{self.k} (the columns of y)")
+        self.f0 = torch.zeros_like(self.y) if f0 is None else _as_2d_targets(f0, "f0", n, self.k, K).to(K.dtype)
+        if eig_rtol is not None:
+            eig_rtol = check_float(eig_rtol, "eig_rtol", nonnegative=True, below=1.0)
         Kmat = _flatten_kernel(K, "K") if self.full else K
+        # K must be symmetric up to round-off: a non-symmetric matrix is not a kernel (a K_test
+        # passed as K, or a full kernel with its axes permuted), and symmetrizing it would
+        # silently solve another problem.
+        eps = torch.finfo(K.dtype).eps
+        scale = float(Kmat.abs().max()) if Kmat.numel() else 0.0
+        asym = float((Kmat - Kmat.T).abs().max()) if Kmat.numel() else 0.0
+        if asym > math.sqrt(eps) * scale:
+            raise ValueError(f"K is not symmetric: max |K - K^T| = {asym:.3g} vs max |K| = {scale:.3g} "
+                             f"(tolerance {math.sqrt(eps):.1e} relative); a tangent kernel K(X, X) is symmetric")
         Kmat = 0.5 * (Kmat + Kmat.T)  # symmetrize round-off before eigh
         self.eigvals, self.eigvecs = torch.linalg.eigh(Kmat)
-        lam_max = float(self.eigvals.abs().max()) if self.eigvals.numel() else 0.0
-        rtol = eig_rtol if eig_rtol is not None else Kmat.shape[0] * torch.finfo(K.dtype).eps
-        self._zero = self.eigvals.abs() <= rtol * lam_max
+        lam_max = float(self.eigvals.max()) if self.eigvals.numel() else 0.0
+        rtol = eig_rtol if eig_rtol is not None else Kmat.shape[0] * eps
+        # K must be positive semi-definite up to round-off: a negative eigenvalue makes the flow
+        # exp(−ηtλ/n) grow without bound (predictions like −7e10), not converge.
+        lam_min = float(self.eigvals.min()) if self.eigvals.numel() else 0.0
+        psd_tol = max(100.0 * Kmat.shape[0] * eps, rtol) * max(lam_max, 0.0)
+        if self.eigvals.numel() and (lam_max <= 0.0 and scale > 0.0 or lam_min < -psd_tol):
+            raise ValueError(f"K is not positive semi-definite: eigenvalues range over [{lam_min:.3g}, {lam_max:.3g}]; "
+                             "a tangent kernel J Jᵀ has none below round-off")
+        self._zero = self.eigvals <= rtol * lam_max
 
     def _to_vec(self, r: torch.Tensor) -> torch.Tensor:
         # full kernel: one vector (n·k,); shared kernel: k columns (n, k)
@@ -178,9 +201,13 @@ class KernelGradientFlow:
             f0_test: f_0 at the test points (n_test, k); None means zero.
             t, steps: as in :meth:`train_predictions`.
         """
-        _check_tensor(K_test, "K_test", (4,) if self.full else (2,))
+        _check_tensor(K_test, "K_test", (4,) if self.full else (2,), self.eigvecs)
         if K_test.shape[1] != self.n:
             raise ValueError(f"K_test must have {self.n} columns (training points), got shape {tuple(K_test.shape)}")
+        if self.full and tuple(K_test.shape[2:]) != (self.k, self.k):
+            raise ValueError(f"K_test must have shape (n_test, {self.n}, {self.k}, {self.k}), got {tuple(K_test.shape)}")
+        if K_test.dtype != self.eigvecs.dtype:
+            raise TypeError(f"K_test has dtype {K_test.dtype} but K has dtype {self.eigvecs.dtype}")
         m = K_test.shape[0]
         c = self.coefficients(t, steps=steps)
         if self.full:
@@ -188,8 +215,7 @@ class KernelGradientFlow:
         else:
             out = K_test @ c
         if f0_test is not None:
-            f0_test = _check_tensor(f0_test, "f0_test", (1, 2))
-            out = out + (f0_test.unsqueeze(1) if f0_test.dim() == 1 else f0_test)
+            out = out + _as_2d_targets(f0_test, "f0_test", m, self.k, K_test, "K_test").to(out.dtype)
         return out
 
 
@@ -221,11 +247,18 @@ def chunked_ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Opti
     Returns:
         (n1, k).
     """
+    chunk_size = check_chunk_size(chunk_size)
     if chunk_size is None:
         return _ntk.ntk_vp(model, x1, v, x2)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_module(model)
+    check_input(x1, "x1", model)
+    if x2 is not None:
+        check_input(x2, "x2", model, like=x1)
     x2 = x1 if x2 is None else x2
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 2 or v.shape[0] != x2.shape[0]:
+        raise ValueError(f"v must have shape ({x2.shape[0]}, k), got {tuple(v.shape)}")
     if x1.shape[0] <= chunk_size and x2.shape[0] <= chunk_size:
         return _ntk.ntk_vp(model, x1, v, x2)
     g = None
@@ -290,19 +323,29 @@ def kernel_regression_cg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     check_module(model)
     check_input(x, "x", model)
     n = x.shape[0]
-    b = _as_2d_targets(y, "y", n).to(x.dtype)
+    b = _as_2d_targets(y, "y", n, like=x, like_name="x")
+    if b.dtype != x.dtype:
+        raise TypeError(f"y has dtype {b.dtype} but x has dtype {x.dtype}")
+    k_model = getattr(model, "out_features", None)
+    if k_model is not None and b.shape[1] != k_model:
+        raise ValueError(f"y must have shape ({n}, {k_model}) for this model (k = {k_model} outputs), "
+                         f"got {tuple(b.shape)}")
     if f0 is not None:
-        b = b - _as_2d_targets(f0, "f0", n).to(x.dtype)
-    if isinstance(ridge, bool):
-        raise TypeError("ridge must be a real number")
-    ridge = float(ridge)
-    if not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be finite and >= 0, got {ridge!r}")
+        f0 = _as_2d_targets(f0, "f0", n, b.shape[1], x, "x")
+        if f0.dtype != x.dtype:
+            raise TypeError(f"f0 has dtype {f0.dtype} but x has dtype {x.dtype}")
+        b = b - f0
+    ridge = check_float(ridge, "ridge", nonnegative=True)
     tol = check_positive_finite(tol, "tol")
+    chunk_size = check_chunk_size(chunk_size)
+    progress = check_bool(progress, "progress")
     if max_iter is None:
         max_iter = 2 * b.numel()  # n·k in exact arithmetic; round-off costs extra iterations
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    max_iter = check_int(max_iter, "max_iter", minimum=0)
+    if x0 is not None:
+        x0 = _as_2d_targets(x0, "x0", n, b.shape[1], x, "x")
+        if x0.dtype != x.dtype:
+            raise TypeError(f"x0 has dtype {x0.dtype} but x has dtype {x.dtype}")
 
     def A(v):
         out = chunked_ntk_vp(model, x, v, chunk_size=chunk_size)
@@ -311,7 +354,7 @@ def kernel_regression_cg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     start = time.perf_counter()
     with torch.no_grad():
         bnorm = float(torch.linalg.vector_norm(b))
-        c = torch.zeros_like(b) if x0 is None else _as_2d_targets(x0, "x0", n).to(b.dtype).clone()
+        c = torch.zeros_like(b) if x0 is None else x0.clone()
         if bnorm == 0.0:
             return CGResult(torch.zeros_like(b), 0, 0.0, True, [], time.perf_counter() - start)
         r = b - A(c) if x0 is not None else b.clone()
@@ -343,9 +386,10 @@ def kernel_predict(model: nn.Module, x_test: torch.Tensor, x_train: torch.Tensor
     """f(x*) = f0(x*) + Θ(x*, X)·c without forming Θ: (n_test, ...) → (n_test, k)."""
     check_module(model)
     check_input(x_test, "x_test", model)
-    check_input(x_train, "x_train", model, like=x_test)
+    check_input(x_train, "x_train", model, like=x_test, like_name="x_test")
+    _as_2d_targets(coef, "coef", x_train.shape[0], like=x_train, like_name="x_train")
     with torch.no_grad():
         out = chunked_ntk_vp(model, x_test, coef, x_train, chunk_size=chunk_size)
     if f0_test is not None:
-        out = out + f0_test
+        out = out + _as_2d_targets(f0_test, "f0_test", x_test.shape[0], out.shape[1], x_test, "x_test").to(out.dtype)
     return out
