@@ -10,8 +10,10 @@ Public API (see README.md):
   KernelGradientFlow, kernel_gradient_flow, kernel_regression_cg     (lazyfast.solvers)
   diagnostics, kernels, mlp, two_layer, distributed, reference       submodules
   backend_info, cuda_version        what is compiled
+  checks                            NaN/inf input checks on/off (docs/contracts.md)
 """
 from lazyfast._ext import backend_info, cuda_version
+from lazyfast._validation import checks
 from lazyfast.models import MLP, TwoLayer, resnet18, vgg11
 from lazyfast.ntk import empirical_ntk, jvp, ntk_vp, vjp
 from lazyfast.ops import gram
@@ -26,7 +28,7 @@ from lazyfast.train import CheckpointError, TrainConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend_info", "cuda_version", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",
+    "backend_info", "cuda_version", "checks", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",
     "TwoLayer", "MLP", "vgg11", "resnet18",
     "LazyModel", "Linearized", "FrozenPatternNet", "scaled_loss", "square_loss",
     "KernelGradientFlow", "kernel_gradient_flow", "kernel_regression_cg", "TrainConfig", "CheckpointError",
