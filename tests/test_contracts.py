@@ -429,3 +429,113 @@ def test_check_finite_is_one_fused_check_naming_the_first_bad_tensor():
     with pytest.raises(ValueError, match="^b contains"):
         _validation.check_finite(a=a, b=b, c=c, d=None)
     _validation.check_finite(a=a, ids=torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------- kill during write
+_CHILD_COMMON = r'''
+import os, sys, time
+sys.path.insert(0, {root!r})
+from lazyfast import _store
+KILL_AT = int(os.environ.get("KILL_AT", "-1"))
+calls = [0]
+_real_write, _real_replace = os.write, os.replace
+
+def write_half_then_hang(fd, data):
+    # the KILL_AT-th write stops halfway, then waits to be killed
+    calls[0] += 1
+    if calls[0] == KILL_AT:
+        _real_write(fd, bytes(data[: len(data) // 2]))
+        os.fsync(fd)
+        print("HALF", flush=True)
+        time.sleep(600)
+    return _real_write(fd, data)
+
+def hang_before_replace(src, dst):
+    calls[0] += 1
+    if calls[0] == KILL_AT:
+        print("HALF", flush=True)
+        time.sleep(600)
+    return _real_replace(src, dst)
+'''
+
+_CHILD_STORE = _CHILD_COMMON + r'''
+_store.os.write = write_half_then_hang
+from lazyfast.experiments.common import RunStore
+store = RunStore(sys.argv[1], fingerprint="fp")
+for i in range(6):
+    store.run(f"run{{i}}", lambda: {{"i": i, "values": [i / 7.0] * 2000}})
+print("DONE", flush=True)
+'''
+
+_CHILD_SHARDS = _CHILD_COMMON + r'''
+import torch
+_store.os.replace = hang_before_replace
+import lazyfast
+from lazyfast.distributed import distributed_ntk
+torch.manual_seed(0)
+model, x = lazyfast.TwoLayer(3, 16), torch.randn(10, 3)
+distributed_ntk(model, x, block_size=3, out_dir=sys.argv[1])
+print("DONE", flush=True)
+'''
+
+
+def _run_until_killed(script, arg, kill_at, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "child.py"
+    path.write_text(script.format(root=root))
+    env = dict(os.environ, KILL_AT=str(kill_at), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(path), arg], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "HALF", line
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_run_store_killed_mid_append_recovers_to_the_uninterrupted_result(tmp_path, capsys):
+    killed = str(tmp_path / "killed.jsonl")
+    _run_until_killed(_CHILD_STORE, killed, kill_at=4, tmp_path=tmp_path)  # 3 records whole, the 4th torn
+    with open(killed, "rb") as f:
+        assert not f.read().endswith(b"\n")  # the kill really left a torn line
+    computed = []
+
+    def rerun(path):
+        store = RunStore(path, fingerprint="fp")
+        return {f"run{i}": store.run(f"run{i}", lambda i=i: computed.append(i) or
+                                     {"i": i, "values": [i / 7.0] * 2000}) for i in range(6)}
+
+    resumed = rerun(killed)
+    assert computed == [3, 4, 5]  # the three whole records were reused, the torn one recomputed
+    assert "incomplete" in capsys.readouterr().err
+    fresh = rerun(str(tmp_path / "fresh.jsonl"))
+    assert resumed == fresh
+    again = RunStore(killed, fingerprint="fp")  # the repaired file reads clean, every record trusted
+    assert len(again) == 6 and capsys.readouterr().err == ""
+
+
+def test_ntk_shards_killed_mid_write_recover_to_the_uninterrupted_kernel(tmp_path):
+    out = tmp_path / "shards"
+    # the 1st os.replace is the manifest, the 4th is block 2: killed after its bytes, before its rename
+    _run_until_killed(_CHILD_SHARDS, str(out), kill_at=4, tmp_path=tmp_path)
+    assert sorted(p.name for p in out.glob("block_*.pt")) == ["block_00000.pt", "block_00001.pt"]
+    assert list(out.glob(".*.tmp"))  # the killed write's temporary file
+    # a block file torn by a non-atomic copy is refused by its checksum, not loaded
+    blk = out / "block_00001.pt"
+    blk.write_bytes(blk.read_bytes()[:-7])
+    torch.manual_seed(0)
+    model, x = lazyfast.TwoLayer(3, 16), torch.randn(10, 3)
+    res = distributed_ntk(model, x, block_size=3, out_dir=str(out))
+    assert res.computed_blocks == [1, 2, 3] and res.skipped_blocks == [0]
+    assert not list(out.glob(".*.tmp"))
+    fresh = distributed_ntk(model, x, block_size=3, out_dir=str(tmp_path / "fresh")).kernel
+    assert torch.equal(res.kernel, fresh)
+    assert distributed_ntk(model, x, block_size=3, out_dir=str(out)).skipped_blocks == [0, 1, 2, 3]
