@@ -521,6 +521,7 @@ class LazyModel(nn.Module):
         holds exactly for models with BatchNorm or Dropout too."""
         if self.center and isinstance(self.model, Linearized):
             return self.model.tangent(x)
+        check_input(x, "x", self.model)
         if not self.center:
             return self.model(x)
         rng = _rng_states(x.device) if isinstance(x, torch.Tensor) and self.model.training else None

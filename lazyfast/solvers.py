@@ -74,11 +74,8 @@ def _flatten_kernel(K: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_time(t, name="t") -> float:
-    try:
-        v = float(t)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number (or math.inf), got {type(t).__name__}") from None
-    if math.isnan(v) or v < 0:
+    v = check_float(t, name, finite=False)  # math.inf allowed; strings and bools refused
+    if v < 0:
         raise ValueError(f"{name} must be >= 0 (math.inf allowed), got {t!r}")
     return v
 

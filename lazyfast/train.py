@@ -32,7 +32,7 @@ from lazyfast import _store
 from lazyfast._validation import (check_alpha, check_bool, check_float, check_input, check_int, check_module,
                                   check_positive_finite, model_param_info)
 from lazyfast._validation import check_finite
-from lazyfast.lazy import LOSSES, cross_entropy_loss, square_loss
+from lazyfast.lazy import LOSSES, _as_regression_target, cross_entropy_loss, square_loss
 
 __all__ = ["TrainConfig", "train", "CheckpointError", "save_checkpoint", "load_checkpoint", "learning_rate",
            "evaluate"]
@@ -135,8 +135,13 @@ def learning_rate(config: TrainConfig, step: int, epoch: int) -> float:
 
 
 # ----------------------------------------------------------------------------- metrics
-def _loss_value(out, y, loss):
-    return square_loss(out, y) if loss == "square" else cross_entropy_loss(out, y)
+def _loss_value(out, y, loss, name="target"):
+    """The loss, with a target-shape error naming ``name`` (``y_train`` / ``y_test``)."""
+    if loss == "square":
+        return square_loss(out, _as_regression_target(out, y, name))
+    if y.dim() != 1 or y.shape[0] != out.shape[0]:
+        raise ValueError(f"{name} must have shape ({out.shape[0]},) of class labels, got {tuple(y.shape)}")
+    return cross_entropy_loss(out, y)
 
 
 def _accuracy(out, y) -> Optional[float]:
@@ -152,7 +157,7 @@ def _accuracy(out, y) -> Optional[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = "square", alpha: float = 1.0,
-             batch_size: Optional[int] = None) -> Dict[str, float]:
+             batch_size: Optional[int] = None, _name: str = "y") -> Dict[str, float]:
     """Loss R(model(x)) (the unscaled predictor loss), objective R/α², and accuracy when
     the targets are labels or one-hot. Returns a dict with ``loss``, ``objective``, ``accuracy``."""
     n = x.shape[0]
@@ -161,7 +166,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = 
     for s in range(0, n, max(bs, 1)):
         out = model(x[s:s + bs])
         yb = y[s:s + bs]
-        total += float(_loss_value(out, yb, loss)) * out.shape[0]
+        total += float(_loss_value(out, yb, loss, _name)) * out.shape[0]
         acc = _accuracy(out, yb)
         if acc is None:
             have_acc = False
@@ -327,10 +332,12 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
             rec["train_objective"] = train_loss_batch * inv_a2
             rec["train_acc"] = train_acc_batch
         else:
-            ev = evaluate(model, x_train, y_train, loss=config.loss, alpha=alpha, batch_size=config.eval_batch_size)
+            ev = evaluate(model, x_train, y_train, loss=config.loss, alpha=alpha, batch_size=config.eval_batch_size,
+                          _name="y_train")
             rec.update(train_loss=ev["loss"], train_objective=ev["objective"], train_acc=ev["accuracy"])
         if x_test is not None:
-            ev = evaluate(model, x_test, y_test, loss=config.loss, alpha=alpha, batch_size=config.eval_batch_size)
+            ev = evaluate(model, x_test, y_test, loss=config.loss, alpha=alpha, batch_size=config.eval_batch_size,
+                          _name="y_test")
             rec.update(test_loss=ev["loss"], test_objective=ev["objective"], test_acc=ev["accuracy"])
         rec["time"] = time.perf_counter() - t_start
         history.append(rec)
@@ -365,7 +372,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             out = model(xb)
-            r = _loss_value(out, yb, config.loss)
+            r = _loss_value(out, yb, config.loss, "y_train")
             (r * inv_a2).backward()
             log_now = (config.log_unit == "step" and step % config.log_every == 0) or (
                 config.log_unit == "epoch" and pos == 0 and epoch % config.log_every == 0)

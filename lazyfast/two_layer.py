@@ -237,6 +237,7 @@ def model_jvp(model: TwoLayer, x, tangents: Dict[str, torch.Tensor]):
     (``hidden.weight``, ``hidden.bias``, ``output.weight``) → (T, n, k)."""
     w = model_weights(model)
     reference.check_tangents(dict(model.named_parameters()), tangents)
+    check_finite(**{f"tangents[{n!r}]": t for n, t in tangents.items()})
     return two_layer_jvp(x, dA=tangents.get("hidden.weight"), dc=tangents.get("hidden.bias"),
                          dB=tangents.get("output.weight"), **w)
 
