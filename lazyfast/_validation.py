@@ -276,3 +276,22 @@ def check_input(x, name: str, model: Optional[nn.Module] = None, *, like: Option
     if finite and not integer:
         check_finite(**{name: x})
     return x
+
+
+def probe_out_features(model: nn.Module, x: torch.Tensor) -> int:
+    """Number of outputs k of ``model`` per sample, from ``model.out_features`` or one forward
+    on (at most two of) the samples of ``x`` that changes nothing: buffers (BatchNorm running
+    statistics, counters) are copies, the global random stream is restored, no graph is kept.
+    Raises ``ValueError`` for an empty ``x`` when the model declares no ``out_features``."""
+    k = getattr(model, "out_features", None)
+    if k is not None:
+        return int(k)
+    if x.shape[0] == 0:
+        raise ValueError("the inputs are empty and the model declares no out_features: its number of outputs "
+                         "k is unknown; give at least one sample")
+    from torch.func import functional_call
+
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        out = functional_call(model, buffers, (x[:2],), strict=False)
+    return int(out.reshape(out.shape[0], -1).shape[1])

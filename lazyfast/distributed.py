@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lazyfast import _store
-from lazyfast._validation import check_bool, check_input, check_mode, check_module
+from lazyfast._validation import check_bool, check_input, check_mode, check_module, probe_out_features
 from lazyfast.ntk import empirical_ntk
 
 MANIFEST = "manifest.json"
@@ -156,14 +156,7 @@ def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
     x2_eff = x1 if x2 is None else x2
     blocks = row_blocks(x1.shape[0], block_size)
     fp = fingerprint(model, x1, x2) + f":{mode}:{block_size}"
-    k = getattr(model, "out_features", None)
-    if k is None:
-        probe = x1 if x1.shape[0] else x2_eff
-        if not probe.shape[0]:
-            raise ValueError("x1 and x2 are both empty and the model declares no out_features: the kernel's "
-                             "number of outputs k is unknown")
-        with torch.no_grad():
-            k = model(probe[:1]).reshape(1, -1).shape[1]
+    k = probe_out_features(model, x1 if x1.shape[0] else x2_eff)  # changes no buffer, no RNG state
     tail = (x2_eff.shape[0],) if mode == "trace" else (x2_eff.shape[0], k, k)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:

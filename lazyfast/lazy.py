@@ -300,6 +300,12 @@ class Linearized(nn.Module):
     frozen parameters and buffers stay fixed at their initial values. Inputs are
     constants: gradients with respect to x are not provided.
 
+    The linearized function is the network in eval mode (running statistics, no dropout):
+    a ``model`` in training mode that holds BatchNorm / Dropout / tracked InstanceNorm
+    raises ``ValueError`` (call ``model.eval()`` first), instead of silently linearizing a
+    function other than the one the caller trains. An empty batch gives an (0, k) output;
+    under ``torch.inference_mode()`` each call is one JVP (no autograd graph is cached).
+
     Args:
         model: a network mapping (n, ...) → (n, k); not modified.
         implementation: ``"auto"``, ``"cached"`` or ``"ntk"`` (see above).
@@ -456,12 +462,20 @@ class LazyModel(nn.Module):
     :class:`Linearized`, centering uses its tangent part J(w0)(w − w0) directly (no copy,
     and no cancellation of α·f(w0) against itself).
 
+    Train/eval mode (BatchNorm, Dropout): the centering term f(w0, x) is evaluated exactly
+    as the live model is — each module in the live model's current mode, with the live
+    model's current buffers (running statistics, copied so nothing of the frozen copy
+    changes) and, in training mode, the same random stream as the live forward (identical
+    dropout masks). So h(w0) = 0 holds exactly in both modes, and h(w) is the change due to
+    the parameters w alone.
+
     Train on :func:`scaled_loss` (R(α h)/α²) or :meth:`loss`.
 
     Args:
         model: the network f; trained in place (``self.model`` is ``model``).
-        alpha: α, finite and > 0.
-        center: subtract the frozen initial model (see above).
+        alpha: α, finite and > 0, with α² and 1/α² representable in float64 and in the
+            model's dtype (else ``ValueError``: the objective would be 0, inf or NaN).
+        center: subtract the frozen initial model (see above); a bool.
 
     Shapes: input (n, ...) → output (n, k).
     """

@@ -539,3 +539,18 @@ def test_ntk_shards_killed_mid_write_recover_to_the_uninterrupted_kernel(tmp_pat
     fresh = distributed_ntk(model, x, block_size=3, out_dir=str(tmp_path / "fresh")).kernel
     assert torch.equal(res.kernel, fresh)
     assert distributed_ntk(model, x, block_size=3, out_dir=str(out)).skipped_blocks == [0, 1, 2, 3]
+
+
+def test_distributed_ntk_probe_changes_no_module_state(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x = _x(4)
+    net.train()  # the k-probe must not advance BatchNorm's statistics
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    from lazyfast._validation import probe_out_features
+
+    assert probe_out_features(net, x) == 2
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match="inputs are empty"):
+        probe_out_features(net, x[:0])
