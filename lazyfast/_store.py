@@ -201,13 +201,22 @@ class JsonlLog:
             data = fh.read()
         end = data.rfind(b"\n") + 1
         if end < len(data):  # torn tail: a write killed before its newline
-            self.repaired_bytes = len(data) - end
-            _warn(f"{self.path}: the last line is incomplete ({self.repaired_bytes} bytes, a run killed while "
-                  "writing?); it is removed and that run will be recomputed")
-            with open(self.path, "r+b") as fh:
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
+            torn = len(data) - end
+            tail = data[end:]
+            if not (tail.startswith(b"{") and tail.isascii()):  # records are ASCII JSON objects
+                raise IntegrityError(f"{self.path}: the last line is not the start of a lazyfast record (not "
+                                     "ASCII JSON); this is not a lazyfast run store, or it is damaged: move it away")
+            try:
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.repaired_bytes = torn
+                what = "it is removed"
+            except OSError:  # a read-only store: skip it (an append would terminate it first)
+                what = "it is skipped (the file is not writable)"
+            _warn(f"{self.path}: the last line is incomplete ({torn} bytes, a run killed while writing?); "
+                  f"{what} and that run will be recomputed")
             data = data[:end]
         for i, raw in enumerate(data.split(b"\n")[:-1] if data else []):
             if not raw.strip():

@@ -399,10 +399,11 @@ class Linearized(nn.Module):
     def _fused_serves(self) -> bool:
         """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
         parameters linearized, a kernel dtype, kernels built for its device)."""
-        from lazyfast import _ext
-        from lazyfast.models import TwoLayer
+        from lazyfast import _ext, two_layer
 
-        if not isinstance(self.model0, TwoLayer) or len(self._names) != len(list(self.model0.parameters())):
+        # the trainable copy has model0's class, forward and hooks, and the caller's requires_grad
+        # flags: the fused route applies to model0 exactly when two_layer.fused_applicable accepts it
+        if not two_layer.fused_applicable(self.model) or len(self._names) != len(list(self.model0.parameters())):
             return False
         p = next(self.model0.parameters())
         built = _ext.HAS_CPU_KERNELS if p.device.type == "cpu" else (p.device.type == "cuda" and _ext.HAS_CUDA_KERNELS)

@@ -554,3 +554,13 @@ def test_distributed_ntk_probe_changes_no_module_state(tmp_path):
         assert torch.equal(v, state[k]), k
     with pytest.raises(ValueError, match="inputs are empty"):
         probe_out_features(net, x[:0])
+
+
+def test_run_store_never_truncates_a_file_that_is_not_a_store(tmp_path):
+    from lazyfast import _store
+
+    path = tmp_path / "runs.jsonl"
+    path.write_bytes(b"\x89PNG\r\x1a binary without a final newline")
+    with pytest.raises(_store.IntegrityError, match="runs.jsonl"):
+        RunStore(str(path))
+    assert path.read_bytes().startswith(b"\x89PNG")  # untouched
