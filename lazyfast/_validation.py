@@ -86,7 +86,9 @@ def check_finite(**tensors) -> None:
     for name, t in tensors.items():
         if t is None or not isinstance(t, torch.Tensor) or not t.numel():
             continue
-        if not (t.is_floating_point() or t.is_complex()):
+        if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta":
+            continue
+        if _functorch_wrapped(t):  # under vmap/grad the values are not concrete: nothing to read
             continue
         names.append(name)
         flags.append(torch.isfinite(t.detach()).all())
@@ -100,6 +102,13 @@ def check_finite(**tensors) -> None:
     for name, good in zip(names, ok):
         if not good:
             raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 # ----------------------------------------------------------------------------- scalars
