@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch

@@ -10,7 +10,6 @@ fixed values exhaustively.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import warnings
