@@ -24,13 +24,14 @@ def check_module(model, name: str = "model") -> None:
 
 
 def check_input(x, name: str, model: Optional[nn.Module] = None, *, like: Optional[torch.Tensor] = None,
-                finite: bool = True) -> torch.Tensor:
+                finite: bool = True, allow_integer: bool = False) -> torch.Tensor:
     """Checks a batch of inputs: a floating tensor with a batch dim, on the model's
     device and dtype, with the model's feature size (when the model declares one)
     or the same per-sample shape as ``like``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    integer = allow_integer and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    if not x.is_floating_point() and not integer:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have a batch dimension and at least one feature dimension, got shape {tuple(x.shape)}")
@@ -38,7 +39,7 @@ def check_input(x, name: str, model: Optional[nn.Module] = None, *, like: Option
         dev, dt = model_param_info(model)
         if dev is not None and x.device != dev:
             raise ValueError(f"{name} is on {x.device} but the model's parameters are on {dev}")
-        if dt is not None and x.dtype != dt:
+        if dt is not None and x.dtype != dt and not integer:
             raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters have dtype {dt}")
         d = getattr(model, "in_features", None)
         if d is not None and (x.dim() != 2 or x.shape[1] != d):
