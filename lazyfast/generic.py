@@ -109,8 +109,9 @@ def _param_blocks(params: Params, max_numel: int):
     return blocks
 
 
-def _block_jacobian(f, params: Params, names, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample Jacobian of f w.r.t. the parameters ``names`` only: (n, k, P_block)."""
+def _block_jacobian(f, params: Params, names, x: torch.Tensor):
+    """Per-sample Jacobians of f w.r.t. the parameters ``names`` only: one (n, k, P_t) view per
+    tensor (never concatenated: that copy would cost as much as a contraction)."""
     fixed = {n: p for n, p in params.items() if n not in names}
     blk = {n: params[n] for n in names}
 
@@ -119,7 +120,19 @@ def _block_jacobian(f, params: Params, names, x: torch.Tensor) -> torch.Tensor:
 
     jac = vmap(jacrev(single), (None, 0))(blk, x)
     n = x.shape[0]
-    return torch.cat([jac[nm].reshape(n, jac[nm].shape[1], -1) for nm in names], dim=2)
+    return [jac[nm].reshape(n, jac[nm].shape[1], -1) for nm in names]
+
+
+def _contract_blocks(j1s, j2s, mode: str, k: int) -> torch.Tensor:
+    """Σ_t J1_t J2_tᵀ: (n1, n2, k, k) full, (n1, n2) trace = (1/k)·Σ_a."""
+    out = None
+    for a, b in zip(j1s, j2s):
+        if mode == "full":
+            t = torch.einsum("iap,jbp->ijab", a, b)
+        else:
+            t = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
+        out = t if out is None else out.add_(t)
+    return out if mode == "full" else out.div_(k)
 
 
 def ntk_jacobian_blocked(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
@@ -162,10 +175,7 @@ def ntk_jacobian_blocked(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.
             for s2 in range(s1 if same else 0, n2, c):
                 e2 = min(s2 + c, n2)
                 j2 = j1 if (same and s2 == s1) else _block_jacobian(f, params, blk_names, x2[s2:e2])
-                if mode == "full":
-                    blk = torch.einsum("iap,jbp->ijab", j1, j2)
-                else:
-                    blk = (j1.reshape(e1 - s1, -1) @ j2.reshape(e2 - s2, -1).T) / k
+                blk = _contract_blocks(j1, j2, mode, k)
                 out[s1:e1, s2:e2] += blk
                 if same and s2 != s1:
                     out[s2:e2, s1:e1] += blk.transpose(0, 1) if mode == "trace" else blk.permute(1, 0, 3, 2)

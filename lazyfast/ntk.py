@@ -183,10 +183,9 @@ def _check_cotangent(model, x, r, name):
     k = _out_features(model, x)
     if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != k:
         raise ValueError(f"{name} must have shape ({x.shape[0]}, {k}), got {tuple(r.shape)}")
-    dt = x.dtype if x.is_floating_point() else model_param_info(model)[1]
+    dt = x.dtype if x.is_floating_point() else model_param_info(model)[1]  # integer inputs: the model's dtype
     if r.dtype != dt or r.device != x.device:
-        raise TypeError(f"{name} must have the model's dtype and the inputs' device ({dt}, {x.device}), "
-                        f"got ({r.dtype}, {r.device})")
+        raise TypeError(f"{name} must have the inputs' dtype and device ({dt}, {x.device}), got ({r.dtype}, {r.device})")
     if r.numel() and not bool(torch.isfinite(r).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
 
