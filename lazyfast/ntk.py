@@ -174,7 +174,10 @@ def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
         return torch.zeros((T, 0, _out_features(model, x)), dtype=dt, device=x.device)
     if _use_fused(model, implementation):
         return two_layer.model_jvp(model, x, tangents)
-    return reference.jvp(model, x, tangents)
+    from lazyfast.structured import no_fastpath
+
+    with no_fastpath():
+        return reference.jvp(model, x, tangents)
 
 
 def _check_cotangent(model, x, r, name):
@@ -208,7 +211,10 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
                 for n, p in model.named_parameters() if p.requires_grad}
     if _use_fused(model, implementation):
         return two_layer.model_vjp(model, x, cotangent)
-    return reference.vjp(model, x, cotangent)
+    from lazyfast.structured import no_fastpath
+
+    with no_fastpath():
+        return reference.vjp(model, x, cotangent)
 
 
 def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
@@ -231,4 +237,7 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
         return torch.zeros((x1.shape[0], v.shape[1]), dtype=v.dtype, device=x1.device)
     if _use_fused(model, implementation):
         return two_layer.model_ntk_vp(model, x1, v, x2)
-    return reference.ntk_vp(model, x1, v, x2)
+    from lazyfast.structured import no_fastpath
+
+    with no_fastpath():
+        return reference.ntk_vp(model, x1, v, x2)

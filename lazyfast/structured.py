@@ -81,12 +81,14 @@ class StateGuard:
         self.model = model
 
     def __enter__(self):
+        self.fast = no_fastpath().__enter__()
         self.bufs = [(n, b, b._version, b.detach().clone()) for n, b in self.model.named_buffers()]
         self.flags = [(m, m.training) for m in self.model.modules()]
         self.params = [(n, p, p._version) for n, p in self.model.named_parameters()]
         return self
 
     def __exit__(self, *exc):
+        self.fast.__exit__(*exc)
         changed = []
         for n, b, v, copy in self.bufs:
             if b._version != v:
@@ -100,6 +102,22 @@ class StateGuard:
         if exc[0] is None and (changed or moved):
             raise ValueError(f"the model's forward changed its state ({', '.join(changed + moved)}; buffers restored): "
                              "the eNTK needs a forward without side effects (call model.eval()?)")
+        return False
+
+
+class no_fastpath:
+    """Context manager: PyTorch's fused inference fast path of ``nn.TransformerEncoderLayer`` /
+    ``nn.MultiheadAttention`` off, so every forward of the engine (probe, capture, torch.func
+    transforms, whose detached parameters would otherwise select it) runs the same
+    differentiable ops (the fused op has no forward-mode AD and hides the layers' calls)."""
+
+    def __enter__(self):
+        self.old = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.old)
         return False
 
 
@@ -573,8 +591,8 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool) -> _Factors:
             f.emb.append((L, idx, d))
         elif _is_hadamard(L):
             u, d = cap[0]
-            f.hd.append(d)
-            f.hh.append(u)
+            f.hd.append(d.contiguous())
+            f.hh.append(u.contiguous())
             f.hg.append(L.gamma)
             f.hb.append(1.0 if L.b_on else 0.0)
         else:
@@ -806,10 +824,11 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
             choose_methods(plan, min(c0, n1), min(c0, n2), mode, method)
             held, trans = _factor_numel(plan)
             total_held = (n1 + (0 if same else n2)) * held
-            fits_all = total_held + min(c0, 8) * trans <= budget
+            c_fit = (budget - total_held) // max(trans, 1)
+            fits_all = c_fit >= 1
             if fits_all:  # every factor fits: capture each chunk once, chunks bound the capture's transients
-                c = max(1, min(c0, (budget - total_held) // max(trans, 1)))
-            else:
+                c = max(1, min(c0, c_fit))
+            else:  # factors of two chunks at a time; x2's chunks are recaptured for every x1 chunk
                 c = max(1, min(c0, budget // max(2 * (held + trans), 1)))
             if c < c0:
                 choose_methods(plan, min(c, n1), min(c, n2), mode, method)

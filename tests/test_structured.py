@@ -362,3 +362,21 @@ def test_mlp_result_is_a_plain_tensor_and_auto_routes_to_structured():
     info = {}
     assert lazyfast.ntk.choose_implementation(m, x, info=info)[0] == "structured"
     assert lazyfast.ntk.choose_implementation(TwoLayer(4, 5, dtype=D), x)[0] == "fused"
+
+
+def test_batched_backward_falls_back_to_a_loop_where_batching_fails(monkeypatch):
+    m = _cnn()
+    x = _x(3, 3, 8, 8)
+    want = structured.structured_ntk(m, x, mode="full")
+    real, calls = torch.autograd.grad, []
+
+    def grad(*args, is_grads_batched=False, **kw):
+        calls.append(is_grads_batched)
+        if is_grads_batched:
+            raise RuntimeError("no batching rule (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    got = structured.structured_ntk(m, x, mode="full")
+    assert calls[0] is True and calls.count(False) == 3  # tried batched, then one pass per output
+    assert_close_rel(got, want, rtol=1e-12)
