@@ -12,8 +12,9 @@ exact contraction orders under a FLOP model: per-example gradient blocks ("jacob
 position-pair Grams ("structured"). Single-call 2-D linear layers go through the compiled
 ``hadamard_gram_sum`` op. Rules: ``nn.Linear`` (and lazyfast's ``_Dense``) on inputs of any rank,
 ``nn.Conv1d/2d/3d`` (stride, padding of every mode, dilation, groups), ``nn.Embedding``, the
-affine parameters of ``LayerNorm``/``GroupNorm``/``BatchNorm*d`` (eval)/``InstanceNorm*d``; a layer
-called several times per forward concatenates its positions. Every other trainable parameter
+affine parameters of ``LayerNorm``/``GroupNorm``/``BatchNorm*d`` (eval)/``InstanceNorm*d``, and the
+projections of self-attention ``nn.MultiheadAttention`` (through an exact shadow forward used by
+the engine's own forwards only); a layer called several times per forward concatenates its positions. Every other trainable parameter
 (raw parameters, attention projections, custom modules, parameters tied across modules or used
 outside their layer) is handed to the generic path restricted to those parameters
 (:func:`lazyfast.generic.generic_ntk` with ``names=``), and the kernels add up.
@@ -222,6 +223,7 @@ class Plan:
     forward_flops: float
     act_numel: int
     n_params: int
+    shadows: list = field(default_factory=list)  # (MultiheadAttention, its _InProj) pairs
 
 
 class _Uses(TorchFunctionMode):
@@ -248,6 +250,79 @@ def _first_input(args, kwargs):
     return next(iter(kwargs.values()), None)
 
 
+class _InProj(nn.Module):
+    """The packed input projection of a self-attention ``nn.MultiheadAttention`` as a linear layer
+    (z = x W_inᵀ + b_in, then split into q, k, v), so the Linear rule covers ``in_proj_weight`` /
+    ``in_proj_bias``. It exists only inside the engine's probe and capture forwards."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        object.__setattr__(self, "mha", mha)  # not a submodule: no parameters of its own
+
+    @property
+    def weight(self):
+        return self.mha.in_proj_weight
+
+    @property
+    def bias(self):
+        return self.mha.in_proj_bias
+
+    def forward(self, x):
+        return F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias)
+
+
+def _attention_rule_applies(m) -> bool:
+    return (type(m) is nn.MultiheadAttention and "forward" not in m.__dict__ and m._qkv_same_embed_dim
+            and m.in_proj_weight is not None and m.bias_k is None and m.bias_v is None and not m.add_zero_attn)
+
+
+def _shadow_attention(mha, proj, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                      average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` for self-attention with the projections run by modules
+    the hooks see: ``proj`` (the packed in-projection) and ``mha.out_proj``; the attention core is
+    ``F.multi_head_attention_forward`` with identity projections, which are exact (x·1 + 0)."""
+    if not (query is key and key is value) or query.dim() != 3:
+        return nn.MultiheadAttention.forward(mha, query, key, value, key_padding_mask=key_padding_mask,
+                                             need_weights=need_weights, attn_mask=attn_mask,
+                                             average_attn_weights=average_attn_weights, is_causal=is_causal)
+    x = query.transpose(1, 0) if mha.batch_first else query
+    E = mha.embed_dim
+    q, k, v = proj(x).chunk(3, dim=-1)
+    eye = torch.eye(E, dtype=x.dtype, device=x.device)
+    out, w = F.multi_head_attention_forward(
+        q, k, v, E, mha.num_heads, None, x.new_zeros(3 * E), None, None, False, mha.dropout, eye, x.new_zeros(E),
+        training=mha.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+    out = mha.out_proj(out)
+    return (out.transpose(1, 0) if mha.batch_first else out), w
+
+
+class _Shadows:
+    """Context manager installing the attention shadows for the engine's own forwards only."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __enter__(self):
+        import functools
+
+        for mha, proj in self.pairs:
+            mha.forward = functools.partial(_shadow_attention, mha, proj)
+        return self
+
+    def __exit__(self, *exc):
+        for mha, _ in self.pairs:
+            mha.__dict__.pop("forward", None)
+        return False
+
+
+def _wb(m):
+    if isinstance(m, _InProj):
+        return m.weight, m.bias
+    return m._parameters.get("weight"), m._parameters.get("bias")
+
+
 def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     """Probes the model (forwards on 1 and 2 copies of one sample, grad enabled, state unchanged)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -261,11 +336,12 @@ def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 owners[id(p)] = owners.get(id(p), 0) + 1
     name_of = {id(p): n for n, p in trainable.items()}
     cands = []
-    for m in model.modules():
-        kind = rule_kind(m)
+    shadows = [(m, _InProj(m)) for m in model.modules() if _attention_rule_applies(m)]
+    for m in list(model.modules()) + [proj for _, proj in shadows]:
+        kind = "linear" if isinstance(m, _InProj) else rule_kind(m)
         if kind is None:
             continue
-        w, b = m._parameters.get("weight"), m._parameters.get("bias")
+        w, b = _wb(m)
         others = [p for key, p in m._parameters.items() if key not in ("weight", "bias") and p is not None
                   and p.requires_grad]
         if others:
@@ -276,7 +352,7 @@ def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
             cands.append(_Layer(m, kind, w_on, b_on, []))
     owner = {}
     for L in cands:
-        for p, on in ((L.module._parameters.get("weight"), L.w_on), (L.module._parameters.get("bias"), L.b_on)):
+        for p, on in zip(_wb(L.module), (L.w_on, L.b_on)):
             if on:
                 owner[id(p)] = L.module
     records: Dict[int, list] = {id(L.module): [] for L in cands}
@@ -314,7 +390,7 @@ def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                     handles += [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
                 xb = _batch_like(x, nb)
                 uses = _Uses(owner, stack)
-                with uses:
+                with uses, _Shadows(shadows):
                     out = model(xb)
                 k = max(1, out.numel() // nb)
             finally:
@@ -350,7 +426,7 @@ def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
             continue
         L.calls = len(one)
         L.gamma = float(getattr(m, "weight_multiplier", 1.0)) ** 2
-        for p, on in ((m._parameters.get("weight"), L.w_on), (m._parameters.get("bias"), L.b_on)):
+        for p, on in zip(_wb(m), (L.w_on, L.b_on)):
             if on:
                 L.names.append(name_of[id(p)])
                 covered.add(name_of[id(p)])
@@ -363,7 +439,7 @@ def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     else:  # only the rule layers' products matter (and counting is not free)
         flops = sum(_layer_flops(L) for L in layers)
     return Plan(layers, remainder, k, float(max(flops, 2 * sum(p.numel() for p in named.values()))),
-                max(leaf_numel[0] // 2, int(x[:1].numel())), sum(p.numel() for p in trainable.values()))
+                max(leaf_numel[0] // 2, int(x[:1].numel())), sum(p.numel() for p in trainable.values()), shadows)
 
 
 def _layer_flops(L: _Layer) -> float:
@@ -417,7 +493,7 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
 
     handles = [L.module.register_forward_hook(post, with_kwargs=True, prepend=True) for L in layers]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _Shadows(plan.shadows):
             out = model(x).reshape(x.shape[0], plan.k)
     finally:
         for h in handles:
@@ -512,7 +588,7 @@ def _norm_xhat(m, u):
 
 
 def _norm_jac(L: _Layer, cap):
-    """Per-example gradients of a norm layer's affine parameters: (n·k, P_l)."""
+    """Per-example gradients of a norm layer's affine parameters: [(n·k, E)] per parameter."""
     m = L.module
     E = m.weight.numel() if m.weight is not None else m.bias.numel()
     jw = jb = None
@@ -530,13 +606,11 @@ def _norm_jac(L: _Layer, cap):
         if L.b_on:
             t = dd.sum(2)
             jb = t if jb is None else jb + t
-    parts = [t for t in (jw, jb) if t is not None]
-    j = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    return j.transpose(0, 1).reshape(-1, j.shape[2])
+    return [t.transpose(0, 1).reshape(-1, t.shape[2]) for t in (jw, jb) if t is not None]
 
 
 def _lin_jac(L: _Layer, u, d):
-    """Per-example gradient block of a linear/conv layer: (n·k, P_l)."""
+    """Per-example gradient blocks of a linear/conv layer: [(n·k, P_weight), (n·k, P_bias)]."""
     k, n, g, P, o = d.shape
     parts = []
     if L.w_on:
@@ -544,7 +618,7 @@ def _lin_jac(L: _Layer, u, d):
         parts.append(j * math.sqrt(L.gamma) if L.gamma != 1.0 else j)
     if L.b_on:
         parts.append(d.sum(3).transpose(0, 1).reshape(n * k, g * o))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return parts  # separate blocks: concatenating them would copy as much as a contraction reads
 
 
 def _costs(L: _Layer, n1: int, n2: int, k: int, mode: str) -> Tuple[float, float]:
@@ -584,7 +658,7 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool) -> _Factors:
     for L in plan.layers:
         cap = caps.pop(id(L.module))
         if L.kind == "norm":
-            f.jac.append(_norm_jac(L, cap))
+            f.jac.extend(_norm_jac(L, cap))
         elif L.kind == "embedding":
             idx = torch.cat([u.reshape(u.shape[0], -1) for u, _ in cap], dim=1)
             d = torch.cat([dd.reshape(dd.shape[0], dd.shape[1], -1, dd.shape[-1]) for _, dd in cap], dim=2)
@@ -598,7 +672,7 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool) -> _Factors:
         else:
             u, d = _uniform(L, cap)
             if L.method == "jacobian" or not L.w_on:
-                f.jac.append(_lin_jac(L, u, d))
+                f.jac.extend(_lin_jac(L, u, d))
             else:
                 f.st.append((L, u, d))
         del cap

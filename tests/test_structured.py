@@ -219,8 +219,34 @@ def test_transformer_encoder_layer(batch_first):
     m = T().double().eval()
     info = {}
     structured.structured_ntk(m, _x(3, 4, 8), info=info)
-    assert "LayerNorm" in info["layers"] and "enc.self_attn.in_proj_weight" in info["remainder"]
+    assert "LayerNorm" in info["layers"] and "_InProj" in info["layers"] and info["remainder"] == []
     _check(m, _x(3, 4, 8), _x(2, 4, 8, seed=1), impl="auto")
+    assert "forward" not in m.enc.self_attn.__dict__  # the capture's attention shadow is gone
+
+
+def test_attention_masks_need_weights_and_cross_attention():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, batch_first=True, norm_first=True)
+            self.cross = nn.MultiheadAttention(8, 2)  # query != key: the remainder
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+            pad[:, -1] = True
+            causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+            h = self.enc(x, src_mask=causal, src_key_padding_mask=pad)
+            t = h.transpose(0, 1)
+            c, w = self.cross(t[:2], t, t, need_weights=True)
+            return self.head(c.mean(0) + w.sum((1, 2))[:, None])
+
+    m = Masked().double().eval()
+    info = {}
+    structured.structured_ntk(m, _x(3, 4, 8), info=info)
+    assert sorted(info["remainder"]) == ["cross.in_proj_bias", "cross.in_proj_weight", "cross.out_proj.bias",
+                                         "cross.out_proj.weight"]
+    _check(m, _x(3, 4, 8), _x(2, 4, 8, seed=1), impl="structured")
 
 
 class _Block(nn.Module):  # torchvision's BasicBlock at tiny width
