@@ -1,14 +1,13 @@
-"""Structured (layerwise) eNTK of deep MLPs and its fused op ``hadamard_gram_sum``.
+"""The fused op ``hadamard_gram_sum`` and the eNTK of deep MLPs (docs/engine.md).
 
-For :class:`lazyfast.models.MLP` the per-example gradient w.r.t. W_l is
-mult_l·δ_l h_{l−1}ᵀ, so (DESIGN.md §1.2)
+For a 2-D linear layer the per-example gradient w.r.t. W_l is mult_l·δ_l h_{l−1}ᵀ, so
 
     Θ(x, x')_ab = Σ_l ⟨δ_l,a(x), δ_l,b(x')⟩ · (mult_l² ⟨h_{l−1}(x), h_{l−1}(x')⟩ + 1_bias).
 
-No per-example Jacobian is ever formed: one forward, one k-wide backward for the
-δ's (:func:`lazyfast.reference.mlp_factors`), then the fused op, which tiles the
-output and never holds a full per-layer Gram. Cost O(n²·Σ_l width_l) instead of
-O(n²·P) for Jacobian contraction.
+The structured engine (:mod:`lazyfast.structured`) captures δ_l for all k outputs in one
+batched backward and h_{l−1} in the forward, then calls the fused op, which tiles the output
+and never holds a full per-layer Gram: O(n²·Σ_l width_l) instead of O(n²·P).
+:func:`mlp_ntk` is that engine applied to a :class:`lazyfast.models.MLP`.
 """
 from __future__ import annotations
 
@@ -163,21 +162,10 @@ if _ext._C is not None and hasattr(torch.ops.lazyfast, "hadamard_gram_sum"):
 
 
 # ----------------------------------------------------------------------------- MLP eNTK
-def mlp_chunk_size(mlp, memory_budget: int) -> int:
-    """Samples per chunk so the factors of two chunks (x1 and x2) fit in ``memory_budget`` bytes."""
-    dt = mlp.layers[0].weight.dtype
-    itemsize = torch.empty((), dtype=dt).element_size()
-    k = mlp.out_features
-    dims = [mlp.in_features] + list(mlp.widths) + [k]
-    # per sample: h_{l−1} (fan_in), δ_l (k·w_l) and σ'(z_l) (w_l), plus one transient δ product
-    per_sample = sum(dims[:-1]) + (k + 1) * sum(dims[1:]) + k * max(dims)
-    return max(1, int(memory_budget // (2 * per_sample * itemsize)))
-
-
 def mlp_ntk(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
             chunk_size: Optional[int] = None, memory_budget: int = 2 * 1024**3) -> torch.Tensor:
     """Structured eNTK of a :class:`lazyfast.models.MLP` (any depth, activation, bias,
-    parametrization, k ≥ 1).
+    parametrization, k ≥ 1, frozen parameters) by the structured engine.
 
     Args:
         mlp: the network. x1: (n1, d). x2: (n2, d) or None for x1.
@@ -185,52 +173,18 @@ def mlp_ntk(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: s
         chunk_size: samples whose factors are held at once (None: from ``memory_budget``).
 
     Samples are processed in chunks; in the symmetric case only chunk pairs (I, J)
-    with J ≥ I are computed and the rest is mirrored.
+    with J ≥ I are computed and the rest is mirrored. Returns a plain tensor.
     """
     from lazyfast.models import MLP
 
     if not isinstance(mlp, MLP):
         raise TypeError(f"mlp must be a lazyfast.models.MLP, got {type(mlp).__name__}")
-    from lazyfast._validation import check_input, check_mode
+    from lazyfast._validation import check_chunk_size, check_input, check_mode
+    from lazyfast.structured import structured_ntk
 
     check_mode(mode)
     check_input(x1, "x1", mlp)
     if x2 is not None:
         check_input(x2, "x2", mlp, like=x1)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
-    if any(not p.requires_grad for p in mlp.parameters()):
-        raise ValueError("mlp has frozen parameters; the structured eNTK differentiates all of them "
-                         "(use implementation='jacobian' for a partial kernel)")
-    same = x2 is None
-    xb = x1 if same else x2
-    n1, n2 = x1.shape[0], xb.shape[0]
-    k = mlp.out_features
-    dt = mlp.layers[0].weight.dtype
-    shape = (n1, n2) if mode == "trace" else (n1, n2, k, k)
-    if n1 == 0 or n2 == 0:
-        return torch.zeros(shape, dtype=dt, device=x1.device)
-    c = chunk_size or mlp_chunk_size(mlp, memory_budget)
-    if c >= max(n1, n2):
-        f1 = reference.mlp_factors(mlp, x1)
-        if same:
-            return hadamard_gram_sum(f1[0], f1[1], h_scale=f1[2], beta=f1[3], mode=mode)
-        f2 = reference.mlp_factors(mlp, xb)
-        return hadamard_gram_sum(f1[0], f1[1], f2[0], f2[1], h_scale=f1[2], beta=f1[3], mode=mode)
-    out = torch.empty(shape, dtype=dt, device=x1.device)
-    for s1 in range(0, n1, c):
-        e1 = min(s1 + c, n1)
-        f1 = reference.mlp_factors(mlp, x1[s1:e1])
-        for s2 in range(s1 if same else 0, n2, c):
-            e2 = min(s2 + c, n2)
-            if same and s2 == s1:
-                blk = hadamard_gram_sum(f1[0], f1[1], h_scale=f1[2], beta=f1[3], mode=mode)
-            else:
-                f2 = reference.mlp_factors(mlp, xb[s2:e2])
-                blk = hadamard_gram_sum(f1[0], f1[1], f2[0], f2[1], h_scale=f1[2], beta=f1[3], mode=mode)
-            out[s1:e1, s2:e2] = blk
-            if same and s2 != s1:
-                out[s2:e2, s1:e1] = blk.transpose(0, 1) if mode == "trace" else blk.permute(1, 0, 3, 2)
-    return out
+    chunk_size = check_chunk_size(chunk_size)
+    return structured_ntk(mlp, x1, x2, mode=mode, chunk_size=chunk_size, memory_budget=memory_budget)

@@ -1,21 +1,24 @@
-"""Public eNTK / JVP / VJP / NTK·v API with an ``implementation=`` switch.
+"""Public eNTK / JVP / VJP / NTK·v API with an ``implementation=`` switch (docs/engine.md).
 
 ``implementation``:
+  * ``"structured"`` — the structured engine (:mod:`lazyfast.structured`) for any module:
+    per-layer exact rules (Linear of any rank, Conv1d/2d/3d, Embedding, norm affines, weight
+    sharing) from one forward and one k-wide batched backward, the cheaper contraction order per
+    layer, the compiled ``hadamard_gram_sum`` op for 2-D linear layers (all of ``lazyfast.MLP``);
+    parameters no rule covers go to the generic path restricted to them. Chunked over samples
+    within ``memory_budget``.
   * ``"jacobian"`` — per-sample Jacobians (``vmap(jacrev)``), contracted; chunked over
-    samples. Wins for small P·k and many samples.
+    samples and parameter blocks (:mod:`lazyfast.generic`).
   * ``"ntk_vp"`` — one VJP + one JVP per kernel column (never holds a Jacobian).
-    Wins when P is huge and n2·k is small.
-  * ``"fused"`` — the compiled two-layer kernels (:mod:`lazyfast.two_layer`): only for
-    :class:`~lazyfast.models.TwoLayer` models with all parameters trainable. Never holds
-    a Jacobian or an (n, m) feature matrix; O(n1·n2·m) for the Gram, O(n·m·d) for JVP/VJP/NTK·v.
-  * ``"structured"`` — :class:`lazyfast.models.MLP` only: layerwise factors (one forward,
-    one k-wide backward) and the fused ``hadamard_gram_sum`` op, O(n²·Σ widths) instead of
-    O(n²·P); chunked over samples within ``memory_budget``.
-  * ``"auto"`` — the fastest correct path available for the model: ``"fused"`` for
-    ``TwoLayer``, ``"structured"`` for ``MLP``; for generic modules, Jacobian contraction
-    (chunked over samples and parameter blocks) or NTK-vector products, whichever a FLOP
-    model with the measured forward cost says is cheaper, both within ``memory_budget``
-    bytes (:mod:`lazyfast.generic`).
+  * ``"fused"`` — the compiled two-layer kernels (:mod:`lazyfast.two_layer`): only for an
+    exact :class:`~lazyfast.models.TwoLayer` (no subclass, no hooks) with all parameters trainable.
+  * ``"auto"`` — ``"fused"`` for an exact TwoLayer; else ``"structured"`` when rules cover every
+    parameter or the FLOP model says the rules-plus-remainder split is cheaper than the generic
+    path; else the generic path's own choice between ``"jacobian"`` and ``"ntk_vp"``.
+
+Every kernel is a plain tensor (no autograd graph). The eNTK entry points accept integer inputs
+(token ids) and refuse models whose samples are coupled or random (BatchNorm in training mode,
+active dropout: call ``model.eval()``); no call changes a module's state.
 """
 from __future__ import annotations
 
@@ -43,13 +46,14 @@ def _n_params(model: nn.Module) -> int:
 
 
 def _out_features(model: nn.Module, x: torch.Tensor) -> int:
-    k = getattr(model, "out_features", None)
-    if k is not None:
-        return int(k)
-    if x.shape[0] == 0:
-        return 1
-    with torch.no_grad():
-        return model(x[:1]).reshape(1, -1).shape[1]
+    """k: declared by an exact lazyfast model, else from a state-preserving probe forward."""
+    from lazyfast.models import MLP, TwoLayer
+
+    if type(model) in (MLP, TwoLayer) and "forward" not in model.__dict__:
+        return int(model.out_features)
+    from lazyfast.structured import output_dim
+
+    return output_dim(model, x)
 
 
 def auto_chunk_size(model: nn.Module, x: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -70,11 +74,39 @@ def _use_fused(model, implementation) -> bool:
     return implementation == "auto" and two_layer.fused_applicable(model)
 
 
-def _check_pair(model, x1, x2):
+def _check_pair(model, x1, x2, allow_integer=False):
     check_module(model)
-    check_input(x1, "x1", model)
+    check_input(x1, "x1", model, allow_integer=allow_integer)
     if x2 is not None:
-        check_input(x2, "x2", model, like=x1)
+        check_input(x2, "x2", model, like=x1, allow_integer=allow_integer)
+        if x2.dtype != x1.dtype:
+            raise TypeError(f"x2 has dtype {x2.dtype} but x1 has dtype {x1.dtype}")
+
+
+def choose_implementation(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
+                          mode: str = "trace", memory_budget: int = DEFAULT_MEMORY_BUDGET, info: Optional[dict] = None):
+    """What ``implementation="auto"`` runs for these arguments: ``("fused", None)``,
+    ``("structured", plan)`` or ``(generic choice, plan)`` by the FLOP model (docs/engine.md)."""
+    from lazyfast import generic, structured
+
+    if two_layer.fused_applicable(model):
+        return "fused", None
+    xs = x1 if x1.shape[0] or x2 is None else x2
+    plan = structured.make_plan(model, xs)
+    n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+    if info is not None:
+        info["plan"] = plan
+    if not plan.remainder:
+        return "structured", plan
+    if not plan.layers or n1 == 0 or n2 == 0:
+        return "generic", plan
+    probe = dict(k=plan.k, forward_flops=plan.forward_flops, act_numel=plan.act_numel)
+    whole = generic.generic_costs(model, x1, x2, mode, memory_budget, **probe)
+    rest = generic.generic_costs(model, x1, x2, mode, memory_budget, names=plan.remainder, **probe)
+    mixed = structured.structured_cost(plan, n1, n2, mode) + min(rest["jacobian"], rest["ntk_vp"])
+    if info is not None:
+        info["costs"] = {"structured+remainder": mixed, "generic": min(whole["jacobian"], whole["ntk_vp"])}
+    return ("structured" if mixed <= min(whole["jacobian"], whole["ntk_vp"]) else "generic"), plan
 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
@@ -96,26 +128,28 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     Returns:
         The kernel in the model's dtype, on the model's device.
     """
-    _check_pair(model, x1, x2)
+    _check_pair(model, x1, x2, allow_integer=True)
     check_mode(mode)
     chunk_size = check_chunk_size(chunk_size)
     _check_impl(implementation, NTK_IMPLEMENTATIONS)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
     if _use_fused(model, implementation):
-        return two_layer.model_ntk(model, x1, x2, mode=mode)
-    from lazyfast.models import MLP  # structured (layerwise) route for deep MLPs
+        return two_layer.model_ntk(model, x1, x2, mode=mode).detach()
+    from lazyfast import generic, structured
 
-    if isinstance(model, MLP) and implementation in ("auto", "structured") and all(
-            p.requires_grad for p in model.parameters()):
-        from lazyfast.mlp import mlp_ntk
-
-        return mlp_ntk(model, x1, x2, mode=mode, chunk_size=chunk_size, memory_budget=memory_budget)
+    structured.check_independent(model)
+    plan = None
+    if implementation == "auto":
+        implementation, plan = choose_implementation(model, x1, x2, mode=mode, memory_budget=memory_budget)
+        if implementation == "generic":
+            implementation = "auto"
     if implementation == "structured":
-        raise ValueError("implementation='structured' needs a lazyfast.models.MLP with all parameters trainable, "
-                         f"got {type(model).__name__}")
-    from lazyfast.generic import generic_ntk  # memory-bounded generic path with a cost-model "auto"
-
-    return generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
-                       memory_budget=memory_budget)
+        return structured.structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget,
+                                         chunk_size=chunk_size, plan=plan)
+    probe = {} if plan is None else dict(k=plan.k, forward_flops=plan.forward_flops, act_numel=plan.act_numel)
+    return generic.generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
+                               memory_budget=memory_budget, **probe)
 
 
 def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
@@ -131,11 +165,19 @@ def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
         (T, n, k).
     """
     check_module(model)
-    check_input(x, "x", model)
+    check_input(x, "x", model, allow_integer=True)
     _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    if x.shape[0] == 0:  # k from the model, not guessed
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        T = reference.check_tangents(params, tangents)
+        dt = next(iter(params.values())).dtype
+        return torch.zeros((T, 0, _out_features(model, x)), dtype=dt, device=x.device)
     if _use_fused(model, implementation):
         return two_layer.model_jvp(model, x, tangents)
-    return reference.jvp(model, x, tangents)
+    from lazyfast.structured import no_fastpath
+
+    with no_fastpath():
+        return reference.jvp(model, x, tangents)
 
 
 def _check_cotangent(model, x, r, name):
@@ -144,8 +186,9 @@ def _check_cotangent(model, x, r, name):
     k = _out_features(model, x)
     if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] != k:
         raise ValueError(f"{name} must have shape ({x.shape[0]}, {k}), got {tuple(r.shape)}")
-    if r.dtype != x.dtype or r.device != x.device:
-        raise TypeError(f"{name} must have the inputs' dtype and device ({x.dtype}, {x.device}), got ({r.dtype}, {r.device})")
+    dt = x.dtype if x.is_floating_point() else model_param_info(model)[1]  # integer inputs: the model's dtype
+    if r.dtype != dt or r.device != x.device:
+        raise TypeError(f"{name} must have the inputs' dtype and device ({dt}, {x.device}), got ({r.dtype}, {r.device})")
     if r.numel() and not bool(torch.isfinite(r).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -160,12 +203,18 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
         dict parameter name → gradient shaped like the parameter.
     """
     check_module(model)
-    check_input(x, "x", model)
+    check_input(x, "x", model, allow_integer=True)
     _check_cotangent(model, x, cotangent, "cotangent")
     _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    if x.shape[0] == 0:
+        return {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+                for n, p in model.named_parameters() if p.requires_grad}
     if _use_fused(model, implementation):
         return two_layer.model_vjp(model, x, cotangent)
-    return reference.vjp(model, x, cotangent)
+    from lazyfast.structured import no_fastpath
+
+    with no_fastpath():
+        return reference.vjp(model, x, cotangent)
 
 
 def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
@@ -180,9 +229,15 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
     Returns:
         (n1, k).
     """
-    _check_pair(model, x1, x2)
-    _check_cotangent(model, x1 if x2 is None else x2, v, "v")
+    _check_pair(model, x1, x2, allow_integer=True)
+    xb = x1 if x2 is None else x2
+    _check_cotangent(model, xb, v, "v")
     _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    if x1.shape[0] == 0 or xb.shape[0] == 0:
+        return torch.zeros((x1.shape[0], v.shape[1]), dtype=v.dtype, device=x1.device)
     if _use_fused(model, implementation):
         return two_layer.model_ntk_vp(model, x1, v, x2)
-    return reference.ntk_vp(model, x1, v, x2)
+    from lazyfast.structured import no_fastpath
+
+    with no_fastpath():
+        return reference.ntk_vp(model, x1, v, x2)

@@ -1,4 +1,6 @@
-"""Pure-PyTorch references: the fallback, the test oracle and the benchmark baselines.
+"""Pure-PyTorch references: the test oracle, the references and the benchmark baselines.
+
+The production eNTK paths live in :mod:`lazyfast.structured` and :mod:`lazyfast.generic`.
 
 Everything here works for any ``nn.Module`` mapping a batch ``(n, ...)`` to
 ``(n, k)`` (or ``(n,)``, read as k = 1), differentiating with respect to the
@@ -233,7 +235,7 @@ def ntk_oracle(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = 
 
 
 # ============================================================================= two-layer network
-# Dense GEMM formulation of the two-layer network f(x) = s·B σ(A x + c) (DESIGN.md §1.1).
+# Dense GEMM formulation of the two-layer network f(x) = s·B σ(A x + c) (docs/engine.md).
 # It materializes the (n, m) matrices Φ = σ(Z) and Σ' = σ'(Z): the best pure-PyTorch
 # baseline for the fused ops of lazyfast.two_layer, their fallback when no kernel is
 # compiled, and (tested against ntk_oracle) their reference.
@@ -327,7 +329,7 @@ def two_layer_ntk_vp_dense(x1: torch.Tensor, x2: Optional[torch.Tensor], A: torc
 
 
 # ============================================================================= structured (layerwise) MLP eNTK
-# Θ(x, x')_ab = Σ_l ⟨δ_l,a(x), δ_l,b(x')⟩ · (γ_l ⟨h_{l−1}(x), h_{l−1}(x')⟩ + β_l)   (DESIGN.md §1.2)
+# Θ(x, x')_ab = Σ_l ⟨δ_l,a(x), δ_l,b(x')⟩ · (γ_l ⟨h_{l−1}(x), h_{l−1}(x')⟩ + β_l)   (docs/engine.md)
 # with δ_l = ∂f/∂z_l, γ_l = weight_multiplier_l² and β_l = 1 for a bias, 0 without.
 def activation_derivative(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """σ' as a function, for an activation name of :mod:`lazyfast.models` (ReLU'(0) = 0, as autograd)."""
@@ -428,158 +430,6 @@ def mlp_ntk_layerwise(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, 
         return hadamard_gram_sum(f1[0], f1[1], None, None, f1[2], f1[3], mode=mode)
     f2 = mlp_factors(mlp, x2)
     return hadamard_gram_sum(f1[0], f1[1], f2[0], f2[1], f1[2], f1[3], mode=mode)
-
-
-# ============================================================================= memory-bounded generic eNTK
-# Jacobian contraction chunked over samples AND parameter blocks, sized so the Jacobian
-# chunks and the backward's intermediates stay within a byte budget (DESIGN.md §1.3).
-def forward_flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
-    """FLOPs of one forward pass on one sample, counted by ``torch.utils.flop_counter``
-    (matmuls and convolutions); at least 2·P so elementwise-only models are not free."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    p = sum(t.numel() for t in model.parameters())
-    if x.shape[0] == 0:
-        return float(2 * p)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x[:1])
-    return float(max(fc.get_total_flops(), 2 * p))
-
-
-def activation_numel_per_sample(model: nn.Module, x: torch.Tensor) -> int:
-    """Numbers produced by the leaf modules in one forward pass of one sample: what a
-    backward pass must keep (used to bound vmapped backward passes)."""
-    total = [0]
-
-    def hook(_m, _inp, out):
-        if isinstance(out, torch.Tensor):
-            total[0] += out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return max(total[0], int(x[:1].numel()))
-
-
-def _param_blocks(params: Params, max_numel: int):
-    """Greedy groups of consecutive parameter tensors with ≤ max_numel numbers (a tensor larger
-    than that forms its own block; the sample chunk then shrinks for it)."""
-    blocks, cur, size = [], [], 0
-    for name, p in params.items():
-        if cur and size + p.numel() > max_numel:
-            blocks.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += p.numel()
-    if cur:
-        blocks.append(cur)
-    return blocks
-
-
-def _block_jacobian(f, params: Params, names, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample Jacobian of f w.r.t. the parameters ``names`` only: (n, k, P_block)."""
-    fixed = {n: p for n, p in params.items() if n not in names}
-    blk = {n: params[n] for n in names}
-
-    def single(b, xi):
-        return f({**fixed, **b}, xi.unsqueeze(0))[0]
-
-    jac = vmap(jacrev(single), (None, 0))(blk, x)
-    n = x.shape[0]
-    return torch.cat([jac[nm].reshape(n, jac[nm].shape[1], -1) for nm in names], dim=2)
-
-
-def ntk_jacobian_blocked(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
-                         mode: str = "trace", memory_budget: int = 2 * 1024**3,
-                         chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Jacobian contraction that never holds more than about ``memory_budget`` bytes of
-    Jacobians and backward intermediates.
-
-    Parameters are grouped in blocks of P_b numbers and samples in chunks of c so that
-    2·c·k·P_b + 2·c·k·A ≤ budget (A: activation numbers per sample). Large sample chunks
-    are preferred (fewer recomputed Jacobians); with x2=None only chunk pairs J ≥ I are
-    contracted and mirrored. ``chunk_size`` caps c.
-    Shapes: x1 (n1, ...), x2 (n2, ...) → (n1, n2) trace | (n1, n2, k, k) full.
-    """
-    same = x2 is None
-    x2 = x1 if same else x2
-    f, params = functional_model(model)
-    k = _out_dim(f, params, x1) if x1.shape[0] else _out_dim(f, params, x2) if x2.shape[0] else 1
-    n1, n2 = x1.shape[0], x2.shape[0]
-    dtype = next(iter(params.values())).dtype
-    shape = (n1, n2) if mode == "trace" else (n1, n2, k, k)
-    out = torch.zeros(shape, dtype=dtype, device=x1.device)
-    if n1 == 0 or n2 == 0:
-        return out
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    budget = max(int(memory_budget // itemsize), 1)  # numbers
-    act = activation_numel_per_sample(model, x1)
-    n_max = max(n1, n2)
-    c_cap = min(n_max, chunk_size or n_max)
-    # Parameter block size if all c_cap samples of both batches fit; at least the largest tensor.
-    per_sample_act = 2 * k * act
-    p_block = max(1, (budget - c_cap * per_sample_act) // max(2 * c_cap * k, 1))
-    for names in _param_blocks(params, p_block):
-        pb = sum(params[nm].numel() for nm in names)
-        c = max(1, min(c_cap, budget // max(2 * k * pb + per_sample_act, 1)))
-        for s1 in range(0, n1, c):
-            e1 = min(s1 + c, n1)
-            j1 = _block_jacobian(f, params, names, x1[s1:e1])
-            for s2 in range(s1 if same else 0, n2, c):
-                e2 = min(s2 + c, n2)
-                j2 = j1 if (same and s2 == s1) else _block_jacobian(f, params, names, x2[s2:e2])
-                if mode == "full":
-                    blk = torch.einsum("iap,jbp->ijab", j1, j2)
-                else:
-                    blk = (j1.reshape(e1 - s1, -1) @ j2.reshape(e2 - s2, -1).T) / k
-                out[s1:e1, s2:e2] += blk
-                if same and s2 != s1:
-                    out[s2:e2, s1:e1] += blk.transpose(0, 1) if mode == "trace" else blk.permute(1, 0, 3, 2)
-                del j2
-            del j1
-    return out
-
-
-def ntkvp_column_chunk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, memory_budget: int) -> int:
-    """Kernel columns per vmapped VJP+JVP batch within ``memory_budget`` bytes: each column
-    holds one parameter-sized cotangent/tangent and tangent activations over x1 and x2."""
-    _, dtype = next(((p.device, p.dtype) for p in model.parameters()), (None, torch.float32))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    p = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    act = activation_numel_per_sample(model, x1)
-    per_col = 2 * p + 2 * (x1.shape[0] + x2.shape[0]) * act
-    return max(1, int(memory_budget // (itemsize * per_col)))
-
-
-def generic_costs(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str,
-                  memory_budget: int) -> Dict[str, float]:
-    """Estimated FLOPs of the two generic methods (ANCHORS.md §3.1), with [FP] measured:
-    Jacobian contraction ≈ 3·k·[FP]·(Jacobians computed) + 2·n1·n2·k^(1|2)·P, where blocked
-    chunks recompute x2's Jacobians once per x1 chunk; NTK-vector products ≈ n2·k columns,
-    each a VJP over x2 (≈ 2·n2·[FP]) and a JVP over x1 (≈ 3·n1·[FP])."""
-    same = x2 is None
-    x2 = x1 if same else x2
-    n1, n2 = x1.shape[0], x2.shape[0]
-    fp = forward_flops_per_sample(model, x1 if n1 else x2)
-    p = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    k = 1
-    if n1:
-        with torch.no_grad():
-            k = model(x1[:1]).reshape(1, -1).shape[1]
-    dtype = next(model.parameters()).dtype
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    act = activation_numel_per_sample(model, x1 if n1 else x2)
-    c = max(1, min(max(n1, n2), int(memory_budget // itemsize) // max(2 * k * p + 2 * k * act, 1)))
-    chunks1 = -(-n1 // c)
-    jac_samples = n1 + n2 * (chunks1 if not same else max(chunks1 - 1, 1) / 2 + 1)
-    contraction = 2.0 * n1 * n2 * p * (k * k if mode == "full" else k) * (0.5 if same else 1.0)
-    jc = 3.0 * k * fp * jac_samples + contraction
-    vp = n2 * k * (2.0 * n2 + 3.0 * n1) * fp
-    return {"jacobian": jc, "ntk_vp": vp, "forward_flops": fp}
 
 
 # ============================================================================= authors' kernel extraction (baseline d)

@@ -212,9 +212,15 @@ def two_layer_ntk_vp(x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tenso
 
 # ----------------------------------------------------------------------------- TwoLayer models
 def fused_applicable(model) -> bool:
-    """True for a :class:`TwoLayer` whose parameters are all trainable (the eNTK then
-    covers exactly A, c, B, as the generic references do)."""
-    return isinstance(model, TwoLayer) and all(p.requires_grad for p in model.parameters())
+    """True for an exact :class:`TwoLayer` (no subclass, ``forward`` not overridden, no hooks)
+    whose parameters are all trainable: the fused kernels then compute exactly the eNTK of
+    A, c, B that the generic references compute."""
+    import torch.nn as nn
+
+    from lazyfast.structured import unmodified
+
+    return unmodified(model, TwoLayer, {"hidden": nn.Linear, "output": nn.Linear}) and all(
+        p.requires_grad for p in model.parameters())
 
 
 def model_weights(model: TwoLayer) -> dict:

@@ -1,12 +1,13 @@
 """Generic (any nn.Module) eNTK paths: memory-bounded Jacobian contraction, NTK-vector
-products, the cost-model choice, the layerwise CNN kernel and the authors' extraction."""
+products, the cost-model choice, parameter subsets (the structured engine's remainder), the
+layerwise CNN kernel (a use of the structured engine) and the authors' extraction."""
 import pytest
 import torch
 from torch import nn
 
 import lazyfast
 from lazyfast import kernels, reference
-from lazyfast.generic import choose_generic_implementation, generic_ntk
+from lazyfast.generic import choose_generic_implementation, generic_ntk, ntk_jacobian_blocked
 from lazyfast.testing import assert_close_rel
 
 
@@ -50,7 +51,7 @@ def test_blocked_chunked_equals_unchunked(mode, symmetric):
     whole = reference.ntk_jacobian(m, x1, x2, mode=mode)
     # budgets that force parameter blocks smaller than one tensor and 1-3 sample chunks
     for budget in (20_000, 400_000):
-        got = reference.ntk_jacobian_blocked(m, x1, x2, mode=mode, memory_budget=budget)
+        got = ntk_jacobian_blocked(m, x1, x2, mode=mode, memory_budget=budget)
         assert_close_rel(got, whole, rtol=1e-12, what=f"budget {budget}")
     got = generic_ntk(m, x1, x2, mode=mode, implementation="jacobian", chunk_size=2)
     assert_close_rel(got, whole, rtol=1e-12)
@@ -83,23 +84,40 @@ def test_layerwise_matches_oracle(bias, method, mode):
         assert info["methods"][0] == "jacobian" and info["methods"][-1] == "structured"
 
 
-def test_layerwise_frozen_and_unsupported():
+def test_layerwise_frozen_batchnorm_and_coupled():
     m = _model()
     m.c1.weight.requires_grad_(False)  # bias-only layer
     x = _x(3)
     assert_close_rel(kernels.layerwise_ntk(m, x), reference.ntk_oracle(m, x, mode="full"), rtol=1e-10)
     bn = nn.Sequential(nn.Flatten(), nn.Linear(128, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).double()
-    with pytest.raises(ValueError, match="BatchNorm1d"):
+    with pytest.raises(ValueError, match="model.eval()"):  # training mode couples the samples
         kernels.layerwise_ntk(bn, x)
-    bn[2].requires_grad_(False)
-    bn.train()
-    with pytest.raises(ValueError, match="depends on the other samples"):
-        kernels.layerwise_ntk(bn, x)
-    # extract_kernel falls back to the blocked Jacobian contraction for such models
-    bn.eval()
-    k = kernels.extract_kernel(bn, x, implementation="auto")
+    assert bn[2].num_batches_tracked.item() == 0  # and nothing ran that changed the model's state
+    bn.eval()  # eval mode: BatchNorm's affine parameters have a rule
+    with torch.no_grad():
+        bn[2].running_var.uniform_(0.5, 2.0)
     o = reference.ntk_oracle(bn, x, mode="full")
-    assert_close_rel(k, o.permute(0, 2, 1, 3).reshape(6, 6), rtol=1e-10)
+    assert_close_rel(kernels.layerwise_ntk(bn, x), o, rtol=1e-10)
+    for impl in ("auto", "jacobian"):
+        k = kernels.extract_kernel(bn, x, implementation=impl)
+        assert_close_rel(k, o.permute(0, 2, 1, 3).reshape(6, 6), rtol=1e-10)
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vp"])
+def test_generic_on_a_parameter_subset(implementation):
+    """names=: the other parameters are constants (the structured engine's remainder)."""
+    m = _model()
+    x1, x2 = _x(4), _x(3, 1)
+    names = ["c2.weight", "fc.bias"]
+    frozen = _model()
+    frozen.load_state_dict(m.state_dict())
+    for n, p in frozen.named_parameters():
+        p.requires_grad_(n in names)
+    for mode in ("trace", "full"):
+        got = generic_ntk(m, x1, x2, mode=mode, implementation=implementation, names=names, chunk_size=2)
+        assert_close_rel(got, reference.ntk_oracle(frozen, x1, x2, mode=mode), rtol=1e-10)
+    with pytest.raises(ValueError, match="names"):
+        generic_ntk(m, x1, names=["nope"], implementation=implementation)
 
 
 def test_centered_and_extract_kernel_layout():

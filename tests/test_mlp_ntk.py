@@ -80,9 +80,9 @@ def test_float32_and_large_tile_crossing():
 def test_empty_batch_and_errors():
     m = _mlp(2, "relu", True, "ntk", 3)
     assert lazyfast.empirical_ntk(m, torch.zeros(0, 4, dtype=torch.float64), mode="full").shape == (0, 0, 3, 3)
-    with pytest.raises(ValueError, match="structured"):
-        lazyfast.empirical_ntk(torch.nn.Linear(4, 2).double(), torch.randn(2, 4, dtype=torch.float64),
-                               implementation="structured")
+    lin, xl = torch.nn.Linear(4, 2).double(), torch.randn(3, 4, dtype=torch.float64)
+    assert_close_rel(lazyfast.empirical_ntk(lin, xl, mode="full", implementation="structured"),
+                     reference.ntk_oracle(lin, xl, mode="full"), rtol=1e-10)  # any module has a structured eNTK
     with pytest.raises(ValueError, match="x1"):
         lazyfast.empirical_ntk(m, torch.randn(2, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="mlp"):
@@ -97,11 +97,22 @@ def test_empty_batch_and_errors():
         mlp_ntk(m, torch.randn(2, 4, dtype=torch.float64), chunk_size=0)
 
 
-def test_frozen_parameters_fall_back_to_generic():
-    m = _mlp(2, "tanh", True, "ntk", 1)
-    m.layers[0].weight.requires_grad_(False)
+def test_frozen_parameters():
+    m = _mlp(2, "tanh", True, "ntk", 3)
+    m.layers[0].weight.requires_grad_(False)  # a bias-only layer
+    m.layers[2].bias.requires_grad_(False)
     x = torch.randn(4, 4, dtype=torch.float64)
-    assert_close_rel(lazyfast.empirical_ntk(m, x), reference.ntk_oracle(m, x), rtol=1e-10)
+    for f in (lambda: lazyfast.empirical_ntk(m, x, mode="full"), lambda: mlp_ntk(m, x, mode="full")):
+        assert_close_rel(f(), reference.ntk_oracle(m, x, mode="full"), rtol=1e-10)
+
+
+def test_no_autograd_graph_is_returned():
+    """The kernel is a plain tensor: no hadamard_gram_sum backward graph keeps the factors alive."""
+    m = _mlp(3, "relu", True, "ntk", 2)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    for K in (lazyfast.empirical_ntk(m, x, memory_budget=4096), mlp_ntk(m, x, mode="full"),
+              lazyfast.empirical_ntk(m, x, x[:3])):
+        assert not K.requires_grad and K.grad_fn is None
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])

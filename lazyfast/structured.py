@@ -1,0 +1,961 @@
+"""The structured eNTK engine: exact per-layer kernels for any ``nn.Module`` (docs/engine.md).
+
+One forward with hooks on the layers that have a rule records each call's input u and raw
+output; ONE batched backward (``torch.autograd.grad(..., is_grads_batched=True)``, a loop over
+the k outputs only where batching fails) gives every layer's output cotangents δ for all k
+outputs at once. Each layer then adds its exact kernel
+
+    Θ_l[(i,a),(j,b)] = Σ_{p,p'} ⟨δ_a(x_i)_p, δ_b(x_j)_p'⟩ · (γ⟨u(x_i)_p, u(x_j)_p'⟩ + 1_bias)
+
+(p: positions; u: the input patch; γ: the squared weight multiplier), by the cheaper of two
+exact contraction orders under a FLOP model: per-example gradient blocks ("jacobian") or
+position-pair Grams ("structured"). Single-call 2-D linear layers go through the compiled
+``hadamard_gram_sum`` op. Rules: ``nn.Linear`` (and lazyfast's ``_Dense``) on inputs of any rank,
+``nn.Conv1d/2d/3d`` (stride, padding of every mode, dilation, groups), ``nn.Embedding``, the
+affine parameters of ``LayerNorm``/``GroupNorm``/``BatchNorm*d`` (eval)/``InstanceNorm*d``, and the
+projections of self-attention ``nn.MultiheadAttention`` (through an exact shadow forward used by
+the engine's own forwards only); a layer called several times per forward concatenates its positions. Every other trainable parameter
+(raw parameters, attention projections, custom modules, parameters tied across modules or used
+outside their layer) is handed to the generic path restricted to those parameters
+(:func:`lazyfast.generic.generic_ntk` with ``names=``), and the kernels add up.
+
+Samples must be independent (:func:`check_independent`), and no call here changes a module's
+state (:class:`StateGuard`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+METHODS = ("auto", "jacobian", "structured")
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# ============================================================================= samples independent, state unchanged
+def check_independent(model: nn.Module) -> None:
+    """Raises ValueError if a module couples the samples of a batch or is random (BatchNorm
+    in training mode or without running statistics, active dropout), would update its state
+    in the forward (InstanceNorm tracking statistics in training mode), or rewrites its
+    weights (``nn.Embedding(max_norm=...)``)."""
+    bad = []
+    for name, m in model.named_modules():
+        label = f"{type(m).__name__} {name or '<model>'!r}"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training:
+                bad.append(f"{label} is in training mode (batch statistics)")
+            elif m.running_mean is None:
+                bad.append(f"{label} has track_running_stats=False (batch statistics even in eval mode)")
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            if m.training and m.track_running_stats:
+                bad.append(f"{label} is in training mode (it updates running statistics)")
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.training and m.p > 0:
+                bad.append(f"{label} is active (training mode, p={m.p})")
+        elif isinstance(m, nn.MultiheadAttention):
+            if m.training and m.dropout > 0:
+                bad.append(f"{label} applies attention dropout (training mode, dropout={m.dropout})")
+        elif isinstance(m, nn.RNNBase):
+            if m.training and m.dropout > 0:
+                bad.append(f"{label} applies dropout (training mode, dropout={m.dropout})")
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            raise ValueError(f"{label} has max_norm={m.max_norm}: its forward renormalizes the weight in place, "
+                             "so computing the kernel would change the model; use max_norm=None")
+    if bad:
+        raise ValueError("the eNTK needs samples processed independently and deterministically, but "
+                         + "; ".join(bad) + ". Call model.eval() before computing the kernel")
+
+
+class StateGuard:
+    """Context manager: the model's buffers and training flags are the same after as before.
+    A forward that changed a buffer is undone and reported (ValueError)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.fast = no_fastpath().__enter__()
+        self.bufs = [(n, b, b._version, b.detach().clone()) for n, b in self.model.named_buffers()]
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.params = [(n, p, p._version) for n, p in self.model.named_parameters()]
+        return self
+
+    def __exit__(self, *exc):
+        self.fast.__exit__(*exc)
+        changed = []
+        for n, b, v, copy in self.bufs:
+            if b._version != v:
+                with torch.no_grad():
+                    b.copy_(copy)
+                changed.append(n)
+        for m, t in self.flags:
+            if m.training != t:
+                m.train(t)
+        moved = [n for n, p, v in self.params if p._version != v]
+        if exc[0] is None and (changed or moved):
+            raise ValueError(f"the model's forward changed its state ({', '.join(changed + moved)}; buffers restored): "
+                             "the eNTK needs a forward without side effects (call model.eval()?)")
+        return False
+
+
+class no_fastpath:
+    """Context manager: PyTorch's fused inference fast path of ``nn.TransformerEncoderLayer`` /
+    ``nn.MultiheadAttention`` off, so every forward of the engine (probe, capture, torch.func
+    transforms, whose detached parameters would otherwise select it) runs the same
+    differentiable ops (the fused op has no forward-mode AD and hides the layers' calls)."""
+
+    def __enter__(self):
+        self.old = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.old)
+        return False
+
+
+def _batch_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n copies of x's first sample (zeros of x's per-sample shape if x is empty)."""
+    s = x[:1] if x.shape[0] else torch.zeros((1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    return s.detach().expand((n,) + tuple(s.shape[1:])).contiguous()
+
+
+def output_dim(model: nn.Module, x: torch.Tensor) -> int:
+    """k, the number of outputs per sample, from a state-preserving forward on one sample
+    (on a zero-sized batch first when x is empty, else on a zero sample)."""
+    with StateGuard(model), torch.no_grad():
+        if x.shape[0]:
+            out = model(x[:1].detach())
+            return max(1, out.numel())
+        try:
+            out = model(x.detach())
+            if out.dim() >= 1 and out.shape[0] == 0:
+                return max(1, math.prod(out.shape[1:]))
+        except Exception:  # noqa: BLE001 - some models refuse empty batches: probe one zero sample
+            pass
+        return max(1, model(_batch_like(x, 1)).numel())
+
+
+# ============================================================================= rules
+def unmodified(model, cls, children: Dict[str, type]) -> bool:
+    """True if ``model`` is exactly a ``cls`` (not a subclass), with its class's own ``forward``,
+    the submodules ``children`` (attribute → exact type, unmodified), and no forward or
+    backward hooks on it or any submodule (global module hooks included): a closed-form
+    kernel of ``cls`` then computes the derivatives of the forward that actually runs."""
+    from torch.nn.modules import module as _mod
+    from torch.nn.utils import parametrize
+
+    if type(model) is not cls or "forward" in model.__dict__:
+        return False
+    for attr, typ in children.items():
+        sub = getattr(model, attr, None)
+        if type(sub) is not typ or "forward" in sub.__dict__:
+            return False
+    for m in model.modules():
+        if parametrize.is_parametrized(m) or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
+                or getattr(m, "_backward_pre_hooks", None):
+            return False
+    return not (_mod._global_forward_hooks or _mod._global_forward_pre_hooks or _mod._global_backward_hooks
+                or getattr(_mod, "_global_backward_pre_hooks", None))
+
+
+def _plain_forward(m: nn.Module, base) -> bool:
+    from torch.nn.utils import parametrize
+
+    return (type(m).forward is base.forward and "forward" not in m.__dict__
+            and not parametrize.is_parametrized(m))
+
+
+def rule_kind(m: nn.Module) -> Optional[str]:
+    """'linear' | 'conv' | 'embedding' | 'norm' for a module with an exact rule, else None."""
+    from lazyfast.models import _Dense
+
+    for base, kind in ((nn.Linear, "linear"), (_Dense, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
+                       (nn.Conv3d, "conv"), (nn.Embedding, "embedding")):
+        if isinstance(m, base):
+            if not _plain_forward(m, base):
+                return None
+            if kind == "embedding" and (m.scale_grad_by_freq or m.max_norm is not None):
+                return None
+            return kind
+    for base in _NORMS:
+        if isinstance(m, base):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+                return None
+            for b in type(m).__mro__:  # the concrete torch class whose forward it must keep
+                if b.__module__.startswith("torch.nn"):
+                    return "norm" if _plain_forward(m, b) else None
+    return None
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    kind: str
+    w_on: bool
+    b_on: bool
+    names: List[str]
+    calls: int = 0
+    bdims: List[int] = field(default_factory=list)  # batch dim of each call's input/output
+    clone_out: List[bool] = field(default_factory=list)
+    clone_in: List[bool] = field(default_factory=list)
+    in_shapes: List[tuple] = field(default_factory=list)  # per sample (batch dim removed)
+    out_shapes: List[tuple] = field(default_factory=list)
+    method: str = "jacobian"
+    gamma: float = 1.0
+
+
+@dataclass
+class Plan:
+    """What the probe forwards found: rule layers, the remainder's parameter names, k, and
+    per-sample costs (forward FLOPs, activation numbers)."""
+    layers: List[_Layer]
+    remainder: List[str]
+    k: int
+    forward_flops: float
+    act_numel: int
+    n_params: int
+    shadows: list = field(default_factory=list)  # (MultiheadAttention, its _InProj) pairs
+
+
+class _Uses(TorchFunctionMode):
+    """Records the parameters of rule layers used by any torch function outside their layer's forward."""
+
+    def __init__(self, owner: Dict[int, nn.Module], stack: list):
+        super().__init__()
+        self.owner, self.stack, self.foreign = owner, stack, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in list(args) + list(kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                if isinstance(t, torch.Tensor):
+                    m = self.owner.get(id(t))
+                    if m is not None and (not self.stack or self.stack[-1] is not m):
+                        self.foreign.add(id(t))
+        return func(*args, **kwargs)
+
+
+def _first_input(args, kwargs):
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
+class _InProj(nn.Module):
+    """The packed input projection of a self-attention ``nn.MultiheadAttention`` as a linear layer
+    (z = x W_inᵀ + b_in, then split into q, k, v), so the Linear rule covers ``in_proj_weight`` /
+    ``in_proj_bias``. It exists only inside the engine's probe and capture forwards."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        object.__setattr__(self, "mha", mha)  # not a submodule: no parameters of its own
+
+    @property
+    def weight(self):
+        return self.mha.in_proj_weight
+
+    @property
+    def bias(self):
+        return self.mha.in_proj_bias
+
+    def forward(self, x):
+        return F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias)
+
+
+def _attention_rule_applies(m) -> bool:
+    return (type(m) is nn.MultiheadAttention and "forward" not in m.__dict__ and m._qkv_same_embed_dim
+            and m.in_proj_weight is not None and m.bias_k is None and m.bias_v is None and not m.add_zero_attn)
+
+
+def _shadow_attention(mha, proj, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                      average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` for self-attention with the projections run by modules
+    the hooks see: ``proj`` (the packed in-projection) and ``mha.out_proj``; the attention core is
+    ``F.multi_head_attention_forward`` with identity projections, which are exact (x·1 + 0)."""
+    if not (query is key and key is value) or query.dim() != 3:
+        return nn.MultiheadAttention.forward(mha, query, key, value, key_padding_mask=key_padding_mask,
+                                             need_weights=need_weights, attn_mask=attn_mask,
+                                             average_attn_weights=average_attn_weights, is_causal=is_causal)
+    x = query.transpose(1, 0) if mha.batch_first else query
+    E = mha.embed_dim
+    q, k, v = proj(x).chunk(3, dim=-1)
+    eye = torch.eye(E, dtype=x.dtype, device=x.device)
+    out, w = F.multi_head_attention_forward(
+        q, k, v, E, mha.num_heads, None, x.new_zeros(3 * E), None, None, False, mha.dropout, eye, x.new_zeros(E),
+        training=mha.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+    out = mha.out_proj(out)
+    return (out.transpose(1, 0) if mha.batch_first else out), w
+
+
+class _Shadows:
+    """Context manager installing the attention shadows for the engine's own forwards only."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __enter__(self):
+        import functools
+
+        for mha, proj in self.pairs:
+            mha.forward = functools.partial(_shadow_attention, mha, proj)
+        return self
+
+    def __exit__(self, *exc):
+        for mha, _ in self.pairs:
+            mha.__dict__.pop("forward", None)
+        return False
+
+
+def _wb(m):
+    if isinstance(m, _InProj):
+        return m.weight, m.bias
+    return m._parameters.get("weight"), m._parameters.get("bias")
+
+
+def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
+    """Probes the model (forwards on 1 and 2 copies of one sample, grad enabled, state unchanged)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    named = dict(model.named_parameters())
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    owners: Dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    name_of = {id(p): n for n, p in trainable.items()}
+    cands = []
+    shadows = [(m, _InProj(m)) for m in model.modules() if _attention_rule_applies(m)]
+    for m in list(model.modules()) + [proj for _, proj in shadows]:
+        kind = "linear" if isinstance(m, _InProj) else rule_kind(m)
+        if kind is None:
+            continue
+        w, b = _wb(m)
+        others = [p for key, p in m._parameters.items() if key not in ("weight", "bias") and p is not None
+                  and p.requires_grad]
+        if others:
+            continue
+        w_on = w is not None and w.requires_grad and owners[id(w)] == 1
+        b_on = b is not None and b.requires_grad and owners[id(b)] == 1
+        if w_on or b_on:
+            cands.append(_Layer(m, kind, w_on, b_on, []))
+    owner = {}
+    for L in cands:
+        for p, on in zip(_wb(L.module), (L.w_on, L.b_on)):
+            if on:
+                owner[id(p)] = L.module
+    records: Dict[int, list] = {id(L.module): [] for L in cands}
+    stack: list = []
+    leaf_numel = [0]
+
+    def pre(m, args, kwargs):
+        stack.append(m)
+
+    def post(m, args, kwargs, out):
+        if stack and stack[-1] is m:
+            stack.pop()
+        inp = _first_input(args, kwargs)
+        if isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor):
+            records[id(m)].append((inp, inp._version, tuple(inp.shape), out, out._version, tuple(out.shape)))
+
+    def count(m, args, out):
+        if isinstance(out, torch.Tensor):
+            leaf_numel[0] += out.numel()
+
+    shapes = {}
+    foreign = set()
+    k = 1
+    flops = 0.0
+    with StateGuard(model), torch.enable_grad():
+        for nb in (1, 2):
+            for r in records.values():
+                r.clear()
+            handles = []
+            try:
+                for L in cands:
+                    handles.append(L.module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+                    handles.append(L.module.register_forward_hook(post, with_kwargs=True, prepend=True))
+                if nb == 2:
+                    handles += [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+                xb = _batch_like(x, nb)
+                uses = _Uses(owner, stack)
+                with uses, _Shadows(shadows):
+                    out = model(xb)
+                k = max(1, out.numel() // nb)
+            finally:
+                for h in handles:
+                    h.remove()
+            shapes[nb] = {key: [(iv != i._version, si, ov != o._version, so) for i, iv, si, o, ov, so in r]
+                          for key, r in records.items()}
+            foreign |= uses.foreign
+            del out
+    layers, covered = [], set()
+    for L in cands:
+        one, two = shapes[1][id(L.module)], shapes[2][id(L.module)]
+        ok = len(one) == len(two) and len(one) > 0
+        if ok:
+            for (_, s1, _, o1), (ci, s2, co, o2) in zip(one, two):
+                bd = _batch_dim(s1, s2, o1, o2, L)
+                if bd is None:
+                    ok = False
+                    break
+                L.bdims.append(bd)
+                L.clone_in.append(ci)
+                L.clone_out.append(co)
+                L.in_shapes.append(s1[:bd] + s1[bd + 1:])
+                L.out_shapes.append(o1[:bd] + o1[bd + 1:])
+        if not ok:
+            continue
+        m = L.module
+        if L.w_on and id(m.weight) in foreign:
+            L.w_on = False
+        if L.b_on and id(m.bias) in foreign:
+            L.b_on = False
+        if not (L.w_on or L.b_on):
+            continue
+        L.calls = len(one)
+        L.gamma = float(getattr(m, "weight_multiplier", 1.0)) ** 2
+        for p, on in zip(_wb(m), (L.w_on, L.b_on)):
+            if on:
+                L.names.append(name_of[id(p)])
+                covered.add(name_of[id(p)])
+        layers.append(L)
+    remainder = [n for n in trainable if n not in covered]
+    if remainder:  # the FLOP model compares against the generic path: count the whole forward
+        with StateGuard(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(_batch_like(x, 1))
+        flops = float(fc.get_total_flops())
+    else:  # only the rule layers' products matter (and counting is not free)
+        flops = sum(_layer_flops(L) for L in layers)
+    return Plan(layers, remainder, k, float(max(flops, 2 * sum(p.numel() for p in named.values()))),
+                max(leaf_numel[0] // 2, int(x[:1].numel())), sum(p.numel() for p in trainable.values()), shadows)
+
+
+def _layer_flops(L: _Layer) -> float:
+    """Forward FLOPs of a rule layer on one sample (all its calls)."""
+    w = L.module.weight
+    if L.kind == "linear":
+        return 2.0 * w.numel() * sum(math.prod(s[:-1]) for s in L.out_shapes)
+    if L.kind == "conv":
+        return 2.0 * w.numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
+    return 4.0 * sum(math.prod(s) for s in L.out_shapes)
+
+
+def _batch_dim(s1, s2, o1, o2, L) -> Optional[int]:
+    """The dim that holds the batch in a call's input and output (same index), or None."""
+    if len(s1) != len(s2) or len(o1) != len(o2) or len(s1) < 1:
+        return None
+    din = [d for d in range(len(s1)) if s2[d] != s1[d]]
+    dout = [d for d in range(len(o1)) if o2[d] != o1[d]]
+    if len(din) != 1 or din != dout or s1[din[0]] != 1 or s2[din[0]] != 2 or o1[dout[0]] != 1:
+        return None
+    d = din[0]
+    if L.kind in ("conv", "norm") and not isinstance(L.module, nn.LayerNorm) and d != 0:
+        return None
+    if L.kind == "linear" and d == len(s1) - 1:
+        return None
+    if isinstance(L.module, nn.LayerNorm) and d >= len(s1) - len(L.module.normalized_shape):
+        return None
+    if L.kind == "conv" and len(s1) != L.module.weight.dim():  # batched input only
+        return None
+    return d
+
+
+# ============================================================================= capture
+def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True):
+    """One forward and one batched backward: per layer, per call, (u, δ) with u the input
+    (batch first, detached) and δ (k, n, *out) the output cotangents of all k outputs."""
+    layers = plan.layers
+    recs: Dict[int, list] = {id(L.module): [] for L in layers}
+    by_id = {id(L.module): L for L in layers}
+
+    def post(m, args, kwargs, out):
+        L = by_id[id(m)]
+        c = len(recs[id(m)])
+        inp = _first_input(args, kwargs).detach()
+        if c < len(L.clone_in) and L.clone_in[c]:
+            inp = inp.clone()
+        recs[id(m)].append([inp, out])
+        if c < len(L.clone_out) and L.clone_out[c]:
+            return out.clone()
+        return None
+
+    handles = [L.module.register_forward_hook(post, with_kwargs=True, prepend=True) for L in layers]
+    try:
+        with torch.enable_grad(), _Shadows(plan.shadows):
+            out = model(x).reshape(x.shape[0], plan.k)
+    finally:
+        for h in handles:
+            h.remove()
+    n, k = x.shape[0], plan.k
+    targets, index = [], []
+    for L in layers:
+        rs = recs[id(L.module)]
+        if len(rs) != L.calls:
+            raise RuntimeError(f"{type(L.module).__name__} ran {len(rs)} times in this forward but {L.calls} times "
+                               "in the probe: the structured eNTK needs the same computation for every batch; "
+                               "use implementation='jacobian'")
+        for r in rs:
+            index.append((L, r))
+            targets.append(r[1])
+    grads = [None] * len(targets)
+    if targets:
+        eye = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1).expand(k, n, k)
+        if batched and k > 1:
+            try:
+                grads = list(torch.autograd.grad(out, targets, grad_outputs=eye, is_grads_batched=True,
+                                                 allow_unused=True, retain_graph=True))
+            except RuntimeError:
+                batched = False
+        if not batched or k == 1:
+            cols = [torch.autograd.grad(out, targets, grad_outputs=eye[a], allow_unused=True,
+                                        retain_graph=a < k - 1) for a in range(k)]
+            grads = [None if any(c[t] is None for c in cols) else
+                     (cols[0][t].unsqueeze(0) if k == 1 else torch.stack([c[t] for c in cols]))
+                     for t in range(len(targets))]
+    del out
+    caps: Dict[int, list] = {id(L.module): [] for L in layers}
+    for (L, r), g in zip(index, grads):
+        o = r[1]
+        g = torch.zeros((k,) + tuple(o.shape), dtype=o.dtype, device=o.device) if g is None else g.detach()
+        bd = L.bdims[len(caps[id(L.module)])]
+        u = r[0] if bd == 0 else r[0].movedim(bd, 0)
+        caps[id(L.module)].append((u, g if bd == 0 else g.movedim(bd + 1, 1)))
+        r.clear()
+    return caps
+
+
+# ============================================================================= per-layer factors
+def _conv_patches(m, u):
+    """Conv input (n, C_in, *S) → (n, g, D, C_in/g·Πkernel) in the weight's flattening order,
+    with the layer's own padding (any padding mode) applied exactly as its forward does."""
+    nd = u.dim() - 2
+    pad = list(m._reversed_padding_repeated_twice)
+    if any(pad):
+        u = F.pad(u, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    ks, st, dl = m.kernel_size, m.stride, m.dilation
+    n, c = u.shape[:2]
+    if nd == 2:
+        pt = F.unfold(u, ks, dilation=dl, stride=st)  # (n, C·kh·kw, D)
+    else:
+        for d in range(nd):
+            u = u.unfold(2 + d, dl[d] * (ks[d] - 1) + 1, st[d])[..., ::dl[d]]
+        perm = [0, 1] + list(range(2 + nd, 2 + 2 * nd)) + list(range(2, 2 + nd))
+        pt = u.permute(perm).reshape(n, c * math.prod(ks), -1)
+    g = m.groups
+    return pt.reshape(n, g, pt.shape[1] // g, pt.shape[2]).transpose(2, 3)
+
+
+def _uniform(L: _Layer, cap):
+    """A linear/conv layer's calls as u (n, g, P, q), δ (k, n, g, P, o), positions of all calls
+    concatenated (weight sharing)."""
+    us, ds = [], []
+    for u, d in cap:
+        k, n = d.shape[:2]
+        if L.kind == "conv":
+            g = L.module.groups
+            us.append(_conv_patches(L.module, u) if L.w_on else None)
+            ds.append(d.reshape(k, n, g, d.shape[2] // g, -1).transpose(3, 4))
+        else:
+            us.append(u.reshape(n, 1, -1, u.shape[-1]) if L.w_on else None)
+            ds.append(d.reshape(k, n, 1, -1, d.shape[-1]))
+    u = None if not L.w_on else (us[0] if len(us) == 1 else torch.cat(us, dim=2))
+    d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=3)
+    return u, d
+
+
+def _norm_xhat(m, u):
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(u, m.normalized_shape, None, None, m.eps)
+    if isinstance(m, nn.GroupNorm):
+        return F.group_norm(u, m.num_groups, None, None, m.eps)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return F.batch_norm(u, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+    use_running = m.track_running_stats and not m.training
+    return F.instance_norm(u, m.running_mean if use_running else None, m.running_var if use_running else None,
+                           None, None, not use_running, 0.0, m.eps)
+
+
+def _norm_jac(L: _Layer, cap):
+    """Per-example gradients of a norm layer's affine parameters: [(n·k, E)] per parameter."""
+    m = L.module
+    E = m.weight.numel() if m.weight is not None else m.bias.numel()
+    jw = jb = None
+    for u, d in cap:
+        k, n = d.shape[:2]
+        if isinstance(m, nn.LayerNorm):
+            dd = d.reshape(k, n, -1, E)
+            xh = _norm_xhat(m, u).reshape(1, n, -1, E) if L.w_on else None
+        else:  # channel dim 1
+            dd = d.reshape(k, n, E, -1).transpose(2, 3)
+            xh = _norm_xhat(m, u).reshape(1, n, E, -1).transpose(2, 3) if L.w_on else None
+        if L.w_on:
+            t = (dd * xh).sum(2)
+            jw = t if jw is None else jw + t
+        if L.b_on:
+            t = dd.sum(2)
+            jb = t if jb is None else jb + t
+    return [t.transpose(0, 1).reshape(-1, t.shape[2]) for t in (jw, jb) if t is not None]
+
+
+def _lin_jac(L: _Layer, u, d):
+    """Per-example gradient blocks of a linear/conv layer: [(n·k, P_weight), (n·k, P_bias)]."""
+    k, n, g, P, o = d.shape
+    parts = []
+    if L.w_on:
+        j = torch.einsum("aigpo,igpq->iagoq", d, u).reshape(n * k, -1)
+        parts.append(j * math.sqrt(L.gamma) if L.gamma != 1.0 else j)
+    if L.b_on:
+        parts.append(d.sum(3).transpose(0, 1).reshape(n * k, g * o))
+    return parts  # separate blocks: concatenating them would copy as much as a contraction reads
+
+
+def _costs(L: _Layer, n1: int, n2: int, k: int, mode: str) -> Tuple[float, float]:
+    """FLOPs of the two contraction orders for a linear/conv layer (per chunk pair)."""
+    m = L.module
+    g = m.groups if L.kind == "conv" else 1
+    o = m.weight.shape[0] // g
+    q = m.weight[0].numel()
+    P = 0
+    for s in L.out_shapes:
+        P += math.prod(s[1:]) if L.kind == "conv" else math.prod(s[:-1])
+    kk = k * k if mode == "full" else k
+    jac = (n1 + n2) * k * g * o * q * P + n1 * n2 * kk * g * o * q
+    st = n1 * n2 * P * P * (kk * g * o + g * q + (kk if mode == "full" else 1) * g)
+    return 2.0 * jac, 2.0 * st
+
+
+@dataclass
+class _Factors:
+    n: int
+    jac: List[torch.Tensor] = field(default_factory=list)       # (n·k, P_l) blocks
+    hd: List[torch.Tensor] = field(default_factory=list)        # hadamard: δ (k, n, w)
+    hh: List[torch.Tensor] = field(default_factory=list)        # hadamard: u (n, v)
+    hg: List[float] = field(default_factory=list)
+    hb: List[float] = field(default_factory=list)
+    st: List[tuple] = field(default_factory=list)               # (layer, u (n,g,P,q), δ (k,n,g,P,o))
+    emb: List[tuple] = field(default_factory=list)              # (layer, idx (n,P), δ (k,n,P,dim))
+
+
+def _is_hadamard(L: _Layer) -> bool:
+    return L.kind == "linear" and L.w_on and L.calls == 1 and len(L.in_shapes[0]) == 1
+
+
+def _factors(model, plan: Plan, x: torch.Tensor, batched: bool) -> _Factors:
+    caps = _capture(model, plan, x, batched)
+    f = _Factors(x.shape[0])
+    for L in plan.layers:
+        cap = caps.pop(id(L.module))
+        if L.kind == "norm":
+            f.jac.extend(_norm_jac(L, cap))
+        elif L.kind == "embedding":
+            idx = torch.cat([u.reshape(u.shape[0], -1) for u, _ in cap], dim=1)
+            d = torch.cat([dd.reshape(dd.shape[0], dd.shape[1], -1, dd.shape[-1]) for _, dd in cap], dim=2)
+            f.emb.append((L, idx, d))
+        elif _is_hadamard(L):
+            u, d = cap[0]
+            f.hd.append(d.contiguous())
+            f.hh.append(u.contiguous())
+            f.hg.append(L.gamma)
+            f.hb.append(1.0 if L.b_on else 0.0)
+        else:
+            u, d = _uniform(L, cap)
+            if L.method == "jacobian" or not L.w_on:
+                f.jac.extend(_lin_jac(L, u, d))
+            else:
+                f.st.append((L, u, d))
+        del cap
+    return f
+
+
+# ============================================================================= contractions
+def _add_jac(acc, j1, j2, k, mode):
+    if mode == "full":
+        acc.addmm_(j1, j2.T) if acc.dtype == j1.dtype else acc.add_((j1 @ j2.T).to(acc.dtype))
+    else:
+        a, b = j1.reshape(j1.shape[0] // k, -1), j2.reshape(j2.shape[0] // k, -1)
+        acc.addmm_(a, b.T) if acc.dtype == a.dtype else acc.add_((a @ b.T).to(acc.dtype))
+
+
+def _add_structured(acc, L, u1, d1, u2, d2, mode, budget):
+    k, n1, g, P, o = d1.shape
+    n2 = d2.shape[1]
+    beta = 1.0 if L.b_on else 0.0
+    per_row = (k * P * n2 * k * P if mode == "full" else P * n2 * P) * 2 + P * n2 * P
+    c = max(1, min(n1, budget // max(per_row, 1)))
+    for gi in range(g):
+        if mode == "full":
+            e2 = d2[:, :, gi].permute(1, 0, 2, 3).reshape(n2 * k * P, o)
+        else:
+            e2 = d2[:, :, gi].permute(1, 2, 0, 3).reshape(n2 * P, k * o)
+        v2 = u2[:, gi].reshape(n2 * P, -1)
+        for i0 in range(0, n1, c):
+            i1 = min(i0 + c, n1)
+            m = (u1[i0:i1, gi].reshape((i1 - i0) * P, -1) @ v2.T).reshape(i1 - i0, P, n2, P)
+            if L.gamma != 1.0:
+                m.mul_(L.gamma)
+            if beta:
+                m.add_(beta)
+            if mode == "full":
+                e1 = d1[:, i0:i1, gi].permute(1, 0, 2, 3).reshape((i1 - i0) * k * P, o)
+                gg = (e1 @ e2.T).reshape(i1 - i0, k, P, n2, k, P)
+                blk = torch.einsum("iapjbq,ipjq->iajb", gg, m).reshape((i1 - i0) * k, n2 * k)
+                acc[i0 * k:i1 * k].add_(blk.to(acc.dtype))
+            else:
+                e1 = d1[:, i0:i1, gi].permute(1, 2, 0, 3).reshape((i1 - i0) * P, k * o)
+                gg = (e1 @ e2.T).reshape(i1 - i0, P, n2, P)
+                acc[i0:i1].add_((gg * m).sum((1, 3)).to(acc.dtype))
+            del m, gg
+
+
+def _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, method):
+    k, n1, P, e = d1.shape
+    n2, P2 = d2.shape[1], d2.shape[2]
+    pad = L.module.padding_idx
+    if pad is not None:
+        d1 = d1 * (i1 != pad).to(d1.dtype)[None, :, :, None]
+        d2 = d2 * (i2 != pad).to(d2.dtype)[None, :, :, None]
+    uniq, inv = torch.unique(torch.cat([i1.reshape(-1), i2.reshape(-1)]), return_inverse=True)
+    U = uniq.numel()
+    kk = k * k if mode == "full" else k
+    jac_cost = (n1 + n2) * k * P * e + n1 * n2 * kk * U * e
+    st_cost = n1 * n2 * P * P2 * (kk * e + kk)
+    if method == "auto":
+        method = "jacobian" if jac_cost <= st_cost else "structured"
+    if method == "jacobian":
+        inv1, inv2 = inv[:n1 * P].reshape(n1, P), inv[n1 * P:].reshape(n2, P2)
+
+        def scatter(d, inv, n, p):
+            s = torch.zeros(n * U, k, e, dtype=d.dtype, device=d.device)
+            tgt = (torch.arange(n, device=d.device)[:, None] * U + inv).reshape(-1)
+            s.index_add_(0, tgt, d.permute(1, 2, 0, 3).reshape(n * p, k, e))
+            return s.reshape(n, U, k, e).transpose(1, 2).reshape(n * k, U * e)
+
+        _add_jac(acc, scatter(d1, inv1, n1, P), scatter(d2, inv2, n2, P2), k, mode)
+        return
+    eq = (i1.reshape(n1, P, 1, 1) == i2.reshape(1, 1, n2, P2)).to(d1.dtype)
+    if mode == "full":
+        gg = (d1.permute(1, 0, 2, 3).reshape(n1 * k * P, e) @ d2.permute(1, 0, 2, 3).reshape(n2 * k * P2, e).T)
+        blk = torch.einsum("iapjbq,ipjq->iajb", gg.reshape(n1, k, P, n2, k, P2), eq).reshape(n1 * k, n2 * k)
+    else:
+        gg = (d1.permute(1, 2, 0, 3).reshape(n1 * P, k * e) @ d2.permute(1, 2, 0, 3).reshape(n2 * P2, k * e).T)
+        blk = (gg.reshape(n1, P, n2, P2) * eq).sum((1, 3))
+    acc.add_(blk.to(acc.dtype))
+
+
+def _contract(acc, f1: _Factors, f2: Optional[_Factors], k, mode, budget, emb_method):
+    """Adds Θ(chunk1, chunk2) into acc ((n1·k, n2·k) full, (n1, n2) trace, sums over a);
+    f2 None: the symmetric diagonal block."""
+    same = f2 is None
+    f2 = f1 if same else f2
+    for j1, j2 in zip(f1.jac, f2.jac):
+        _add_jac(acc, j1, j2, k, mode)
+    if f1.hd:
+        from lazyfast.mlp import hadamard_gram_sum
+
+        if same:
+            t = hadamard_gram_sum(f1.hd, f1.hh, h_scale=f1.hg, beta=f1.hb, mode=mode)
+        else:
+            t = hadamard_gram_sum(f1.hd, f1.hh, f2.hd, f2.hh, h_scale=f1.hg, beta=f1.hb, mode=mode)
+        if mode == "full":
+            acc.add_(t.permute(0, 2, 1, 3).reshape(acc.shape).to(acc.dtype))
+        else:
+            acc.add_((t * k).to(acc.dtype))
+    for (L, u1, d1), (_, u2, d2) in zip(f1.st, f2.st):
+        _add_structured(acc, L, u1, d1, u2, d2, mode, budget)
+    for (L, i1, d1), (_, i2, d2) in zip(f1.emb, f2.emb):
+        _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, emb_method)
+
+
+def _factor_numel(plan: Plan) -> Tuple[int, int]:
+    """Per sample: (numbers held by the factors, transient numbers of a capture)."""
+    k = plan.k
+    held, trans = 0, plan.act_numel * 2
+    for L in plan.layers:
+        ins = sum(math.prod(s) for s in L.in_shapes)
+        outs = sum(math.prod(s) for s in L.out_shapes)
+        trans += ins + k * outs
+        if L.kind == "conv" and L.w_on:
+            trans += L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
+        if L.kind == "norm" or (L.kind in ("linear", "conv") and (L.method == "jacobian" or not L.w_on)
+                                and not _is_hadamard(L)):
+            held += k * sum(p.numel() for p in (L.module.weight, L.module.bias) if p is not None)
+        elif L.kind == "conv":
+            held += k * outs + L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
+        else:
+            held += ins + k * outs
+    return held, trans
+
+
+def choose_methods(plan: Plan, n1: int, n2: int, mode: str, method: str = "auto") -> List[str]:
+    """Sets (and returns) each layer's contraction order for chunk pairs of n1 × n2 samples."""
+    out = []
+    for L in plan.layers:
+        if L.kind == "norm" or (L.kind in ("linear", "conv") and not L.w_on):
+            L.method = "jacobian"
+        elif L.kind == "embedding":
+            L.method = method
+        elif _is_hadamard(L):
+            L.method = "structured"
+        elif method != "auto":
+            L.method = method
+        else:
+            jc, st = _costs(L, n1, n2, plan.k, mode)
+            L.method = "jacobian" if jc <= st else "structured"
+        out.append(L.method)
+    return out
+
+
+def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
+    """FLOP estimate of the rule part: captures (forward + k-wide backward) and contractions."""
+    k = plan.k
+    choose_methods(plan, n1, n2, mode)
+    total = (n1 + n2) * (1 + 2 * k) * plan.forward_flops
+    for L in plan.layers:
+        if L.kind in ("linear", "conv") and L.w_on and not _is_hadamard(L):
+            total += min(_costs(L, n1, n2, k, mode))
+        elif L.kind in ("linear", "conv", "norm"):
+            p = sum(t.numel() for t in (L.module.weight, L.module.bias) if t is not None)
+            total += 2.0 * n1 * n2 * k * (k if mode == "full" else 1) * p
+    return total
+
+
+# ============================================================================= the engine
+def _check_budget(memory_budget):
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
+
+
+def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, chunk_size: Optional[int] = None,
+                   method: str = "auto", out_dtype: Optional[torch.dtype] = None, flat: bool = False,
+                   info: Optional[dict] = None, batched: bool = True, plan: Optional[Plan] = None,
+                   remainder: str = "auto") -> torch.Tensor:
+    """Exact eNTK of any module by per-layer rules plus the generic path for the rest.
+
+    Args:
+        x1: (n1, ...); x2: (n2, ...) or None for x1 (only chunk pairs J ≥ I are computed).
+        mode: ``"trace"`` → (n1, n2) = (1/k)·Σ_a Θ_aa; ``"full"`` → (n1, n2, k, k), or
+            (n1·k, n2·k) with row k·i + a when ``flat=True``.
+        memory_budget: bytes of working memory (captures, factors, per-layer blocks); samples
+            are chunked to stay within it.
+        chunk_size: caps the samples per chunk.
+        method: per-layer contraction order: ``"auto"`` (FLOP model), ``"jacobian"`` or
+            ``"structured"`` for every layer.
+        out_dtype: dtype the kernel is accumulated and returned in (default the model's).
+        info: filled with ``methods`` (per rule layer), ``layers`` (module class names),
+            ``remainder`` (parameter names left to the generic path), ``k``, ``chunk``.
+        batched: one batched backward for the k outputs (False: a loop over the outputs).
+        remainder: implementation of the generic path for uncovered parameters.
+
+    Returns a plain tensor (no autograd graph).
+    """
+    from lazyfast.generic import generic_ntk
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if mode not in ("trace", "full"):
+        raise ValueError(f"mode must be 'trace' or 'full', got {mode!r}")
+    _check_budget(memory_budget)
+    check_independent(model)
+    same = x2 is None
+    xb = x1 if same else x2
+    n1, n2 = x1.shape[0], xb.shape[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no trainable parameters (requires_grad=True): its tangent kernel is empty")
+    dtype = trainable[0].dtype
+    out_dtype = out_dtype or dtype
+    with StateGuard(model):
+        if plan is None:
+            plan = make_plan(model, x1 if n1 else xb)
+        k = plan.k
+        if info is not None:
+            info.update(k=k, layers=[type(L.module).__name__ for L in plan.layers], remainder=list(plan.remainder))
+        if n1 == 0 or n2 == 0:
+            shape = (n1 * k, n2 * k) if (mode == "full" and flat) else (n1, n2) if mode == "trace" else (n1, n2, k, k)
+            if info is not None:
+                info.update(methods=[], chunk=0)
+            return torch.zeros(shape, dtype=out_dtype, device=x1.device)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        budget = max(1, memory_budget // itemsize)
+        rows = k if mode == "full" else 1
+        acc = torch.zeros(n1 * rows, n2 * rows, dtype=out_dtype, device=x1.device)
+        if plan.layers:
+            n_max = max(n1, n2)
+            c0 = min(n_max, chunk_size or n_max)
+            choose_methods(plan, min(c0, n1), min(c0, n2), mode, method)
+            held, trans = _factor_numel(plan)
+            total_held = (n1 + (0 if same else n2)) * held
+            c_fit = (budget - total_held) // max(trans, 1)
+            fits_all = c_fit >= 1
+            if fits_all:  # every factor fits: capture each chunk once, chunks bound the capture's transients
+                c = max(1, min(c0, c_fit))
+            else:  # factors of two chunks at a time; x2's chunks are recaptured for every x1 chunk
+                c = max(1, min(c0, budget // max(2 * (held + trans), 1)))
+            if c < c0:
+                choose_methods(plan, min(c, n1), min(c, n2), mode, method)
+            if info is not None:
+                info.update(methods=[L.method for L in plan.layers], chunk=c, cached=fits_all)
+            cache1 = {}
+
+            def get(x, s, e, cache):
+                if cache is not None and s in cache:
+                    return cache[s]
+                f = _factors(model, plan, x[s:e], batched)
+                if cache is not None and fits_all:
+                    cache[s] = f
+                return f
+
+            cache2 = cache1 if same else {}
+            starts1 = list(range(0, n1, c))
+            for s1 in starts1:
+                e1 = min(s1 + c, n1)
+                f1 = get(x1, s1, e1, cache1)
+                for s2 in range(s1 if same else 0, n2, c):
+                    e2 = min(s2 + c, n2)
+                    with torch.no_grad():
+                        if same and s2 == s1:
+                            blk = torch.zeros((e1 - s1) * rows, (e2 - s2) * rows, dtype=out_dtype, device=x1.device)
+                            _contract(blk, f1, None, k, mode, budget, method)
+                        else:
+                            f2 = get(xb, s2, e2, cache2)
+                            blk = torch.zeros((e1 - s1) * rows, (e2 - s2) * rows, dtype=out_dtype, device=x1.device)
+                            _contract(blk, f1, f2, k, mode, budget, method)
+                            del f2
+                        acc[s1 * rows:e1 * rows, s2 * rows:e2 * rows] = blk
+                        if same and s2 != s1:
+                            acc[s2 * rows:e2 * rows, s1 * rows:e1 * rows] = blk.T
+                if not fits_all:
+                    del f1
+            cache1.clear()
+            cache2.clear()
+        elif info is not None:
+            info.update(methods=[], chunk=0)
+        if plan.remainder:
+            rest = generic_ntk(model, x1, x2, mode=mode, implementation=remainder, memory_budget=memory_budget,
+                               names=plan.remainder, k=k, forward_flops=plan.forward_flops,
+                               act_numel=plan.act_numel)
+            if mode == "full":
+                acc += rest.permute(0, 2, 1, 3).reshape(acc.shape).to(out_dtype)
+            else:
+                acc += (rest * k).to(out_dtype)
+    with torch.no_grad():
+        if same:  # exact symmetry
+            acc = 0.5 * (acc + acc.T)
+        if mode == "trace":
+            return (acc / k).detach()
+        if flat:
+            return acc.detach()
+        return acc.reshape(n1, k, n2, k).permute(0, 2, 1, 3).contiguous().detach()

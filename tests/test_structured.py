@@ -1,0 +1,408 @@
+"""The structured eNTK engine (lazyfast.structured) and `auto` routing to it, against the
+per-example autograd oracle (float64, 1e-10) on the models users bring."""
+import pytest
+import torch
+from torch import nn
+
+import lazyfast
+from lazyfast import reference, structured
+from lazyfast.models import MLP, TwoLayer
+from lazyfast.testing import assert_close_rel
+
+D = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _x(n, *shape, seed=0):
+    return torch.randn((n,) + shape, dtype=D, generator=_g(seed))
+
+
+def _check(m, x1, x2=None, modes=("trace", "full"), impl="structured", rtol=1e-10, **kw):
+    for mode in modes:
+        want = reference.ntk_oracle(m, x1, x2, mode=mode)
+        got = lazyfast.empirical_ntk(m, x1, x2, mode=mode, implementation=impl, **kw)
+        assert not got.requires_grad and got.grad_fn is None
+        assert got.shape == want.shape
+        assert_close_rel(got, want, rtol=rtol, what=f"{type(m).__name__} {mode}")
+
+
+def _randomize_norms(m):
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+            if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                if mod.weight is not None:
+                    mod.weight.normal_(1, 0.3)
+                if mod.bias is not None:
+                    mod.bias.normal_(0, 0.3)
+    return m
+
+
+class CNN(nn.Module):
+    """BatchNorm (eval), stride, padding (zeros, reflect), grouped and depthwise convolutions, pooling."""
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")
+        self.c3 = nn.Conv2d(8, 6, 2, dilation=2, padding="same", padding_mode="circular")
+        self.fc = nn.Linear(6 * 2 * 2, k)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.tanh(self.c2(h))
+        h = torch.relu(self.dw(h))
+        h = nn.functional.avg_pool2d(self.c3(h), 2)
+        return self.fc(h.flatten(1))
+
+
+def _cnn():
+    return _randomize_norms(CNN().double()).eval()
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
+def test_cnn_bn_eval_groups_depthwise_padding_modes(method):
+    m = _cnn()
+    x1, x2 = _x(4, 3, 8, 8), _x(3, 3, 8, 8, seed=1)
+    for mode in ("trace", "full"):
+        for b in (x2, None):
+            want = reference.ntk_oracle(m, x1, b, mode=mode)
+            got = structured.structured_ntk(m, x1, b, mode=mode, method=method)
+            assert_close_rel(got, want, rtol=1e-10, what=f"{method} {mode} {b is None}")
+
+
+def test_batched_backward_and_loop_and_chunks_agree():
+    m = _cnn()
+    x1, x2 = _x(5, 3, 8, 8), _x(3, 3, 8, 8, seed=1)
+    for mode in ("trace", "full"):
+        for b in (x2, None):
+            whole = structured.structured_ntk(m, x1, b, mode=mode)
+            for kw in (dict(batched=False), dict(chunk_size=2), dict(chunk_size=1, batched=False),
+                       dict(memory_budget=60_000)):
+                info = {}
+                got = structured.structured_ntk(m, x1, b, mode=mode, info=info, **kw)
+                assert_close_rel(got, whole, rtol=1e-12, what=str(kw))
+            assert info["chunk"] < 5  # the small budget did chunk
+    # the result is a plain tensor, and the model's state is unchanged
+    assert not whole.requires_grad
+
+
+def test_conv1d_conv3d_and_linear_on_sequences():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2, padding_mode="replicate")
+            self.lin = nn.Linear(3, 4)  # on (n, L, C): positions = L
+            self.out = nn.Linear(4 * 4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.c(x)).transpose(1, 2)
+            return self.out(torch.tanh(self.lin(h)).flatten(1))
+
+    _check(Seq().double(), _x(4, 2, 7), _x(2, 2, 7, seed=1))
+
+    class Vol(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(x)).mean((2, 3, 4)))
+
+    _check(Vol().double(), _x(3, 2, 3, 5, 3), _x(2, 2, 3, 5, 3, seed=1))
+
+
+def test_mlp_sequential_with_and_without_bias():
+    for bias in (True, False):
+        m = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh(), nn.Linear(7, 6, bias=bias), nn.GELU(),
+                          nn.Linear(6, 3, bias=bias)).double()
+        _check(m, _x(5, 5), _x(4, 5, seed=1), impl="auto")
+        _check(m, _x(5, 5), None, impl="auto")
+
+
+def test_weight_sharing_frozen_and_raw_parameter():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.weight.requires_grad_(False)  # bias-only layer
+            self.scale = nn.Parameter(torch.randn(4))  # raw parameter: the generic remainder
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x))
+            h = torch.tanh(self.lin(h) * self.scale)  # applied twice per forward
+            return self.head(self.frozen(h))
+
+    m = Shared().double()
+    info = {}
+    got = structured.structured_ntk(m, _x(4, 4), mode="full", info=info)
+    assert info["remainder"] == ["scale"]
+    assert_close_rel(got, reference.ntk_oracle(m, _x(4, 4), mode="full"), rtol=1e-10)
+    _check(m, _x(4, 4), _x(3, 4, seed=1), impl="auto")
+
+
+def test_tied_and_foreign_parameter_uses_go_to_the_remainder():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, idx):
+            h = torch.tanh(self.mix(self.emb(idx)))  # (n, L, 4)
+            return (h @ self.emb.weight.T).mean(1)[:, :3]  # the embedding reused as output head
+
+    m = Tied().double()
+    idx = torch.randint(0, 7, (4, 5), generator=_g(0))
+    info = {}
+    structured.structured_ntk(m, idx, info=info)
+    assert info["remainder"] == ["emb.weight"]
+    _check(m, idx, torch.randint(0, 7, (3, 5), generator=_g(1)))
+
+
+def test_embedding_integer_inputs_padding_idx_layernorm():
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4, padding_idx=0)
+            self.norm = nn.LayerNorm(4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, idx):
+            return self.out(self.norm(self.emb(idx))).sum(1)
+
+    m = _randomize_norms(Tok().double())
+    i1 = torch.randint(0, 9, (5, 6), generator=_g(0))
+    i1[:, 0] = 0  # padding positions get no gradient
+    i2 = torch.randint(0, 9, (3, 6), generator=_g(1))
+    for method in ("jacobian", "structured"):
+        for mode in ("trace", "full"):
+            got = structured.structured_ntk(m, i1, i2, mode=mode, method=method)
+            assert_close_rel(got, reference.ntk_oracle(m, i1, i2, mode=mode), rtol=1e-10)
+    _check(m, i1, None, impl="auto")
+
+
+def test_groupnorm_instancenorm_and_bias_only_norm():
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.InstanceNorm2d(4, affine=True),
+                      nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).double()
+    _randomize_norms(m)
+    with torch.no_grad():
+        m[3].weight.normal_(1, 0.3)
+        m[3].bias.normal_()
+    m[1].weight.requires_grad_(False)
+    _check(m, _x(3, 2, 6, 6), _x(2, 2, 6, 6, seed=1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layer(batch_first):
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.1, batch_first=batch_first)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.enc(x if batch_first else x.transpose(0, 1))
+            return self.head((h if batch_first else h.transpose(0, 1)).mean(1))
+
+    m = T().double().eval()
+    info = {}
+    structured.structured_ntk(m, _x(3, 4, 8), info=info)
+    assert "LayerNorm" in info["layers"] and "_InProj" in info["layers"] and info["remainder"] == []
+    _check(m, _x(3, 4, 8), _x(2, 4, 8, seed=1), impl="auto")
+    assert "forward" not in m.enc.self_attn.__dict__  # the capture's attention shadow is gone
+
+
+def test_attention_masks_need_weights_and_cross_attention():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, batch_first=True, norm_first=True)
+            self.cross = nn.MultiheadAttention(8, 2)  # query != key: the remainder
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+            pad[:, -1] = True
+            causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+            h = self.enc(x, src_mask=causal, src_key_padding_mask=pad)
+            t = h.transpose(0, 1)
+            c, w = self.cross(t[:2], t, t, need_weights=True)
+            return self.head(c.mean(0) + w.sum((1, 2))[:, None])
+
+    m = Masked().double().eval()
+    info = {}
+    structured.structured_ntk(m, _x(3, 4, 8), info=info)
+    assert sorted(info["remainder"]) == ["cross.in_proj_bias", "cross.in_proj_weight", "cross.out_proj.bias",
+                                         "cross.out_proj.weight"]
+    _check(m, _x(3, 4, 8), _x(2, 4, 8, seed=1), impl="structured")
+
+
+class _Block(nn.Module):  # torchvision's BasicBlock at tiny width
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        idt = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += idt
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 layout (7×7 stem, max pool, [2, 2, 2, 2], in-place ReLU, BN) at width w."""
+
+    def __init__(self, w=2, num_classes=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        blocks, cin = [], w
+        for i, c in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            for j in range(2):
+                blocks.append(_Block(cin, c, 2 if (i > 0 and j == 0) else 1))
+                cin = c
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.layers(x)), 1))
+
+
+def test_resnet18_batchnorm_eval_and_float32():
+    m = _randomize_norms(ResNet18().double()).eval()
+    x1, x2 = _x(3, 3, 16, 16), _x(2, 3, 16, 16, seed=1)
+    info = {}
+    structured.structured_ntk(m, x1, info=info)
+    assert info["remainder"] == []
+    _check(m, x1, x2, impl="auto")
+    _check(m, x1, None, impl="auto", modes=("full",))
+    m32 = ResNet18().float().eval()
+    m32.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in m.state_dict().items()})
+    want = lazyfast.empirical_ntk(m, x1, mode="full")
+    got = lazyfast.empirical_ntk(m32, x1.float(), mode="full")
+    assert got.dtype == torch.float32
+    assert_close_rel(got.double(), want, rtol=1e-5)
+
+
+def _state(m):
+    return ({k: v.clone() for k, v in m.state_dict().items()}, [mod.training for mod in m.modules()])
+
+
+@pytest.mark.parametrize("impl", ["auto", "structured", "jacobian", "ntk_vp"])
+def test_coupled_models_get_a_clear_error_and_keep_their_state(impl):
+    bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).double().train()
+    drop = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.2), nn.Linear(5, 2)).double().train()
+    x = _x(4, 4)
+    for m in (bn, drop):
+        before = _state(m)
+        with pytest.raises(ValueError, match="model.eval()"):
+            lazyfast.empirical_ntk(m, x, implementation=impl)
+        after = _state(m)
+        assert before[1] == after[1]
+        assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    bn.eval()  # eval mode: a supported model, and its buffers stay as they were
+    before = _state(bn)
+    _check(bn, x, None, impl=impl)
+    after = _state(bn)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1] == after[1]
+    emb = nn.Embedding(5, 3, max_norm=1.0)
+    with pytest.raises(ValueError, match="max_norm"):
+        lazyfast.empirical_ntk(emb, torch.zeros(2, 1, dtype=torch.long), implementation=impl)
+
+
+def test_subclass_overriding_forward_and_hooks_follow_the_real_forward():
+    class Twisted(TwoLayer):
+        def forward(self, x):
+            return super().forward(torch.sin(x)) * 2
+
+    two = Twisted(3, 6, 2, activation="tanh", dtype=D)
+    x = _x(4, 3)
+    _check(two, x, None, impl="auto")
+    with pytest.raises(ValueError, match="TwoLayer"):
+        lazyfast.empirical_ntk(two, x, implementation="fused")
+
+    class MyMLP(MLP):
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    mlp = MyMLP(3, [5, 4], 2, activation="tanh", dtype=D)
+    _check(mlp, x, None, impl="auto")
+    plain = TwoLayer(3, 6, 2, activation="tanh", dtype=D)
+    h = plain.hidden.register_forward_hook(lambda mod, inp, out: out * 3)
+    _check(plain, x, None, impl="auto")
+    h.remove()
+    mlp2 = MLP(3, [5], 2, dtype=D)
+    mlp2.layers[0].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+    _check(mlp2, x, None, impl="auto")
+    # with the hook gone, the fused kernel serves the exact TwoLayer again
+    assert lazyfast.two_layer.fused_applicable(plain)
+    assert not lazyfast.two_layer.fused_applicable(two)
+
+
+def test_empty_batches_take_k_from_the_model():
+    m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    e, x = torch.zeros(0, 4, dtype=D), _x(3, 4)
+    for impl in ("auto", "structured", "jacobian", "ntk_vp"):
+        assert lazyfast.empirical_ntk(m, e, mode="full", implementation=impl).shape == (0, 0, 2, 2)
+        assert lazyfast.empirical_ntk(m, x, e, mode="full", implementation=impl).shape == (3, 0, 2, 2)
+    t = {n: torch.zeros((5,) + p.shape, dtype=D) for n, p in m.named_parameters()}
+    assert lazyfast.jvp(m, e, t).shape == (5, 0, 2)
+    g = lazyfast.vjp(m, e, torch.zeros(0, 2, dtype=D))
+    assert all(torch.equal(g[n], torch.zeros_like(p)) for n, p in m.named_parameters())
+    assert lazyfast.ntk_vp(m, e, torch.zeros(0, 2, dtype=D)).shape == (0, 2)
+    assert lazyfast.ntk_vp(m, x, torch.zeros(0, 2, dtype=D), e).shape == (3, 2)
+    mlp = MLP(4, [3], 2, dtype=D)
+    assert lazyfast.ntk_vp(mlp, e, torch.zeros(0, 2, dtype=D)).shape == (0, 2)
+    assert lazyfast.vjp(mlp, e, torch.zeros(0, 2, dtype=D))["layers.0.weight"].shape == (3, 4)
+
+
+def test_mlp_result_is_a_plain_tensor_and_auto_routes_to_structured():
+    m = MLP(4, [6, 5], 3, dtype=D)
+    x = _x(7, 4)
+    K = lazyfast.empirical_ntk(m, x, memory_budget=4096)
+    assert not K.requires_grad and K.grad_fn is None
+    assert_close_rel(K, reference.ntk_oracle(m, x), rtol=1e-10)
+    info = {}
+    assert lazyfast.ntk.choose_implementation(m, x, info=info)[0] == "structured"
+    assert lazyfast.ntk.choose_implementation(TwoLayer(4, 5, dtype=D), x)[0] == "fused"
+
+
+def test_batched_backward_falls_back_to_a_loop_where_batching_fails(monkeypatch):
+    m = _cnn()
+    x = _x(3, 3, 8, 8)
+    want = structured.structured_ntk(m, x, mode="full")
+    real, calls = torch.autograd.grad, []
+
+    def grad(*args, is_grads_batched=False, **kw):
+        calls.append(is_grads_batched)
+        if is_grads_batched:
+            raise RuntimeError("no batching rule (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    got = structured.structured_ntk(m, x, mode="full")
+    assert calls[0] is True and calls.count(False) == 3  # tried batched, then one pass per output
+    assert_close_rel(got, want, rtol=1e-12)
