@@ -276,6 +276,9 @@ def check_input(x, name: str, model: Optional[nn.Module] = None, *, like: Option
         if not integer and dt is not None and x.dtype != dt:
             raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters have dtype {dt}")
         d = getattr(model, "in_features", None)
+        if integer and d is not None:
+            raise TypeError(f"{name} must be a floating-point tensor for this model (it takes {d} real features), "
+                            f"got dtype {x.dtype}; integer inputs are for models that take them (token ids)")
         if d is not None and (x.dim() != 2 or x.shape[1] != d):
             raise ValueError(f"{name} must have shape (n, {d}) for this model, got {tuple(x.shape)}")
     if like is not None and x.shape[1:] != like.shape[1:]:

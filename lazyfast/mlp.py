@@ -139,7 +139,34 @@ if _ext._C is not None and hasattr(torch.ops.lazyfast, "hadamard_gram_sum"):
 
     @torch.library.register_fake("lazyfast::hadamard_gram_sum")
     def _hadamard_gram_sum_fake(d1, h1, d2, h2, h_scale, beta, full):
-        torch._check(len(d1) >= 1 and len(d1) == len(h1), lambda: "hadamard_gram_sum: d1/h1 layer counts")
+        """Shape checks of the op (as csrc/hadamard_gram_args.h does), then the output."""
+        torch._check(len(d1) >= 1, lambda: "hadamard_gram_sum: d1 must hold at least one layer")
+
+        def layers(d, h, nd, nh):
+            torch._check(len(d) == len(h), lambda: f"hadamard_gram_sum: {nd} has {len(d)} layers but {nh} has {len(h)}")
+            for l, (dl, hl) in enumerate(zip(d, h)):
+                torch._check(dl.dim() == 3, lambda: f"hadamard_gram_sum: {nd}[{l}] must be 3-D (k, n, w), got {tuple(dl.shape)}")
+                torch._check(hl.dim() == 2, lambda: f"hadamard_gram_sum: {nh}[{l}] must be 2-D (n, v), got {tuple(hl.shape)}")
+                torch._check(dl.dtype == d1[0].dtype and hl.dtype == d1[0].dtype,
+                             lambda: f"hadamard_gram_sum: {nd}[{l}] and {nh}[{l}] must have d1[0]'s dtype {d1[0].dtype}")
+                torch._check(dl.shape[0] == d[0].shape[0] and dl.shape[1] == d[0].shape[1],
+                             lambda: f"hadamard_gram_sum: {nd}[{l}] must be (k, n, w) with the k and n of {nd}[0]")
+                torch._check(hl.shape[0] == dl.shape[1],
+                             lambda: f"hadamard_gram_sum: {nh}[{l}] has {hl.shape[0]} rows but {nd}[{l}] has n = {dl.shape[1]}")
+
+        layers(d1, h1, "d1", "h1")
+        L = len(d1)
+        torch._check(len(h_scale) == L and len(beta) == L,
+                     lambda: f"hadamard_gram_sum: h_scale and beta need {L} entries (one per layer)")
+        torch._check(len(d2) == len(h2) and len(d2) in (0, L),
+                     lambda: f"hadamard_gram_sum: d2 and h2 must both be empty (symmetric case) or both hold {L} layers")
+        if len(d2):
+            layers(d2, h2, "d2", "h2")
+            for l in range(L):
+                torch._check(d2[l].shape[0] == d1[l].shape[0] and d2[l].shape[2] == d1[l].shape[2],
+                             lambda: f"hadamard_gram_sum: d2[{l}] must have the k and w of d1[{l}]")
+                torch._check(h2[l].shape[1] == h1[l].shape[1],
+                             lambda: f"hadamard_gram_sum: h2[{l}] has {h2[l].shape[1]} columns but h1[{l}] has {h1[l].shape[1]}")
         n1 = d1[0].shape[1]
         n2 = d2[0].shape[1] if len(d2) else n1
         k = d1[0].shape[0]

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lazyfast import reference, two_layer
-from lazyfast._validation import (check_chunk_size, check_input, check_mode, check_module, model_param_info)
+from lazyfast._validation import (check_chunk_size, check_finite, check_input, check_memory_budget, check_mode, check_module,
+                                  model_param_info)
 
 NTK_IMPLEMENTATIONS = ("auto", "fused", "structured", "jacobian", "ntk_vp")
 PRODUCT_IMPLEMENTATIONS = ("auto", "fused", "reference")
@@ -132,8 +133,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     check_mode(mode)
     chunk_size = check_chunk_size(chunk_size)
     _check_impl(implementation, NTK_IMPLEMENTATIONS)
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
+    memory_budget = check_memory_budget(memory_budget)
+    # the kernel is not differentiable in the inputs: treat them as constants
+    x1 = x1.detach()
+    x2 = None if x2 is None else x2.detach()
     if _use_fused(model, implementation):
         return two_layer.model_ntk(model, x1, x2, mode=mode).detach()
     from lazyfast import generic, structured
@@ -189,8 +192,7 @@ def _check_cotangent(model, x, r, name):
     dt = x.dtype if x.is_floating_point() else model_param_info(model)[1]  # integer inputs: the model's dtype
     if r.dtype != dt or r.device != x.device:
         raise TypeError(f"{name} must have the inputs' dtype and device ({dt}, {x.device}), got ({r.dtype}, {r.device})")
-    if r.numel() and not bool(torch.isfinite(r).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    check_finite(**{name: r})
 
 
 def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implementation: str = "auto") -> Dict[str, torch.Tensor]:

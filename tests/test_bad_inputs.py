@@ -60,6 +60,9 @@ def zero_tangents(model):
 # module's own forward raises its own error (torch's RuntimeError) on inputs it cannot take.
 OWN_ERROR = {v: "generic module: no declared input shape, the model's own forward raises torch's error"
              for v in ("ndim_up", "features")}
+# integer inputs are accepted for any module that takes them (token ids); a module that does not
+# take them raises its own error from its forward
+OWN_ERROR["int"] = "generic module: integer inputs go to the model, whose own forward refuses them"
 
 
 def psd(n=5):
@@ -200,13 +203,8 @@ def _cases():
         add(Case(f"empirical_ntk[{mname}](x1=)", "x1", "tensor", lambda v, mk=mk: lazyfast.empirical_ntk(mk(), v),
                  good=X, skip=("rows",), accept=own))
         add(Case(f"empirical_ntk[{mname}](x1=)", "x1", "grad_tensor", lambda v, mk=mk: lazyfast.empirical_ntk(mk(), v),
-                 good=X, exc=RAW, accept={
-                     "TwoLayer": {},  # the fused wrappers refuse it (RuntimeError naming x1)
-                     "MLP": {"requires_grad": "x is a constant of the kernel (not differentiable in x): "
-                                              "treated as detached"},
-                     "generic": {"requires_grad": "PENDING ENGINE: torch's FlopCounterMode AssertionError in the "
-                                                  "cost model; fix: detach x1/x2 at entry (or check_input(..., "
-                                                  "allow_grad=False))"}}[mname]))
+                 good=X, exc=RAW, accept={"requires_grad": "x is a constant of the kernel (not differentiable in "
+                                                           "x): treated as detached"}))
         add(Case(f"empirical_ntk[{mname}](x2=)", "x2", "tensor", lambda v, mk=mk: lazyfast.empirical_ntk(mk(), X(), v),
                  good=lambda: X(4), skip=("rows",)))
         add(Case(f"empirical_ntk[{mname}](mode=)", "mode", "choice", lambda v, ntk=ntk: ntk(mode=v)))
@@ -215,10 +213,7 @@ def _cases():
         add(Case(f"empirical_ntk[{mname}](chunk_size=)", "chunk_size", "pos_int_or_none",
                  lambda v, ntk=ntk: ntk(chunk_size=v)))
         add(Case(f"empirical_ntk[{mname}](memory_budget=)", "memory_budget", "pos_int",
-                 lambda v, ntk=ntk: ntk(memory_budget=v),
-                 accept_all="PENDING ENGINE: the fused TwoLayer route ignores memory_budget and ntk.py does not "
-                            "validate it before routing (fix: _validation.check_memory_budget at entry)"
-                 if mname == "TwoLayer" else ""))
+                 lambda v, ntk=ntk: ntk(memory_budget=v)))
         add(Case(f"jvp[{mname}](x=)", "x", "tensor",
                  lambda v, mk=mk: lazyfast.jvp(mk(), v, zero_tangents(mk())), good=X, skip=("rows",),
                  accept=OWN_ERROR if mname == "generic" else {}))

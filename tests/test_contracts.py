@@ -365,7 +365,10 @@ def test_check_input_allow_integer():
     ids = torch.randint(0, 5, (4, 3))
     with pytest.raises(TypeError, match="floating-point"):
         _validation.check_input(ids, "x")
-    assert _validation.check_input(ids, "x", _two_layer(), allow_integer=True) is ids
+    emb = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    assert _validation.check_input(ids, "x", emb, allow_integer=True) is ids
+    with pytest.raises(TypeError, match="real features"):  # a model that declares real features refuses ids
+        _validation.check_input(ids, "x", _two_layer(), allow_integer=True)
     with pytest.raises(TypeError, match="floating-point"):
         _validation.check_input(ids.bool(), "x", allow_integer=True)
 
