@@ -11,6 +11,7 @@ Public API (see README.md):
   diagnostics, kernels, mlp, two_layer, distributed, reference       submodules
   backend_info, cuda_version        what is compiled
 """
+from lazyfast._version import __version__
 from lazyfast._ext import backend_info, cuda_version
 from lazyfast.models import MLP, TwoLayer, resnet18, vgg11
 from lazyfast.ntk import empirical_ntk, jvp, ntk_vp, vjp
@@ -23,7 +24,6 @@ from lazyfast.lazy import FrozenPatternNet, LazyModel, Linearized, scaled_loss, 
 from lazyfast.solvers import KernelGradientFlow, kernel_gradient_flow, kernel_regression_cg
 from lazyfast.train import CheckpointError, TrainConfig
 
-__version__ = "0.1.0"
 
 __all__ = [
     "backend_info", "cuda_version", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",
