@@ -90,6 +90,8 @@ def _run(benchmark, key, fn, rounds):
         holder.update(peak=peak, before=before)
         return out
 
+    with open("/proc/loadavg") as f:
+        benchmark.extra_info["load_avg_before"] = " ".join(f.read().split()[:3])
     measured()
     res = benchmark.pedantic(fn, rounds=rounds, iterations=1)
     benchmark.extra_info["protocol"] = f"1 warm-up + best of {rounds}"
