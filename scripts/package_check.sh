@@ -10,6 +10,8 @@
 #      tree, check lazyfast._C loaded from the fresh venv, and compare a tiny eNTK with the
 #      brute-force oracle.
 # Usage: scripts/package_check.sh [PYTHON]   (default .venv/bin/python)
+# The wheel is built without CUDA kernels unless LAZYFAST_CUDA=1|auto is set (CPU kernels suffice to
+# check the packaging; the CUDA build is checked by cuda_link_check.sh and gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
