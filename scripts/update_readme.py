@@ -145,7 +145,9 @@ def table_mlp(results: pathlib.Path) -> str:
     rows.append(f"| same, N = {ev['n']} | {_s(ev['lazyfast_same_n_s'])}, {ev['lazyfast_same_n_peak_rss_mb']:.0f} MB | "
                 f"the authors' per-output backward loop (batch {ev['batch_size']}) {_s(mn(va))}, {peak(va):.0f} MB{acc} | "
                 f"**{_x(mn(va) / ev['lazyfast_same_n_s'])}** | |")
-    return _stamp_line("mlp_cpu.json", st) + f" Float32; times: {proto}; peak RSS includes the process's baseline.\n\n" \
+    vproto = b[vl]["extra_info"].get("protocol", f"best of {b[vl]['stats']['rounds']}")
+    return _stamp_line("mlp_cpu.json", st) + f" Float32; times: {proto} (VGG-11: {vproto}); peak RSS includes " \
+        "the process's baseline.\n\n" \
         + "\n".join(rows)
 
 
