@@ -1,21 +1,23 @@
 # lazyfast — the two commands of the README:
 #   make demo   the main job: the paper's experiments (quick presets) with figures
-#   make test   everything CI checks: Python tests, C++ unit tests, CUDA compile check, CUDA link check
+#   make test   everything CI checks: Python tests, C++ unit tests, CUDA compile check, CUDA link check,
+#               the package check (sdist -> wheel -> fresh venv) and the quick benchmark
 # Both do their own setup on a fresh machine (venv, torch==2.13.0, build without isolation).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lazyfast-deps
-DEPS   := torch==2.13.0 "setuptools>=64" wheel ninja numpy scipy tqdm matplotlib scikit-learn \
+DEPS   := torch==2.13.0 "setuptools>=77" wheel build ninja numpy scipy tqdm matplotlib scikit-learn \
           pytest pytest-benchmark hypothesis expecttest
 OUT    ?= out/demo
 
-.PHONY: venv build demo test test-python native-test cuda-link-check bench-quick bench clean
+.PHONY: venv build demo test test-python native-test cuda-link-check package-check bench-quick bench clean
 
 venv: $(STAMP)
 
-$(STAMP):
+# Re-checked when this Makefile (the dependency list) changes.
+$(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
@@ -40,12 +42,16 @@ native-test:
 cuda-link-check:
 	bash scripts/cuda_link_check.sh
 
+# sdist -> wheel built from the extracted sdist -> non-editable install in a fresh venv -> smoke test.
+package-check: $(STAMP)
+	bash scripts/package_check.sh $(PY)
+
 # lazyfast vs its pure-PyTorch baselines at small sizes; fails if any implementation disagrees.
 bench-quick: build
 	mkdir -p out
 	$(PY) -m lazyfast.cli bench --quick --json out/bench-quick.json --markdown out/bench-quick.md
 
-test: test-python native-test cuda-link-check bench-quick
+test: test-python native-test cuda-link-check package-check bench-quick
 
 # The full-size benchmark table (minutes, several GB), and the pytest-benchmark suites.
 bench: build
@@ -53,4 +59,4 @@ bench: build
 	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
 
 clean:
-	rm -rf build build-native build-cuda build-native.log lazyfast/_C*.so *.egg-info
+	rm -rf build build-native build-cuda build-native.log lazyfast/_C*.so lazyfast/_build_config.py *.egg-info dist

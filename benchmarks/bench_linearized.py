@@ -106,23 +106,28 @@ def _params(obj):
 
 
 def check_agreement(sizes, dtype=torch.float32):
-    """Two steps of each variant from the same w0: the two linearized variants agree on the
-    losses and the parameters; the standard and linearized losses agree at w0."""
+    """Two steps of each variant from the same w0: the two linearized variants agree with the
+    torch.func baseline on the losses and on the parameter CHANGE w2 − w0 (relative to its own
+    size: the steps move w by ~1e-2 of |w|, so comparing w itself would let a gradient 1 % wrong
+    pass); the standard and linearized losses agree at w0."""
     res = {}
     for name, build in STEPS.items():
         net, x, y = make_problem(**sizes, dtype=dtype)
+        w0 = _params(net)
+        w0 = [t.clone() for t in w0]
         step, params = build(net, x, y)
         losses = [step(), step()]
-        res[name] = (losses, _params(params))
+        res[name] = (losses, [p - q for p, q in zip(_params(params), w0)])
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    (lb, pb), (ls, _) = res["torch_func"], res["standard"]
+    (lb, db), (ls, _) = res["torch_func"], res["standard"]
     for name in ("lazyfast", "lazyfast_ntk"):
-        la, pa = res[name]
+        la, da = res[name]
         assert torch.allclose(la[0], ls[0], rtol=tol), (name, la[0], ls[0])  # same model at w0
         for u, v in zip(la, lb):
             assert torch.allclose(u, v, rtol=tol), (name, u, v)
-        for u, v in zip(pa, pb):
-            assert torch.allclose(u, v, rtol=tol, atol=tol * float(v.abs().max())), (name, float((u - v).abs().max()))
+        for u, v in zip(da, db):
+            err = float((u - v).abs().max()) / max(float(v.abs().max()), 1e-300)
+            assert err <= 10 * tol, (name, err)
     return res
 
 

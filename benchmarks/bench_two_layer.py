@@ -7,7 +7,9 @@ the outputs agree in the same run.
 Groups (float32, k = 1, ReLU, NTK scaling):
   two_layer_gram      n=1024, d=100, m=4096: fused (X2=None and X2 given) vs the dense
                       GEMM formulation (reference.two_layer_ntk_dense) vs torch.func
-                      Jacobian contraction (reference.ntk_jacobian) vs sgemm 2048^3.
+                      Jacobian contraction (reference.ntk_jacobian, whole batch: the
+                      tutorial's method; X2=None and X2 given) vs sgemm 2048^3.
+  Every benchmark: one warm-up call, then LAZYFAST_BENCH_ROUNDS (3) timed calls.
   two_layer_jvp       n=4096, d=100, m=16384, T=16: fused vs dense vs torch.func vmap(jvp).
   two_layer_vjp       same sizes: fused vs dense vs torch.func vjp.
 benchmarks/two_layer_report.py measures the same workloads (plus peak memory at
@@ -31,6 +33,13 @@ pytestmark = pytest.mark.skipif(lazyfast._ext._C is None, reason="lazyfast._C no
 # The torch.func baselines take 10+ s (Gram) and ~10 GB (JVP, T=16); LAZYFAST_BENCH_QUICK=1 skips them.
 QUICK = os.environ.get("LAZYFAST_BENCH_QUICK", "0") == "1"
 AGREE = 1e-4  # float32 results from different summation orders
+ROUNDS = int(os.environ.get("LAZYFAST_BENCH_ROUNDS", "3"))
+
+
+def _bench(benchmark, fn):
+    """The protocol of every benchmark here, lazyfast and baselines alike: one warm-up call, then
+    ROUNDS timed calls (compare the min)."""
+    return benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
 def _model(d, m, k=1, seed=0):
@@ -52,7 +61,7 @@ def gram_case():
 @pytest.mark.benchmark(group="two_layer_gram")
 def test_gram_fused_symmetric(benchmark, gram_case):
     model, x1, _, w, ref = gram_case
-    out = benchmark(lambda: TL.two_layer_ntk(x1, **w))
+    out = _bench(benchmark, lambda: TL.two_layer_ntk(x1, **w))
     assert rel_err(out, ref) < AGREE
 
 
@@ -60,21 +69,21 @@ def test_gram_fused_symmetric(benchmark, gram_case):
 def test_gram_fused_two_inputs(benchmark, gram_case):
     model, x1, x2, w, _ = gram_case
     ref = R.two_layer_ntk_dense(x1, x2, w["A"], w["c"], w["B"], w["scale"], "relu")
-    out = benchmark(lambda: TL.two_layer_ntk(x1, x2, **w))
+    out = _bench(benchmark, lambda: TL.two_layer_ntk(x1, x2, **w))
     assert rel_err(out, ref) < AGREE
 
 
 @pytest.mark.benchmark(group="two_layer_gram")
 def test_gram_dense_reference(benchmark, gram_case):
     model, x1, _, w, ref = gram_case
-    out = benchmark(lambda: R.two_layer_ntk_dense(x1, None, w["A"], w["c"], w["B"], w["scale"], "relu"))
+    out = _bench(benchmark, lambda: R.two_layer_ntk_dense(x1, None, w["A"], w["c"], w["B"], w["scale"], "relu"))
     assert rel_err(out, ref) < AGREE
 
 
 @pytest.mark.benchmark(group="two_layer_gram")
 def test_gram_sgemm_2048(benchmark):
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    out = benchmark(lambda: a @ b)
+    out = _bench(benchmark, lambda: a @ b)
     benchmark.extra_info["gflops"] = 2 * 2048**3 / benchmark.stats.stats.min / 1e9
     assert out.shape == (2048, 2048)
 
@@ -83,8 +92,17 @@ def test_gram_sgemm_2048(benchmark):
 @pytest.mark.benchmark(group="two_layer_gram")
 def test_gram_torch_func_jacobian(benchmark, gram_case):
     model, x1, _, w, ref = gram_case
-    out = benchmark.pedantic(lambda: R.ntk_jacobian(model, x1, chunk_size=256), rounds=1, iterations=1)
+    # The torch.func tutorial's method: the whole batch, J formed once and contracted with itself.
+    out = _bench(benchmark, lambda: R.ntk_jacobian(model, x1))
     assert rel_err(out, ref) < AGREE
+
+
+@pytest.mark.skipif(QUICK, reason="LAZYFAST_BENCH_QUICK=1")
+@pytest.mark.benchmark(group="two_layer_gram")
+def test_gram_torch_func_jacobian_two_inputs(benchmark, gram_case):
+    model, x1, x2, w, _ = gram_case
+    out = _bench(benchmark, lambda: R.ntk_jacobian(model, x1, x2))
+    assert rel_err(out, R.two_layer_ntk_dense(x1, x2, w["A"], w["c"], w["B"], w["scale"], "relu")) < AGREE
 
 
 # ----------------------------------------------------------------------------- JVP / VJP
@@ -103,7 +121,7 @@ def product_case():
 @pytest.mark.benchmark(group="two_layer_jvp")
 def test_jvp_fused(benchmark, product_case):
     model, x, dA, dB, _, w = product_case
-    out = benchmark(lambda: TL.two_layer_jvp(x, dA=dA, dB=dB, **w))
+    out = _bench(benchmark, lambda: TL.two_layer_jvp(x, dA=dA, dB=dB, **w))
     ref = R.two_layer_jvp_dense(x, w["A"], None, w["B"], w["scale"], "relu", dA[:2], None, dB[:2])
     assert rel_err(out[:2], ref) < AGREE
 
@@ -112,15 +130,14 @@ def test_jvp_fused(benchmark, product_case):
 @pytest.mark.benchmark(group="two_layer_jvp")
 def test_jvp_torch_func(benchmark, product_case):
     model, x, dA, dB, _, w = product_case
-    out = benchmark.pedantic(lambda: R.jvp(model, x, {"hidden.weight": dA, "output.weight": dB}), rounds=1,
-                             iterations=1)
+    out = _bench(benchmark, lambda: R.jvp(model, x, {"hidden.weight": dA, "output.weight": dB}))
     assert rel_err(out, TL.two_layer_jvp(x, dA=dA, dB=dB, **w)) < AGREE
 
 
 @pytest.mark.benchmark(group="two_layer_vjp")
 def test_vjp_fused(benchmark, product_case):
     model, x, _, _, r, w = product_case
-    out = benchmark(lambda: TL.two_layer_vjp(x, r, **w))
+    out = _bench(benchmark, lambda: TL.two_layer_vjp(x, r, **w))
     ref = R.two_layer_vjp_dense(x, w["A"], None, w["B"], w["scale"], "relu", r)
     assert rel_err(out[0], ref[0]) < AGREE and rel_err(out[2], ref[2]) < AGREE
 
@@ -128,12 +145,12 @@ def test_vjp_fused(benchmark, product_case):
 @pytest.mark.benchmark(group="two_layer_vjp")
 def test_vjp_dense_reference(benchmark, product_case):
     model, x, _, _, r, w = product_case
-    out = benchmark(lambda: R.two_layer_vjp_dense(x, w["A"], None, w["B"], w["scale"], "relu", r))
+    out = _bench(benchmark, lambda: R.two_layer_vjp_dense(x, w["A"], None, w["B"], w["scale"], "relu", r))
     assert out[0].shape == w["A"].shape
 
 
 @pytest.mark.benchmark(group="two_layer_vjp")
 def test_vjp_torch_func(benchmark, product_case):
     model, x, _, _, r, w = product_case
-    out = benchmark.pedantic(lambda: R.vjp(model, x, r), rounds=3, iterations=1)
+    out = _bench(benchmark, lambda: R.vjp(model, x, r))
     assert rel_err(out["hidden.weight"], TL.two_layer_vjp(x, r, **w)[0]) < AGREE

@@ -9,6 +9,10 @@ the data and the step function, before any step; the peak includes the steps (an
     python benchmarks/engine_cpu.py --small        # quick check of the script
     python benchmarks/engine_cpu.py --only step    # just the training-step comparison
 
+Writes benchmarks/results/engine_cpu.md and, beside it, engine_cpu.json (the numbers the
+README's tables are generated from; stamped with machine, load, date and commit). Every
+variant: ``--warmup`` steps, then the best of ``--repeat`` (the same for all).
+
 Variants of one linearized training step (see bench_linearized.py): standard, lazyfast
 (Linearized, implementation="auto": cached linearization on the reused batch),
 lazyfast_ntk (Linearized, implementation="ntk": public jvp/vjp every step) and
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -114,13 +117,17 @@ def main():
         print(json.dumps(res))
         return
 
+    sys.path.insert(0, ROOT)
+    from lazyfast.bench import loadavg, stamp
+
+    st = stamp("python benchmarks/engine_cpu.py " + " ".join(sys.argv[1:]))
+    record = {**st, "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat, "small": args.small}
     step_n, step_m = (512, 4096) if args.small else (args.n, args.m)
     cg_n, cg_m, cg_chunk = (4000, 256, 1000) if args.small else (200_000, 1024, args.chunk)
-    lines = [f"# Engine CPU benchmarks ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-             f"torch {__import__('torch').__version__}, threads={args.threads}; shared machine (other jobs "
-             "running), so times are noisy: ratios are from one run.", "",
-             "Command: `python benchmarks/engine_cpu.py " + " ".join(sys.argv[1:]) + "`", ""]
+    lines = [f"# Engine CPU benchmarks ({st['date']})", "",
+             f"Machine: {st['machine']}, torch {st['torch']}, threads={args.threads}; load average before: "
+             f"{st['load_avg']}; commit {st['commit']}. Times on a shared machine are noisy: ratios are from one run.", "",
+             f"Command: `{st['command']}`", ""]
     if args.only in (None, "step"):
         rows = {}
         for variant in ("standard", "lazyfast", "lazyfast_ntk", "torch_func"):
@@ -128,6 +135,7 @@ def main():
                                        "--m", str(step_m), "--threads", str(args.threads), "--warmup",
                                        str(args.warmup), "--repeat", str(args.repeat)])
             print(variant, json.dumps(rows[variant]), flush=True)
+        record["step"] = dict(n=step_n, d=args.d, m=step_m, variants=rows)
         std = rows["standard"]["min"]
         tf = rows["torch_func"]["min"]
         lines += [f"## One linearized training step: TwoLayer n={step_n}, d={args.d}, m={step_m}, k=1, float32, ReLU",
@@ -144,6 +152,7 @@ def main():
         r = run_child(["--kind", "cg", "--n", str(cg_n), "--d", str(args.d), "--m", str(cg_m), "--chunk",
                        str(cg_chunk), "--threads", str(args.threads), "--max-iter", str(args.max_iter)])
         print("cg", json.dumps(r), flush=True)
+        record["cg"] = r
         lines += [f"## Matrix-free kernel regression: n={cg_n}, d={args.d}, m={cg_m}, float32, ReLU TwoLayer", "",
                   f"CG on (Θ + λI)c = y with λ = 1e-3·n (Θ has rank ≤ min(n, P), P = {cg_m * (args.d + 1)}), tolerance "
                   f"1e-3 relative residual, at most {args.max_iter} iterations; Θ·v by chunked VJP + JVP "
@@ -154,9 +163,13 @@ def main():
                   f"{r['seconds_per_iteration']:.2f} | {r['predict_1000_seconds']:.1f} | {r['peak_mb']:.0f} | "
                   f"{r['rss_setup_mb']:.0f} |", "",
                   "Residual history: " + ", ".join(f"{h:.2e}" for h in r["history"][::5]) + " (every 5th)", ""]
+    record["load_after"] = loadavg()
+    lines += [f"Load average after: {record['load_after']}.", ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines))
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
+        json.dump(record, fh, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -12,6 +12,7 @@ Public API (see README.md):
   backend_info, cuda_version        what is compiled
   checks                            NaN/inf input checks on/off (docs/contracts.md)
 """
+from lazyfast._version import __version__
 from lazyfast._ext import backend_info, cuda_version
 from lazyfast._validation import checks
 from lazyfast.models import MLP, TwoLayer, resnet18, vgg11
@@ -25,7 +26,6 @@ from lazyfast.lazy import FrozenPatternNet, LazyModel, Linearized, scaled_loss, 
 from lazyfast.solvers import KernelGradientFlow, kernel_gradient_flow, kernel_regression_cg
 from lazyfast.train import CheckpointError, TrainConfig
 
-__version__ = "0.1.0"
 
 __all__ = [
     "backend_info", "cuda_version", "checks", "empirical_ntk", "jvp", "vjp", "ntk_vp", "gram",

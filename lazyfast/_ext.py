@@ -1,11 +1,20 @@
 """Loads the compiled extension ``lazyfast._C`` once and records what it offers.
 
-If ``_C`` cannot be imported (not built, wrong torch), or a tensor lives on a
-device whose kernels were not compiled, lazyfast warns once and every public
-function routes to :mod:`lazyfast.reference`. Nothing here raises at import.
+If ``_C`` cannot be imported (not built, built against another torch), or a tensor lives
+on a device whose kernels were not compiled, lazyfast warns once and every public
+function routes to :mod:`lazyfast.reference`. With ``LAZYFAST_REQUIRE_COMPILED=1`` a
+missing or mismatched extension is an ``ImportError`` at import instead (CI sets it).
+
+The build writes ``lazyfast/_build_config.py`` next to ``_C`` (setup.py): the torch
+version it compiled against and the size and SHA-256 of that ``_C`` file. A record whose
+file does not match the ``_C`` found (a stale record) is ignored; a matching record naming
+another torch release than the running one stops ``_C`` from loading (its C++ ABI is that
+torch's) with a message saying how to rebuild.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import warnings
 
@@ -14,17 +23,61 @@ import torch
 _C = None
 _LOAD_ERROR: str | None = None
 _BUILD_INFO: dict = {}
+#: what setup.py recorded when it compiled the ``_C`` found here ({} when unknown)
+BUILD_CONFIG: dict = {}
+
+REBUILD_HINT = ("Rebuild it against the running torch: `pip install --no-build-isolation -e .` "
+                "(or `python setup.py build_ext --inplace`) with that torch installed.")
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+def _read_build_config() -> dict:
+    """The build record of the ``_C`` file that ``import lazyfast._C`` would load, or {}."""
+    try:
+        from lazyfast._build_config import BUILD_CONFIG as cfg
+    except Exception:
+        return {}
+    spec = importlib.util.find_spec("lazyfast._C")
+    origin = getattr(spec, "origin", None) if spec else None
+    if not origin or not os.path.exists(origin):
+        return {}
+    if "so_sha256" in cfg:
+        if os.path.getsize(origin) != cfg.get("so_size"):
+            return {}
+        with open(origin, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != cfg["so_sha256"]:
+                return {}
+    return dict(cfg)
+
+
+def version_mismatch(built: str | None, running: str) -> str | None:
+    """The message for an extension built against torch ``built`` run under ``running``, or None."""
+    if not built or _release(built) == _release(running):
+        return None
+    return (f"lazyfast._C was built against torch {built}, but torch {running} is running; "
+            f"a compiled extension only loads against the torch it was built with. {REBUILD_HINT}")
+
 
 if os.environ.get("LAZYFAST_DISABLE_EXTENSION", "0") == "1":
     _LOAD_ERROR = "disabled by LAZYFAST_DISABLE_EXTENSION=1"
 else:
-    try:
-        from lazyfast import _C  # noqa: F811  (registers torch.ops.lazyfast.*)
+    BUILD_CONFIG = _read_build_config()
+    _LOAD_ERROR = version_mismatch(BUILD_CONFIG.get("torch_version"), torch.__version__)
+    if _LOAD_ERROR is None:
+        try:
+            from lazyfast import _C  # noqa: F811  (registers torch.ops.lazyfast.*)
 
-        _BUILD_INFO = dict(_C.build_info())
-    except Exception as exc:  # ImportError, or an undefined-symbol OSError from a stale build
-        _C = None
-        _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+            _BUILD_INFO = dict(_C.build_info())
+        except Exception as exc:  # ImportError, or an undefined-symbol OSError from a stale build
+            _C = None
+            _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+            if "undefined symbol" in str(exc):
+                _LOAD_ERROR += f" (the extension was probably built against another torch; {REBUILD_HINT})"
+    if _LOAD_ERROR is not None and os.environ.get("LAZYFAST_REQUIRE_COMPILED", "0") == "1":
+        raise ImportError(f"LAZYFAST_REQUIRE_COMPILED=1 but the compiled extension cannot be used: {_LOAD_ERROR}")
 
 HAS_CPU_KERNELS: bool = bool(_BUILD_INFO.get("cpu_kernels", False))
 HAS_CUDA_KERNELS: bool = bool(_BUILD_INFO.get("cuda_kernels", False))
@@ -80,7 +133,9 @@ def backend_info() -> dict:
     present), ``cuda_available`` (a usable GPU), ``torch`` and ``cuda`` (versions;
     ``cuda`` is the CUDA version of the compiled kernels or None), ``threads``
     (intra-op threads, which also bound the extension's OpenMP regions),
-    ``openmp`` and ``extension_error`` (why ``_C`` failed to load, or None).
+    ``openmp``, ``built_with_torch`` (the torch version ``_C`` was compiled against, from
+    its build record; None when unknown) and ``extension_error`` (why ``_C`` failed to
+    load, or None).
     """
     cv = cuda_version()
     return {
@@ -92,5 +147,6 @@ def backend_info() -> dict:
         "cuda": None if cv < 0 else f"{cv // 1000}.{(cv % 1000) // 10}",
         "threads": torch.get_num_threads(),
         "openmp": bool(_BUILD_INFO.get("openmp", False)),
+        "built_with_torch": BUILD_CONFIG.get("torch_version"),
         "extension_error": _LOAD_ERROR,
     }

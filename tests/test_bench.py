@@ -62,3 +62,54 @@ def test_cli_json_and_errors(tiny, tmp_path):
         bench.run("quick", workloads=["nope"], memory=False)
     with pytest.raises(ValueError, match="preset must be one of"):
         bench.run("huge", memory=False)
+
+
+def _perturbed(monkeypatch, workload, wrap):
+    real, key = bench.WORKLOADS[workload]
+
+    def broken(*args):
+        case = real(*args)
+        good = case.impls["lazyfast"] if "lazyfast" in case.impls else case.impls["lazyfast matrix-free CG"]
+        name = next(k for k in case.impls if k.startswith("lazyfast"))
+        bad = lambda: wrap(good())  # noqa: E731
+        bad.compare = getattr(good, "compare", True)
+        case.impls[name] = bad
+        return case
+
+    monkeypatch.setitem(bench.WORKLOADS, workload, (broken, key))
+
+
+def _lazyfast_row(tiny, workload, dtype):
+    res = bench.run(tiny, workloads=[workload], dtype=dtype, memory=False, log=lambda *a: None)
+    return [r for r in res["rows"] if r["implementation"].startswith("lazyfast")][0]
+
+
+@pytest.mark.parametrize("workload,dtype", [("linearized_step", torch.float32), ("linearized_step", torch.float64),
+                                            ("kernel_regression", torch.float32), ("kernel_regression", torch.float64),
+                                            ("mlp_ntk", torch.float64)])
+def test_one_percent_error_fails(tiny, monkeypatch, workload, dtype):
+    # Unperturbed, the row agrees; the same result 1 % off (a 1 % wrong gradient for the step:
+    # the parameter change scaled by 1.01) must be flagged.
+    assert _lazyfast_row(tiny, workload, dtype)["agrees"]
+
+    def off(out):
+        return [1.01 * t for t in out] if isinstance(out, list) else 1.01 * out
+
+    _perturbed(monkeypatch, workload, off)
+    row = _lazyfast_row(tiny, workload, dtype)
+    assert not row["agrees"] and row["rel_err"] > 5e-3, row
+
+
+def test_linearized_step_compares_the_change_not_the_parameters(tiny):
+    case = bench.build_case("linearized_step", tiny, torch.float64, "cpu")
+    w0 = case.impls["lazyfast"]()  # first call: one step, returns w1 - w0
+    again = case.impls["lazyfast"]()
+    assert all(torch.equal(a, b) for a, b in zip(w0, again))  # the first step's change, kept
+    assert all(float(t.abs().max()) > 0 for t in w0)
+
+
+def test_stamp_has_machine_load_date_commit():
+    st = bench.stamp("x")
+    for key in ("machine", "load_avg", "date", "commit", "command", "torch", "threads"):
+        assert key in st
+    assert st["command"] == "x" and st["date"].endswith("UTC")

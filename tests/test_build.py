@@ -79,3 +79,65 @@ print("ok")
     r = _run(code, LAZYFAST_DISABLE_EXTENSION="1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_version_is_single_sourced():
+    from lazyfast import _version
+
+    assert lazyfast.__version__ == _version.__version__
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "lazyfast._version.__version__"' in pyproject
+    assert '\nversion = "' not in pyproject  # no literal version besides lazyfast/_version.py
+
+
+def test_version_mismatch_message():
+    msg = _ext.version_mismatch("2.12.0+cpu", "2.13.0+cu130")
+    assert "2.12.0+cpu" in msg and "2.13.0+cu130" in msg and "--no-build-isolation" in msg
+    assert _ext.version_mismatch("2.13.0+cpu", "2.13.0+cu130") is None  # same release, other local build
+    assert _ext.version_mismatch(None, "2.13.0") is None  # no record: nothing to compare
+
+
+def test_a_stale_build_record_is_ignored(monkeypatch):
+    import types
+
+    fake = types.ModuleType("lazyfast._build_config")
+    fake.BUILD_CONFIG = {"torch_version": "1.0.0", "so_size": -1, "so_sha256": "0" * 64}
+    monkeypatch.setitem(sys.modules, "lazyfast._build_config", fake)
+    assert _ext._read_build_config() == {}
+
+
+def test_setup_py_says_how_to_build_when_torch_is_missing():
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    r = _run(code)
+    assert r.returncode != 0
+    assert "install torch first" in r.stderr and "--no-build-isolation" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not _ext.HAS_CPU_KERNELS, reason="extension not built")
+def test_extension_built_for_another_torch_is_refused(tmp_path):
+    import hashlib
+    import shutil
+
+    pkg = tmp_path / "lazyfast"
+    shutil.copytree(os.path.join(ROOT, "lazyfast"), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    so = _ext._C.__file__
+    with open(so, "rb") as f:
+        data = f.read()
+    record = {"torch_version": "1.0.0", "so_size": len(data), "so_sha256": hashlib.sha256(data).hexdigest()}
+    (pkg / "_build_config.py").write_text(f"BUILD_CONFIG = {record!r}\n")
+    code = "import lazyfast; i = lazyfast.backend_info(); print(i['cpu_kernels'], i['built_with_torch']); print(i['extension_error'])"
+    env = dict(os.environ, LAZYFAST_REQUIRE_COMPILED="0", PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().splitlines()
+    assert first == "False 1.0.0"
+    assert "built against torch 1.0.0" in second and torch.__version__ in second
+    env["LAZYFAST_REQUIRE_COMPILED"] = "1"
+    r = subprocess.run([sys.executable, "-c", "import lazyfast"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode != 0 and "ImportError" in r.stderr and "built against torch 1.0.0" in r.stderr

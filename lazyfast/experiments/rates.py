@@ -15,7 +15,7 @@ from lazyfast.experiments import common
 NAME = "rates"
 DEFAULT_THREADS = 1  # see runner.reproduce
 EXPECTED = {"weight_change": -1.0, "output_gap": -1.0, "param_gap": -2.0}
-# Tolerances of paper-notes §4.1 (claim 1) for the log-log slopes.
+# Tolerances on the log-log slopes of Theorem 2.2 (the claims of docs/REPRODUCTION.md, `rates`).
 TOLERANCE = {"weight_change": 0.1, "output_gap": 0.15, "param_gap": 0.15}
 
 

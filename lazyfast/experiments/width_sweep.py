@@ -57,7 +57,8 @@ class Config(common.ExperimentConfig):
 
 
 def kappa_proxy(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, s: float) -> float:
-    """Laziness criterion κ = ‖h(w0) − y‖·‖D²h‖/‖Dh‖² with the norms of paper-notes §1.2 estimated
+    """Laziness criterion κ = ‖h(w0) − y‖·‖D²h‖/‖Dh‖² (the paper's laziness criterion, §2 of
+    Chizat, Oyallon & Bach 2019) with the norms estimated
     on the data: ‖Dh‖² = tr Θ / n (mean eNTK diagonal), ‖D²h‖ ≈ s·max_j ‖x‖ (block-diagonal Hessian of
     the bilinear a·relu(b·x) terms, operator norm s on the sphere), residual RMS over the data."""
     z = x @ W.T  # (n, m)

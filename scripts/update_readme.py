@@ -1,0 +1,248 @@
+"""Generates every performance table of README.md from the committed results files.
+
+Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` and is rebuilt from
+one results file written by a benchmark command (the table's first line names the file, the
+command, and the stamp: date, commit, load average):
+
+    bench-quick      benchmarks/results/bench-quick-cpu.json   lazyfast bench --quick --json … --markdown …
+    two-layer        benchmarks/results/two_layer_cpu.json     python benchmarks/two_layer_report.py
+    mlp              benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
+    engine           benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
+
+    python scripts/update_readme.py            # rewrite the tables in README.md
+    python scripts/update_readme.py --check    # exit 1 if a table and its results file disagree
+
+tests/test_readme_tables.py runs the check, so a table edited by hand, or a results file
+regenerated without updating the README, fails CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Callable, Dict, Tuple
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def _load(name: str, results: pathlib.Path) -> dict:
+    return json.loads((results / name).read_text())
+
+
+def _s(t: float) -> str:
+    """Seconds, 3 significant digits."""
+    return f"{t:.3g} s" if t >= 1e-3 else f"{t * 1e3:.3g} ms"
+
+
+def _x(r: float) -> str:
+    return f"{r:.2f}×" if r < 10 else f"{r:.0f}×" if r >= 100 else f"{r:.1f}×"
+
+
+def _goal(ratio: float, goal: float) -> str:
+    """A target cell with its verdict, computed from the measured ratio."""
+    return f"≥ {goal:g}× ({'met' if ratio >= goal else 'NOT met'})"
+
+
+def _stamp_line(file: str, st: dict, command: str | None = None) -> str:
+    return (f"*Generated from `benchmarks/results/{file}` (`{command or st.get('command')}`; "
+            f"{st.get('date')}, commit {st.get('commit')}, load average {st.get('load_avg')}, "
+            f"{st.get('machine')}, {st.get('threads')} threads).*")
+
+
+# ----------------------------------------------------------------------------- bench --quick
+def table_bench_quick(results: pathlib.Path) -> str:
+    from lazyfast.bench import format_table
+
+    res = _load("bench-quick-cpu.json", results)
+    m = res["machine"]
+    head = _stamp_line("bench-quick-cpu.json", m, "lazyfast bench --quick --json benchmarks/results/bench-quick-cpu.json "
+                                                  "--markdown benchmarks/results/bench-quick-cpu.md")
+    return head + "\n\n" + format_table(res)
+
+
+# ----------------------------------------------------------------------------- two-layer targets
+def table_two_layer(results: pathlib.Path) -> str:
+    r = _load("two_layer_cpu.json", results)
+    g, t = r["gram"], r["gram"]["time_s"]
+    sh = g["shape"]
+    rows = ["| workload | lazyfast | baseline | ratio | target |", "|---|---|---|---|---|"]
+    desc = f"n = {sh['n']}, d = {sh['d']}, m = {sh['m']}"
+    rows.append(f"| two-layer eNTK Gram, {desc}, X2 given | {_s(t['fused_asym'])}, {g['fused_asym_gflops']:.0f} GFLOP/s "
+                f"= **{100 * g['fused_asym_frac_sgemm']:.0f} % of sgemm** ({g['sgemm_gflops']:.0f} GFLOP/s in the same run) | "
+                f"dense GEMM formulation {_s(t['dense_asym'])} | **{_x(g['speedup_vs_dense_asym'])}** | "
+                f"{_goal(g['speedup_vs_dense_asym'], 1.0)}; ≥ 80 % of sgemm "
+                f"({'met' if g['fused_asym_frac_sgemm'] >= 0.8 else 'NOT met'}) |")
+    rows.append(f"| same, X2 = None (symmetric: half the tiles) | {_s(t['fused_sym'])} | dense GEMM formulation "
+                f"{_s(t['dense_sym'])} | **{_x(g['speedup_vs_dense_sym'])}** | |")
+    if "torch_func_sym" in t:
+        rows.append(f"| same, X2 = None | {_s(t['fused_sym'])} | torch.func Jacobian contraction, whole batch, J once "
+                    f"{_s(t['torch_func_sym'])} | **{_x(g['speedup_vs_torch_func_sym'])}** | {_goal(g['speedup_vs_torch_func_sym'], 50)} |")
+        rows.append(f"| same, X2 given | {_s(t['fused_asym'])} | torch.func Jacobian contraction, whole batch "
+                    f"{_s(t['torch_func_asym'])} | **{_x(g['speedup_vs_torch_func_asym'])}** | {_goal(g['speedup_vs_torch_func_asym'], 50)} |")
+    for mem in r["memory"]:
+        rows.append(f"| Gram peak extra memory, n = {mem['n']}, m = {mem['m']}, X2 {'None' if mem['x2_none'] else 'given'} "
+                    f"| **{mem['extra_mb']:.0f} MB** (output {mem['output_mb']:.0f} MB) | dense formulation ≈ "
+                    f"{mem['dense_estimate_mb'] / 1024:.1f} GB (estimate) | | ≤ {mem['limit_mb']:.0f} MB "
+                    f"({'met' if mem['within_target'] else 'MISSED'}) |")
+    p = r["products"]
+    j, v, ps = p["jvp"], p["vjp"], p["shape"]
+    scaled = (f" (run on {j['baseline_tangents']} tangents, ×{j['baseline_scaled_by']:.0f})"
+              if j["baseline_scaled_by"] != 1 else "")
+    pdesc = f"n = {ps['n']}, m = {ps['m']}"
+    rows.append(f"| JVP, T = {ps['T']} tangents, {pdesc} | {_s(j['fused_s'])} ({j['fused_gflops']:.0f} GFLOP/s) | "
+                f"torch.func vmap(jvp) {_s(j['torch_func_s'])}{scaled} | **{_x(j['speedup_vs_torch_func'])}** | "
+                f"{_goal(j['speedup_vs_torch_func'], 3)} |")
+    rows.append(f"| same | | dense GEMM formulation {_s(j['dense_s'])}{scaled} | **{_x(j['speedup_vs_dense'])}** | |")
+    rows.append(f"| VJP, {pdesc} | {_s(v['fused_s'])} | torch.func vjp {_s(v['torch_func_s'])} | "
+                f"**{_x(v['speedup_vs_torch_func'])}** | {_goal(v['speedup_vs_torch_func'], 3)} |")
+    rows.append(f"| same | | dense GEMM formulation {_s(v['dense_s'])} | **{_x(v['speedup_vs_dense'])}** | |")
+    proto = f"every method: one warm-up call, then the best of {r.get('repeat')} timed calls"
+    return _stamp_line("two_layer_cpu.json", r) + f" Float32, k = 1, ReLU; {proto}.\n\n" + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- MLP / VGG-11
+def table_mlp(results: pathlib.Path) -> str:
+    r = _load("mlp_cpu.json", results)
+    b = {x["name"]: x for x in r["benchmarks"]}
+
+    def mn(name):
+        return b[name]["stats"]["min"]
+
+    def peak(name):
+        return b[name]["extra_info"].get("peak_rss_mb")
+
+    lf, lw, jc = "test_mlp_lazyfast", "test_mlp_layerwise_pytorch", "test_mlp_torchfunc_jacobian"
+    vl, va = "test_vgg11_lazyfast_extract", "test_vgg11_authors_loop"
+    load = b[lf]["extra_info"].get("load_avg_before", "not recorded")
+    st = {"command": "python -m pytest benchmarks/bench_mlp.py --benchmark-only "
+                     "--benchmark-json=benchmarks/results/mlp_cpu.json",
+          "date": r["datetime"][:16].replace("T", " ") + " UTC", "commit": (r.get("commit_info") or {}).get("id", "")[:12]
+          + ("+dirty" if (r.get("commit_info") or {}).get("dirty") else ""),
+          "load_avg": load, "machine": (r.get("machine_info") or {}).get("cpu", {}).get("brand_raw", "?"),
+          "threads": b[lf]["extra_info"].get("threads")}
+    rows = ["| workload | lazyfast | baseline | ratio | target |", "|---|---|---|---|---|"]
+    proto = b[lf]["extra_info"].get("protocol", f"best of {b[lf]['stats']['rounds']}")
+    rows.append(f"| MLP eNTK, d = 100 → 2048 → 2048 → 2048 → 1, n = 1024, X2 = None | {_s(mn(lf))}, {peak(lf):.0f} MB peak RSS "
+                f"| pure-PyTorch layerwise formula {_s(mn(lw))}, {peak(lw):.0f} MB | **{_x(mn(lw) / mn(lf))}** | "
+                f"{_goal(mn(lw) / mn(lf), 1.5)} |")
+    e = b[jc]["extra_info"]
+    if "jc_chunk" in e:
+        chunk_txt = "whole batch, J once" if e["jc_chunk"] is None else f"chunks of {e['jc_chunk']}: it does not fit whole"
+    else:
+        chunk_txt = "chunks of 64, one cold run: the old, unfair protocol"
+    rows.append(f"| same, n = {e['n']} | {_s(e['lazyfast_same_n_s'])}, {e['lazyfast_same_n_peak_rss_mb']:.0f} MB | "
+                f"torch.func Jacobian contraction ({chunk_txt}) {_s(mn(jc))}, {peak(jc):.0f} MB | "
+                f"**{_x(mn(jc) / e['lazyfast_same_n_s'])}** | {_goal(mn(jc) / e['lazyfast_same_n_s'], 100)} |")
+    ev = b[va]["extra_info"]
+    rows.append(f"| VGG-11 (10N)×(10N) kernel at init, N = 100 CIFAR-size inputs | {_s(mn(vl))}, {peak(vl):.0f} MB | | | |")
+    acc = ""
+    if "lazyfast_f32_rel_err_vs_f64" in ev:
+        acc = (f"; float32 error vs the float64 kernel: lazyfast {ev['lazyfast_f32_rel_err_vs_f64']:.1e}, "
+               f"loop {ev['authors_f32_rel_err_vs_f64']:.1e}")
+    rows.append(f"| same, N = {ev['n']} | {_s(ev['lazyfast_same_n_s'])}, {ev['lazyfast_same_n_peak_rss_mb']:.0f} MB | "
+                f"the authors' per-output backward loop (batch {ev['batch_size']}) {_s(mn(va))}, {peak(va):.0f} MB{acc} | "
+                f"**{_x(mn(va) / ev['lazyfast_same_n_s'])}** | |")
+    vproto = b[vl]["extra_info"].get("protocol", f"best of {b[vl]['stats']['rounds']}")
+    return _stamp_line("mlp_cpu.json", st) + f" Float32; times: {proto} (VGG-11: {vproto}); peak RSS includes " \
+        "the process's baseline.\n\n" \
+        + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- engine
+def table_engine(results: pathlib.Path) -> str:
+    r = _load("engine_cpu.json", results)
+    lines = [_stamp_line("engine_cpu.json", r)]
+    if "step" in r:
+        s = r["step"]
+        v = s["variants"]
+        std, tf = v["standard"]["min"], v["torch_func"]["min"]
+        names = {"standard": "standard step of the network (not linearized)",
+                 "lazyfast": '`Linearized(model)` (implementation="auto")',
+                 "lazyfast_ntk": '`Linearized(model, implementation="ntk")` (fused JVP + VJP)',
+                 "torch_func": "torch.func.jvp linearized step (baseline)"}
+        lines += ["", f"One training step (forward + backward + SGD) of `TwoLayer`, n = {s['n']}, d = {s['d']}, "
+                      f"m = {s['m']}; {r['warmup']} warm-up steps, then the best of {r['repeat']}:", "",
+                  "| variant | step | vs standard step (target ≤ 1.3×) | torch.func baseline / this (target ≥ 2×) | peak RSS |",
+                  "|---|---|---|---|---|"]
+        for k, row in v.items():
+            lin = k in ("lazyfast", "lazyfast_ntk")
+            v1 = f" ({'met' if row['min'] / std <= 1.3 else 'NOT met'})" if lin else ""
+            v2 = f" ({'met' if tf / row['min'] >= 2 else 'NOT met'})" if lin else ""
+            lines.append(f"| {names.get(k, k)} | {_s(row['min'])} | {row['min'] / std:.2f}×{v1} | {_x(tf / row['min'])}{v2} | "
+                         f"{row['peak_mb']:.0f} MB |")
+    if "cg" in r:
+        c = r["cg"]
+        lines += ["", "| matrix-free kernel regression (CG on Θ + λI) | iterations | rel. residual | time | peak RSS | dense Θ would need |",
+                  "|---|---|---|---|---|---|",
+                  f"| n = {c['n']:,}, d = {c['d']}, m = {c['m']} | {c['iterations']} | {c['residual']:.1e} "
+                  f"({'converged' if c['converged'] else 'NOT converged'}) | {_s(c['seconds'])} | {c['peak_mb']:.0f} MB | "
+                  f"{c['dense_theta_gb']:.0f} GB |"]
+    return "\n".join(lines)
+
+
+TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
+    "bench-quick": table_bench_quick,
+    "two-layer": table_two_layer,
+    "mlp": table_mlp,
+    "engine": table_engine,
+}
+
+
+def _markers(name: str) -> Tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def blocks(readme: str) -> Dict[str, str]:
+    """The current text of every generated block in ``readme`` (name → text between the markers)."""
+    out = {}
+    for name in TABLES:
+        start, end = _markers(name)
+        if readme.count(start) != 1 or readme.count(end) != 1:
+            raise ValueError(f"README.md must contain exactly one {start} … {end} block")
+        out[name] = readme.split(start, 1)[1].split(end, 1)[0].strip("\n")
+    return out
+
+
+def render(readme: str, results: pathlib.Path = RESULTS) -> str:
+    """``readme`` with every generated block rebuilt from ``results``."""
+    for name, fn in TABLES.items():
+        start, end = _markers(name)
+        blocks(readme)  # validates the markers
+        head, rest = readme.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme = f"{head}{start}\n{fn(results)}\n{end}{tail}"
+    return readme
+
+
+def check(readme_path: pathlib.Path = ROOT / "README.md", results: pathlib.Path = RESULTS) -> list:
+    """Names of the blocks whose README text differs from what their results file gives."""
+    readme = readme_path.read_text()
+    want = blocks(render(readme, results))
+    have = blocks(readme)
+    return [k for k in TABLES if want[k] != have[k]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md and the results files disagree")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    path, results = pathlib.Path(args.readme), pathlib.Path(args.results)
+    if args.check:
+        bad = check(path, results)
+        if bad:
+            print(f"README.md tables out of date with their results files: {bad}; run python scripts/update_readme.py")
+            return 1
+        print("README.md tables match their results files")
+        return 0
+    path.write_text(render(path.read_text(), results))
+    print(f"{path}: tables {', '.join(TABLES)} regenerated from {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
