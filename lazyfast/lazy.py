@@ -287,8 +287,8 @@ class Linearized(nn.Module):
       forward and one backward pass, like a standard training step, but the batch's
       activations at w0 stay in memory (``cache_size`` batches at most).
     * ``"auto"`` (default) — ``"ntk"`` for a ``TwoLayer`` served by the compiled kernels
-      (their fused JVP + VJP cost less than a standard training step: 1.57 s vs 2.49 s at
-      n = 4096, m = 65536 on 2 CPU cores, ``benchmarks/results/engine_cpu_step_fused.md``);
+      (their fused JVP + VJP cost less than a standard training step at n = 4096,
+      m = 65536: measured in ``benchmarks/results/engine_cpu.json``, ``python benchmarks/engine_cpu.py``);
       otherwise ``"cached"`` from the second time a batch is seen (full-batch training, a
       fixed evaluation set) and ``"ntk"`` for batches seen once (mini-batch SGD), so caching
       never costs work that is thrown away.

@@ -1,4 +1,4 @@
-"""Fused kernels of the two-layer network f(x) = s·B σ(A x + c) (DESIGN.md §1.1).
+"""Fused kernels of the two-layer network f(x) = s·B σ(A x + c) (docs/design.md §1.1).
 
 Public thin wrappers over ``torch.ops.lazyfast.two_layer_*`` with their fake
 kernels (for ``torch.compile``) and autograd formulas, plus ``model_*`` helpers
