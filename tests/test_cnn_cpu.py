@@ -2,7 +2,6 @@
 the models' pattern forward is the network, the criterion is computed right, a killed sweep resumes
 without losing or redoing a run, and a 2-epoch miniature of the `cpu` preset runs end to end
 (verdict, figure, table rows). Synthetic images only: no dataset needed."""
-import dataclasses
 import json
 import math
 import os
