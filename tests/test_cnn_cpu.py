@@ -313,6 +313,9 @@ def test_two_workers_give_the_one_process_result(tmp_path):
     assert _strip(two["runs"]) == _strip(one["runs"])
     assert sorted(os.listdir(tmp_path / "two")) == ["results.json", "runs.shard0of2.jsonl", "runs.shard1of2.jsonl",
                                                     "worker0.log", "worker1.log"]
+    # a later run with another worker count reuses every finished run (nothing is computed again)
+    again = cs.reproduce("cpu", str(tmp_path / "two"), workers=1, plot=False, **mini)
+    assert again["runs"] == two["runs"] and not (tmp_path / "two" / "runs.jsonl").exists()
 
 
 @pytest.mark.parametrize("arch", ["vgg11", "resnet18"])

@@ -858,6 +858,15 @@ def summary_text(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
+def _other_stores(out: str, mine: str) -> Tuple[common.RunStore, ...]:
+    """Read-only views of every run store already in ``out`` other than ``mine`` (runs.jsonl and the
+    shard stores of any earlier worker count), so no finished run is ever computed twice."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(out, "runs.jsonl")) + glob.glob(os.path.join(out, "runs.shard*of*.jsonl")))
+    return tuple(common.RunStore(p) for p in paths if os.path.abspath(p) != os.path.abspath(mine))
+
+
 def _store_paths(out: str, nshard: int) -> List[str]:
     return [os.path.join(out, "runs.jsonl")] + [os.path.join(out, f"runs.shard{k}of{nshard}.jsonl")
                                                  for k in range(nshard) if nshard > 1]
@@ -892,7 +901,8 @@ def reproduce(preset: str = "cpu", out: Optional[str] = None, *, workers: int = 
             log.close()
         if any(codes):
             raise RuntimeError(f"{NAME}: worker exit codes {codes}; see {out}/worker*.log (rerun to resume)")
-        extra = tuple(common.RunStore(p) for p in _store_paths(out, workers)[1:])
+    if out:
+        extra = _other_stores(out, os.path.join(out, "runs.jsonl"))
     store = common.RunStore(os.path.join(out, "runs.jsonl") if out else None)
     result = run(cfg, store, extra_stores=extra)
     result["preset"] = preset
@@ -958,8 +968,8 @@ def main(argv=None) -> int:
             k, n = (int(v) for v in args.shard.split("/"))
             cfg = make_config(args.preset, **overrides)
             torch.set_num_threads(args.threads)
-            store = common.RunStore(_store_paths(args.out, n)[1 + k])
-            res = run(cfg, store, shard=(k, n))
+            path = _store_paths(args.out, n)[1 + k]
+            res = run(cfg, common.RunStore(path), shard=(k, n), extra_stores=_other_stores(args.out, path))
             print(f"shard {k}/{n}: {len(res['runs'])} runs done")
             return 0
         result = reproduce(args.preset, args.out, workers=args.workers, threads=args.threads, **overrides)
