@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "rates": "lazyfast.experiments.rates",
     "kernel-equivalence": "lazyfast.experiments.kernel_equivalence",
     "cnn-alpha": "lazyfast.experiments.cnn_alpha",
+    "cnn-sweep": "lazyfast.experiments.cnn_sweep",
     "kernel-spectrum": "lazyfast.experiments.kernel_spectrum",
     "demo": "lazyfast.experiments.demo",
 }

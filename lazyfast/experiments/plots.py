@@ -208,6 +208,66 @@ def plot_kernel_spectrum(res: dict, path: str) -> str:
     return _save(fig, path)
 
 
+def plot_cnn_sweep(res: dict, path: str) -> str:
+    """The paper's CNN figure, one row per architecture: test accuracy vs α (mean ± std over seeds, at
+    the η0 selected on validation) for the network, the frozen-pattern surrogate and the linearized
+    model; stability of activations vs α per layer; training curves MSE(αh, onehot) per epoch."""
+    s = res["summary"]
+    archs = list(s["archs"])
+    fig, axes = plt.subplots(len(archs), 3, figsize=(14, 4.2 * len(archs)), squeeze=False)
+    fig.subplots_adjust(wspace=0.3, hspace=0.4)
+    for row, arch in zip(axes, archs):
+        a = s["archs"][arch]
+        st = a["settings"]
+        rows = a["per_alpha"]
+        alphas = [r["alpha"] for r in rows]
+        ax = row[0]
+        for key, fmt, label in (("test_acc", "ko-", "network"), ("frozen_pattern_acc", "C0s--",
+                                                                 "frozen-pattern surrogate")):
+            ys = [_nan(r[key]) for r in rows]
+            es = [_nan(r[key + "_std"]) for r in rows]
+            ax.errorbar(alphas, ys, yerr=es, fmt=fmt, ms=4, capsize=3, label=label)
+        lin = a["linearized"]
+        if lin and lin.get("test_acc") is not None:
+            m, d = lin["test_acc"], lin["test_acc_std"] or 0.0
+            ax.axhspan(m - d, m + d, color="C1", alpha=0.2)
+            ax.axhline(m, color="C1", ls=":", label=f"linearized model (η0={lin['best_lr']:g})")
+        ax.set_xscale("log")
+        ax.set_xlabel("α")
+        ax.set_ylabel("test accuracy (%)")
+        v = res.get("verdict", {}).get("archs", {}).get(arch, {})
+        holds = v.get("holds")
+        ax.set_title(f"{arch} ÷{st['divisor']}, {st.get('subset') or res['n_train']} train images, {st['epochs']} "
+                     f"epochs, {len(res['config']['seeds'])} seeds: "
+                     f"claim {'holds' if holds else 'does not hold'}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax = row[1]
+        stab = [r["stability"] for r in rows]
+        names = list(next((x for x in stab if x), {}) or {})
+        for j, name in enumerate(names):
+            ax.semilogx(alphas, [_nan(x[name]) if x else float("nan") for x in stab], "o-", ms=3,
+                        color=plt.cm.viridis(j / max(1, len(names) - 1)), label=name)
+        ax.axhline(res["config"]["stability_min"], color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("α")
+        ax.set_ylabel("stability of activations (%)")
+        ax.legend(fontsize=5, ncol=2)
+        ax = row[2]
+        for j, r in enumerate(rows):
+            c = r["train_mse_curve"]
+            if c:
+                ax.semilogy(range(1, len(c) + 1), [_nan(v) for v in c], color=plt.cm.plasma(j / max(1, len(rows))),
+                            label=f"α={r['alpha']:g}")
+        if lin and lin.get("train_mse_curve"):
+            c = lin["train_mse_curve"]
+            ax.semilogy(range(1, len(c) + 1), [_nan(v) for v in c], "k:", label="linearized")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss MSE(αh, onehot)")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{res['dataset']}: {res['n_train']} train / {res['n_val']} validation / {res['n_test']} test "
+                 f"({res.get('preset', '?')} preset)", fontsize=10)
+    return _save(fig, path)
+
+
 PLOTTERS = {
     "cover": plot_cover,
     "tau-sweep": plot_tau_sweep,
@@ -216,6 +276,7 @@ PLOTTERS = {
     "rates": plot_rates,
     "kernel-equivalence": plot_kernel_equivalence,
     "cnn-alpha": plot_cnn_alpha,
+    "cnn-sweep": plot_cnn_sweep,
     "kernel-spectrum": plot_kernel_spectrum,
 }
 
