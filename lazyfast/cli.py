@@ -230,7 +230,7 @@ def _cmd_reproduce(args) -> int:
 
 
 def _add_reproduce(sub) -> None:
-    from lazyfast.experiments import EXPERIMENTS
+    from lazyfast.experiments import EXPERIMENTS, common
 
     names = list(EXPERIMENTS)
     pr = sub.add_parser(
@@ -238,7 +238,8 @@ def _add_reproduce(sub) -> None:
         description="Reproduce an experiment of the paper. Experiments: " + ", ".join(names) +
                     ". 'demo' runs the quick presets of cover, tau-sweep and rates and prints a table.")
     pr.add_argument("name", choices=names, help="experiment")
-    pr.add_argument("--preset", choices=("quick", "paper"), default="quick", help="size preset (default quick)")
+    pr.add_argument("--preset", choices=common.PRESETS, default="quick",
+                    help="size preset (default quick; cpu, cpu-vgg, cpu-resnet: cnn-sweep only)")
     pr.add_argument("--out", default=None, help="output directory (default results/NAME/PRESET); "
                                                 "finished runs in OUT/runs.jsonl are skipped on rerun")
     pr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")

@@ -20,7 +20,7 @@ import torch
 
 from lazyfast._store import JsonlLog, file_digest, tensor_digest
 
-PRESETS = ("quick", "paper")
+PRESETS = ("quick", "paper", "cpu", "cpu-vgg", "cpu-resnet")  # the cpu* presets: cnn-sweep only
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -29,7 +29,11 @@ def make_config(config_cls, preset: str = "quick", **overrides):
     """``config_cls.quick()`` or ``.paper()`` with ``overrides`` applied (None values ignored)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    cfg = getattr(config_cls, preset)()
+    factory = getattr(config_cls, preset.replace("-", "_"), None)
+    if factory is None:
+        raise ValueError(f"preset {preset!r} is not defined for this experiment ({config_cls.__name__}); "
+                         "the cpu presets exist for cnn-sweep only")
+    cfg = factory()
     fields = {f.name for f in dataclasses.fields(cfg)}
     changes = {}
     for k, v in overrides.items():
