@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "hadamard_gram_args.h"
 #include "lazyfast/hadamard_gram.h"
@@ -27,7 +28,21 @@ struct HadamardGramBackend {
   int64_t min_panel = 512, max_panel = 1024, max_cols = 8192;
 };
 
+// Positive integer from the environment, else `fallback` (read per call).
+inline int64_t hadamard_env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env != nullptr && *env != '\0') {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return fallback;
+}
+
+// LAZYFAST_HADAMARD_PANEL_ROWS / _COLS override the block shape on both devices (tests use
+// them to force many blocks at small n).
 inline int64_t hadamard_panel_rows(const HadamardGramBackend& be, int64_t n1, bool symmetric) {
+  const int64_t forced = hadamard_env_int("LAZYFAST_HADAMARD_PANEL_ROWS", 0);
+  if (forced > 0) return std::min(n1, forced);
   if (!symmetric) return std::min(n1, be.max_panel);
   return std::max<int64_t>(be.min_panel, std::min<int64_t>(be.max_panel, ceil_div(n1, 2)));
 }
@@ -44,7 +59,7 @@ inline at::Tensor hadamard_gram_sum_aten(const HadamardGramBackend& be, at::Tens
   const auto& D2 = f.symmetric ? f.d1 : f.d2;
   const auto& H2 = f.symmetric ? f.h1 : f.h2;
   const int64_t T = hadamard_panel_rows(be, n1, f.symmetric);
-  const int64_t CW = std::min(n2, be.max_cols);
+  const int64_t CW = std::min(n2, hadamard_env_int("LAZYFAST_HADAMARD_PANEL_COLS", be.max_cols));
   at::Tensor gh_buf = at::empty({T * CW}, opts), gd_buf = at::empty({T * CW}, opts);
   for (int64_t i0 = 0; i0 < n1; i0 += T) {
     const int64_t ti = std::min(T, n1 - i0);

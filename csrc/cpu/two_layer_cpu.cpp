@@ -7,6 +7,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../two_layer_aten.h"
@@ -135,13 +137,17 @@ void sym_finalize_cpu(const at::Tensor& out, int64_t i0, int64_t ib, const at::T
   }
 }
 
+// LAZYFAST_DRIVER_WALK=cuda (read per call) makes the CPU backend walk the tiles as the CUDA
+// backend does (in order, CUDA tile sizes and workspace), so the CPU tests cover that walk too.
 TwoLayerBackend cpu_backend() {
   TwoLayerBackend be;
   be.activate = &activate_cpu;
   be.combine = &combine_cpu;
   be.sym_finalize = &sym_finalize_cpu;
-  be.parallel_tiles = true;
-  be.workspace_scale = 1;
+  const char* walk = std::getenv("LAZYFAST_DRIVER_WALK");
+  const bool cuda_walk = walk != nullptr && std::strcmp(walk, "cuda") == 0;
+  be.parallel_tiles = !cuda_walk;
+  be.workspace_scale = cuda_walk ? 4 : 1;
   return be;
 }
 
