@@ -30,25 +30,48 @@ inline int64_t gram_sym_block(int64_t n, at::ScalarType dtype) {
   return std::max<int64_t>(lo, ((ceil_div(n, 4) + 63) / 64) * 64);
 }
 
-// out (n, n) (+)= a a^T for a (n, p): block upper triangle only.
+// out (n, n) (+)= a a^T for a (n, p): block upper triangle only, GEMMs straight into `out`.
 inline void gram_sym_accumulate(at::Tensor& out, const at::Tensor& a, bool accumulate) {
   const int64_t n = a.size(0), tb = gram_sym_block(n, a.scalar_type());
   for (int64_t i0 = 0; i0 < n; i0 += tb) {
     const int64_t ib = std::min(tb, n - i0);
     at::Tensor o = out.narrow(0, i0, ib).narrow(1, i0, n - i0);
-    const at::Tensor blk = at::mm(a.narrow(0, i0, ib), a.narrow(0, i0, n - i0).t());
     if (accumulate) {
-      o.add_(blk);
+      o.addmm_(a.narrow(0, i0, ib), a.narrow(0, i0, n - i0).t());
     } else {
-      o.copy_(blk);
+      at::mm_out(o, a.narrow(0, i0, ib), a.narrow(0, i0, n - i0).t());
     }
   }
+}
+
+// CPU: one serial pass (the O(n^2) mirror is far cheaper than a parallel region's wake-up on
+// a loaded machine). Entry (i, j), i < j: averaged within a diagonal block, copied below it.
+template <typename T>
+void gram_sym_mirror_host(T* o, int64_t n, int64_t tb) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) {
+      if (i / tb == j / tb) {
+        const T v = T(0.5) * (o[i * n + j] + o[j * n + i]);
+        o[i * n + j] = v;
+        o[j * n + i] = v;
+      } else {
+        o[j * n + i] = o[i * n + j];
+      }
+    }
 }
 
 // Lower block triangle := transpose of the upper one; diagonal blocks averaged with their
 // transposes, so the result is exactly symmetric.
 inline void gram_sym_mirror(at::Tensor& out, at::ScalarType dtype) {
   const int64_t n = out.size(0), tb = gram_sym_block(n, dtype);
+  if (out.is_cpu()) {
+    if (out.scalar_type() == at::kDouble) {
+      gram_sym_mirror_host<double>(out.data_ptr<double>(), n, tb);
+    } else {
+      gram_sym_mirror_host<float>(out.data_ptr<float>(), n, tb);
+    }
+    return;
+  }
   for (int64_t i0 = 0; i0 < n; i0 += tb) {
     const int64_t ib = std::min(tb, n - i0), i1 = i0 + ib;
     at::Tensor blk = out.narrow(0, i0, ib).narrow(1, i0, ib);
