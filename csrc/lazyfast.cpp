@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "precision.h"
+
 #ifdef LAZYFAST_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -21,14 +23,26 @@ int64_t cuda_version() {
 #endif
 }
 
+// Process-wide matmul precision mode (precision.h): returns the previous mode.
+int64_t set_matmul_mode(int64_t mode) {
+  TORCH_CHECK(mode == kMatmulHighest || mode == kMatmulTF32, "lazyfast: matmul mode must be 0 (highest) or 1 (tf32), got ",
+              mode);
+  return matmul_mode_flag().exchange(mode);
+}
+
+int64_t matmul_mode() { return matmul_mode_flag().load(); }
+
 }  // namespace lazyfast
 
 TORCH_LIBRARY(lazyfast, m) {
   // CUDA runtime version the extension was compiled against, -1 in CPU-only builds.
   m.def("cuda_version() -> int", &lazyfast::cuda_version);
+  // Matmul precision of the lazyfast ops (precision.h): 0 = highest (IEEE float32), 1 = tf32 (CUDA, opt-in).
+  m.def("set_matmul_mode(int mode) -> int", &lazyfast::set_matmul_mode);
+  m.def("matmul_mode() -> int", &lazyfast::matmul_mode);
   // Gram of flattened Jacobians: (n1, P), (n2, P) -> (n1, n2) = j1 @ j2.T.
   m.def("gram(Tensor j1, Tensor j2, bool accumulate_f64=False) -> Tensor");
-  // Two-layer net f(x) = scale * B act(A x + c) (DESIGN.md §1.1); activation codes in activations.h.
+  // Two-layer net f(x) = scale * B act(A x + c) (docs/gpu.md); activation codes in activations.h.
   // eNTK: (n1, d), (n2, d) or None (= x1) -> (n1, n2) trace, (n1, n2, k, k) when full.
   m.def("two_layer_ntk(Tensor x1, Tensor? x2, Tensor A, Tensor? c, Tensor B, float scale, int activation, bool full) -> Tensor");
   // T tangents dA (T, m, d), dc (T, m), dB (T, k, m), each optional -> (T, n, k).

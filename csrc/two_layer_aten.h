@@ -1,10 +1,11 @@
-// Torch-side drivers of the two-layer JVP, VJP and NTK.v, shared by the CPU and
-// CUDA backends (the Gram has a driver per backend: two_layer_cpu.cpp and the
-// fused kernel of two_layer_cuda.cpp).
+// Torch-side drivers of the two-layer Gram, JVP, VJP and NTK.v: ONE driver per op,
+// shared by the CPU and CUDA backends (docs/gpu.md, "One driver per op").
 //
 // Every op is a loop over m-chunks of neurons (and, where needed, blocks of
-// rows) made of ATen GEMMs on bounded tiles plus one elementwise "activate"
-// step (lazyfast/two_layer.h) that each backend implements. Extra memory is
+// rows) made of ATen GEMMs on bounded tiles (MKL/oneDNN on the CPU, cuBLAS on
+// CUDA) plus a few elementwise steps whose math lives once in the torch-free
+// headers (lazyfast/two_layer.h) and that each backend launches: the activate
+// step and the two Gram epilogues (TwoLayerBackend). Extra memory is
 // O(rows * chunk), never an n x m buffer for the whole batch.
 #pragma once
 
@@ -17,6 +18,7 @@
 #include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "lazyfast/activations.h"
@@ -316,6 +318,228 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
     gB.mul_(scale);
   }
   return {gA, gc, gB};
+}
+
+// ----------------------------------------------------------------------------- Gram
+// The elementwise steps of one backend, and how it runs independent tiles.
+struct TwoLayerBackend {
+  ActivateFn activate = nullptr;
+  // out (+ strided views) = s^2 (P + (G + bias) Q): see GramCombineParams. Tensors are 2-D.
+  void (*combine)(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p, const at::Tensor& g,
+                  const at::Tensor& q, bool bias, double s2) = nullptr;
+  // Finishes block row [i0, i0 + ib) of the symmetric trace Gram: see SymTraceFinalizeParams.
+  void (*sym_finalize)(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g, const at::Tensor& qd,
+                       bool bias, double s2) = nullptr;
+  // CPU: independent tiles run in at::parallel_for, one single-threaded GEMM each (one
+  // barrier per chunk instead of one per GEMM). CUDA: one stream walks the tiles in order,
+  // each GEMM large enough for cuBLAS.
+  bool parallel_tiles = true;
+  // Workspace multiplier (CUDA: 4 x, larger tiles for the GPU's GEMMs).
+  int64_t workspace_scale = 1;
+};
+
+// fn(begin, end) over [0, n): in parallel (carrying the dispatcher state into the workers) or inline.
+template <typename F>
+void for_tiles(bool parallel, int64_t n, int64_t grain, const F& fn) {
+  if (n <= 0) return;
+  if (!parallel) {
+    fn(int64_t(0), n);
+    return;
+  }
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(tls);
+    fn(begin, end);
+  });
+}
+
+// Tile order for the triangular work: long and short strips alternate, so the
+// contiguous halves at::parallel_for hands to the threads carry equal work.
+inline std::vector<int64_t> balanced_order(int64_t nt) {
+  std::vector<int64_t> order;
+  for (int64_t a = 0, b = nt - 1; a <= b;) {
+    order.push_back(a++);
+    if (a <= b) order.push_back(b--);
+  }
+  return order;
+}
+
+// Trace mode, X2 = X1: m-chunks outer; per chunk the features of all n rows
+// (n x mc). Only the block upper triangle is multiplied: P strips go to the
+// upper triangle of `out`, Q strips (transposed) to its strict block-lower
+// triangle, the diagonal Q blocks to a small side buffer; a final pass per block
+// row forms G and s^2 (P + G (.) Q) and mirrors it (backend sym_finalize).
+// Extra memory: 2 n mc + n tb (+ a G strip per tile in flight).
+inline void ntk_trace_sym(const TwoLayerBackend& be, const at::Tensor& x, const at::Tensor& A,
+                          const std::optional<at::Tensor>& c, const at::Tensor& sw, double scale, int64_t act,
+                          at::Tensor& out) {
+  const int64_t n = x.size(0), m = A.size(0);
+  // Block rows: small enough that the triangle saves work, large enough for efficient GEMMs
+  // (CPU: 64..512 rows; CUDA: 256..2048, as cuBLAS wants large tiles).
+  const int64_t lo = be.parallel_tiles ? 64 : 256, hi = be.parallel_tiles ? 512 : 2048;
+  const int64_t tb = std::min<int64_t>(n, std::max<int64_t>(lo, std::min<int64_t>(hi, ((n / 8 + 63) / 64) * 64)));
+  const int64_t nt = ceil_div(n, tb);
+  const int64_t mc = two_layer_chunk(m, n, 2, elem_budget(x) * be.workspace_scale, 64, 2048);
+  at::Tensor fphi = at::empty({n, mc}, x.options()), fd = at::empty({n, mc}, x.options());
+  at::Tensor qdiag = at::zeros({nt, tb, tb}, x.options());
+  const std::vector<int64_t> order = balanced_order(nt);
+  for (int64_t c0 = 0; c0 < m; c0 += mc) {
+    const int64_t len = std::min(mc, m - c0);
+    at::Tensor phi = fphi.narrow(1, 0, len), dv = fd.narrow(1, 0, len);
+    chunk_features(be.activate, act, x, A.narrow(0, c0, len), opt_narrow(c, 0, c0, len), sw.narrow(0, c0, len),
+                   at::Tensor(), phi, phi, dv);
+    for_tiles(be.parallel_tiles, nt, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t t = order[q], i0 = t * tb, ib = std::min(tb, n - i0), i1 = i0 + ib;
+        at::Tensor phi_i = phi.narrow(0, i0, ib), d_i = dv.narrow(0, i0, ib);
+        out.narrow(0, i0, ib).narrow(1, i0, n - i0).addmm_(phi_i, phi.narrow(0, i0, n - i0).t());
+        qdiag[t].narrow(0, 0, ib).narrow(1, 0, ib).addmm_(d_i, d_i.t());
+        if (i1 < n) out.narrow(0, i1, n - i1).narrow(1, i0, ib).addmm_(dv.narrow(0, i1, n - i1), d_i.t());
+      }
+    });
+  }
+  const bool bias = c.has_value();
+  for_tiles(be.parallel_tiles, nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t t = order[q], i0 = t * tb, ib = std::min(tb, n - i0);
+      const at::Tensor g = at::mm(x.narrow(0, i0, ib), x.narrow(0, i0, n - i0).t());  // (ib, n - i0)
+      be.sym_finalize(out, i0, ib, g, qdiag[t], bias, scale * scale);
+    }
+  });
+}
+
+// General Gram (X2 given, or full mode): blocks of X1 rows outer, m-chunks
+// inner. P accumulates in place (trace) or in a block buffer (full), each
+// distinct Q_ab = D1 diag(B_a B_b) D2^T in its own (rb x nc) buffer; the features
+// Z, sigma, sigma' of a chunk are formed once for all pairs, G = X1 X2^T once per
+// strip of the block for all pairs, and the backend combine writes
+// s^2 (delta_ab P + (G + bias) (.) Q_ab) straight into out[.., a, b] and [.., b, a].
+// With `sym` (X2 = X1, full mode) a block only computes columns >= its first row and the
+// rest is mirrored.
+inline at::Tensor two_layer_ntk_general(const TwoLayerBackend& be, const at::Tensor& x1, const at::Tensor& x2,
+                                        const at::Tensor& A, const std::optional<at::Tensor>& c,
+                                        const at::Tensor& B, const at::Tensor& sw, double scale, int64_t act,
+                                        bool full, bool sym) {
+  const int64_t n1 = x1.size(0), n2 = x2.size(0), m = A.size(0), k = B.size(0);
+  at::Tensor out = full ? at::zeros({n1, n2, k, k}, x1.options()) : at::zeros({n1, n2}, x1.options());
+  if (n1 == 0 || n2 == 0) return out;
+  const int64_t npair = full ? k * (k + 1) / 2 : 1;
+  const int64_t nacc = full ? npair + 1 : npair;  // + P buffer in full mode
+  const int64_t budget = elem_budget(x1) * be.workspace_scale;
+  // Half the workspace for the accumulators, half for the chunk features.
+  int64_t rb = std::max<int64_t>(16, budget / 2 / (nacc * std::max<int64_t>(n2, 1)));
+  if (sym) rb = std::min(rb, std::max<int64_t>(64, ceil_div(n1, 4)));
+  rb = std::min(rb, n1);
+  const int64_t mc = two_layer_chunk(m, rb + n2, 3, budget / 2, 64, 2048);
+  // G strips: 256 rows per thread on the CPU (cache), the whole block on CUDA.
+  const int64_t gsub = be.parallel_tiles ? 256 : rb;
+  at::Tensor phi1b = at::empty({rb, mc}, x1.options()), d1b = at::empty({rb, mc}, x1.options());
+  at::Tensor phi2b = at::empty({n2, mc}, x1.options()), d2b = at::empty({n2, mc}, x1.options());
+  at::Tensor tmpb = full ? at::empty({rb, mc}, x1.options()) : at::Tensor();
+  at::Tensor accb = at::empty({nacc, rb, n2}, x1.options());
+  at::Tensor wpair;  // (npair, m): B_a * B_b for a <= b
+  if (full) {
+    wpair = at::empty({npair, m}, x1.options());
+    int64_t p = 0;
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t b = a; b < k; ++b) wpair[p++].copy_(B[a] * B[b]);
+  }
+  const bool bias = c.has_value();
+  const double s2 = scale * scale;
+  for (int64_t i0 = 0; i0 < n1; i0 += rb) {
+    const int64_t ib = std::min(rb, n1 - i0);
+    const int64_t j0 = sym ? i0 : 0, nc = n2 - j0;
+    at::Tensor x1b = x1.narrow(0, i0, ib), x2b = x2.narrow(0, j0, nc);
+    at::Tensor acc = accb.narrow(1, 0, ib).narrow(2, 0, nc);
+    acc.zero_();
+    at::Tensor pacc = full ? acc[npair] : out.narrow(0, i0, ib).narrow(1, j0, nc);
+    for (int64_t c0 = 0; c0 < m; c0 += mc) {
+      const int64_t len = std::min(mc, m - c0);
+      at::Tensor A_c = A.narrow(0, c0, len), c_c = opt_narrow(c, 0, c0, len);
+      at::Tensor w_c = full ? at::Tensor() : sw.narrow(0, c0, len);
+      at::Tensor phi1 = phi1b.narrow(0, 0, ib).narrow(1, 0, len), d1 = d1b.narrow(0, 0, ib).narrow(1, 0, len);
+      at::Tensor phi2 = phi2b.narrow(0, 0, nc).narrow(1, 0, len), d2 = d2b.narrow(0, 0, nc).narrow(1, 0, len);
+      chunk_features(be.activate, act, x2b, A_c, c_c, w_c, at::Tensor(), phi2, phi2, d2);
+      // Rows of the block split over the threads (CPU), single-threaded GEMMs: one barrier.
+      for_tiles(be.parallel_tiles, ib, 64, [&](int64_t r0, int64_t r1) {
+        const int64_t rl = r1 - r0;
+        at::Tensor p1 = phi1.narrow(0, r0, rl), q1 = d1.narrow(0, r0, rl);
+        chunk_features(be.activate, act, x1b.narrow(0, r0, rl), A_c, c_c, w_c, at::Tensor(), p1, p1, q1);
+        pacc.narrow(0, r0, rl).addmm_(p1, phi2.t());
+        if (!full) {
+          acc[0].narrow(0, r0, rl).addmm_(q1, d2.t());
+        } else {
+          at::Tensor tmp = tmpb.narrow(0, r0, rl).narrow(1, 0, len);
+          for (int64_t p = 0; p < npair; ++p) {
+            at::mul_out(tmp, q1, wpair[p].narrow(0, c0, len));
+            acc[p].narrow(0, r0, rl).addmm_(tmp, d2.t());
+          }
+        }
+      });
+    }
+    at::Tensor o = out.narrow(0, i0, ib).narrow(1, j0, nc);  // (ib, nc) or (ib, nc, k, k)
+    for_tiles(be.parallel_tiles, ib, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t s0 = r0; s0 < r1; s0 += gsub) {
+        const int64_t sl = std::min(gsub, r1 - s0);
+        const at::Tensor g = at::mm(x1b.narrow(0, s0, sl), x2b.t());  // once for all pairs
+        if (!full) {
+          at::Tensor ps = pacc.narrow(0, s0, sl);
+          be.combine(ps, at::Tensor(), ps, g, acc[0].narrow(0, s0, sl), bias, s2);
+          continue;
+        }
+        at::Tensor os = o.narrow(0, s0, sl);
+        int64_t p = 0;
+        for (int64_t a = 0; a < k; ++a)
+          for (int64_t b = a; b < k; ++b, ++p)
+            be.combine(os.select(3, b).select(2, a), a == b ? at::Tensor() : os.select(3, a).select(2, b),
+                       a == b ? pacc.narrow(0, s0, sl) : at::Tensor(), g, acc[p].narrow(0, s0, sl), bias, s2);
+      }
+    });
+  }
+  if (sym) {
+    // Diagonal blocks exactly symmetric (up to rounding only, from the GEMMs).
+    for (int64_t i0 = 0; i0 < n1; i0 += rb) {
+      const int64_t ib = std::min(rb, n1 - i0);
+      at::Tensor blk = out.narrow(0, i0, ib).narrow(1, i0, ib);
+      blk.copy_((blk + (full ? blk.permute({1, 0, 3, 2}) : blk.t())).mul_(0.5));
+    }
+    // Fill the blocks left of each row block: Theta(x_i, x_j)_ab = Theta(x_j, x_i)_ba.
+    for (int64_t i0 = rb; i0 < n1; i0 += rb) {
+      const int64_t ib = std::min(rb, n1 - i0);
+      at::Tensor dst = out.narrow(0, i0, ib).narrow(1, 0, i0);
+      at::Tensor src = out.narrow(0, 0, i0).narrow(1, i0, ib);
+      dst.copy_(full ? src.permute({1, 0, 3, 2}) : src.t());
+    }
+  }
+  return out;
+}
+
+// (n1, d), (n2, d) or None -> (n1, n2) trace or (n1, n2, k, k) full. The caller (backend
+// entry point) has set the device guard and the matmul precision.
+inline at::Tensor two_layer_ntk_aten(const TwoLayerBackend& be, const at::Tensor& x1_in,
+                                     const std::optional<at::Tensor>& x2_in, const at::Tensor& A_in,
+                                     const std::optional<at::Tensor>& c_in, const at::Tensor& B_in, double scale,
+                                     int64_t act, bool full) {
+  const char* op = "two_layer_ntk";
+  check_two_layer_weights(A_in, c_in, B_in, scale, act, op);
+  check_two_layer_input(x1_in, A_in, "x1", op);
+  if (x2_in.has_value()) check_two_layer_input(*x2_in, A_in, "x2", op);
+  const at::Tensor x1 = x1_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  std::optional<at::Tensor> c;
+  if (c_in.has_value()) c = c_in->contiguous();
+  // Trace weights: sigma'(z_j) * sqrt(mean_a B_aj^2) on both sides gives (1/k) sum_a Q_aa.
+  const at::Tensor sw = full ? at::Tensor() : (B * B).mean(0).sqrt_().contiguous();
+  if (!x2_in.has_value()) {
+    if (!full) {
+      at::Tensor out = at::zeros({x1.size(0), x1.size(0)}, x1.options());
+      if (x1.size(0) == 0) return out;
+      ntk_trace_sym(be, x1, A, c, sw, scale, act, out);
+      return out;
+    }
+    return two_layer_ntk_general(be, x1, x1, A, c, B, sw, scale, act, full, /*sym=*/true);
+  }
+  const at::Tensor x2 = x2_in->contiguous();
+  return two_layer_ntk_general(be, x1, x2, A, c, B, sw, scale, act, full, /*sym=*/false);
 }
 
 // ----------------------------------------------------------------------------- NTK . v

@@ -24,10 +24,18 @@ def _check_matrix(t, name):
 def gram(j1: torch.Tensor, j2: Optional[torch.Tensor] = None, *, accumulate_f64: bool = False) -> torch.Tensor:
     """Gram matrix of flattened Jacobians, ``J1 @ J2.T``.
 
+    Compiled as ATen GEMM blocks (MKL/oneDNN on the CPU, cuBLAS on CUDA; csrc/gram_aten.h).
+    With ``j2`` None (or ``j1`` itself) only the block upper triangle is multiplied and mirrored:
+    the result is exactly symmetric, at about 5/8 of the flops once the blocks are large enough
+    for the BLAS (float32 needs n >= 1024, float64 n >= 256). On CUDA the float32 GEMMs are IEEE
+    float32 unless :mod:`lazyfast.precision` selects ``"tf32"``.
+    benchmarks/results/gram_cpu.md compares it with ``j1 @ j2.T``.
+
     Args:
         j1: (n1, P) rows are per-sample (per-output) Jacobians.
         j2: (n2, P), or None for ``j1`` itself.
-        accumulate_f64: accumulate float32 inputs in float64 (one rounding at the end).
+        accumulate_f64: accumulate float32 inputs in float64 (float64 slabs of P through DGEMM,
+            one rounding at the end; about the cost of ``(j1.double() @ j2.double().T).float()``).
 
     Returns:
         (n1, n2) in the inputs' dtype. Differentiable in both arguments.

@@ -1,5 +1,6 @@
-"""CUDA versions of the two-layer op tests: the fused CUDA Gram kernel and the CUDA
-JVP / VJP / NTK·v against the float64 dense reference and the CPU ops.
+"""CUDA versions of the two-layer op tests: the CUDA Gram (shared ATen/cuBLAS driver with the
+CUDA epilogue kernels) and the CUDA JVP / VJP / NTK·v against the float64 dense reference and
+the CPU ops.
 Skipped without a GPU and lazyfast's CUDA kernels."""
 from __future__ import annotations
 

@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "lazyfast/activations.h"
-#include "lazyfast/gram.h"
 
 namespace {
 
@@ -62,40 +61,10 @@ void test_activation_values_and_derivatives() {
         "valid_activation range", 0, 0);
 }
 
-template <typename scalar_t, typename acc_t>
-void test_gram_tile(int64_t n1, int64_t n2, int64_t p, double tol) {
-  std::mt19937_64 rng(1234 + n1 * 7 + n2 * 13 + p);
-  std::normal_distribution<double> nd;
-  std::vector<scalar_t> a(n1 * p), b(n2 * p), g(n1 * n2, scalar_t(-1));
-  for (auto& v : a) v = static_cast<scalar_t>(nd(rng));
-  for (auto& v : b) v = static_cast<scalar_t>(nd(rng));
-  lazyfast::GramParams prm;
-  prm.n1 = n1;
-  prm.n2 = n2;
-  prm.p = p;
-  std::vector<acc_t> acc(lazyfast::kGramTileI * lazyfast::kGramTileJ);
-  for (int64_t i0 = 0; i0 < n1; i0 += lazyfast::kGramTileI)
-    for (int64_t j0 = 0; j0 < n2; j0 += lazyfast::kGramTileJ)
-      lazyfast::gram_tile<scalar_t, acc_t>(prm, a.data(), b.data(), g.data(), i0,
-                                           std::min(i0 + lazyfast::kGramTileI, n1), j0,
-                                           std::min(j0 + lazyfast::kGramTileJ, n2), acc.data());
-  for (int64_t i = 0; i < n1; ++i)
-    for (int64_t j = 0; j < n2; ++j) {
-      long double want = 0;
-      for (int64_t t = 0; t < p; ++t) want += static_cast<long double>(a[i * p + t]) * b[j * p + t];
-      check_close(static_cast<double>(g[i * n2 + j]), static_cast<double>(want), tol, "gram_tile");
-    }
-}
-
 }  // namespace
 
 int main() {
   test_activation_values_and_derivatives();
-  test_gram_tile<double, double>(1, 1, 1, 1e-14);
-  test_gram_tile<double, double>(17, 33, 1031, 1e-12);
-  test_gram_tile<float, double>(19, 5, 700, 1e-6);
-  test_gram_tile<float, float>(3, 40, 64, 1e-5);
-  test_gram_tile<double, double>(5, 7, 0, 0.0);
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;
 }

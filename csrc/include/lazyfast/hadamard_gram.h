@@ -1,12 +1,13 @@
 // Sum of Hadamard products of Gram matrices (torch-free), the structured eNTK of
-// deep MLPs (DESIGN.md §1.2):
+// deep MLPs (docs/gpu.md, "The math"):
 //   out[i, j, a, b] += scale * <D1_a[i], D2_b[j]> * (gamma * <H1[i], H2[j]> + beta)
 // for one layer; the op sums this over layers. Layouts (row-major, contiguous):
 //   D1: (k, n1, w), D2: (k, n2, w), H1: (n1, v), H2: (n2, v), out: (n1, n2, k, k).
 // Trace mode is the k = 1 case of the same rule: the launchers flatten D to
-// (1, n, k*w) and pass scale = 1/k. The CPU launcher forms the two Gram tiles with
-// BLAS and calls hadamard_accumulate_tile(); the CUDA kernel accumulates both dot
-// products in registers and applies hadamard_term() before its single store.
+// (1, n, k*w) and pass scale = 1/k. The shared driver (csrc/hadamard_gram_aten.h) forms
+// the two Gram tiles with ATen GEMMs (BLAS on the CPU, cuBLAS on CUDA) and each backend
+// applies hadamard_accumulate_entry() to them: hadamard_accumulate_tile() on the CPU, a
+// grid-stride kernel on CUDA; hadamard_mirror_entry() fills the symmetric case.
 #pragma once
 
 #include <cstdint>
@@ -49,6 +50,30 @@ inline void hadamard_accumulate_tile(scalar_t* out, int64_t n2, int64_t kk, cons
       for (int64_t j = 0; j < tj; ++j) orow[j * kk] += hadamard_term<scalar_t>(drow[j], hrow[j], gamma, beta, scale);
     }
   }
+}
+
+// Pointers of one accumulate step: out[(i*n2 + j)*kk] += term(gd[i*ldg + j], gh[i*ldg + j])
+// for i < ti, j < tj, `out` pointing at the tile's top-left output entry [.., a, b].
+template <typename T>
+struct HadamardAccumulateParams {
+  T* out = nullptr;
+  int64_t n2 = 0, kk = 1;
+  const T* gd = nullptr;
+  const T* gh = nullptr;
+  int64_t ldg = 0, ti = 0, tj = 0;
+  T gamma = T(1), beta = T(0), scale = T(1);
+};
+
+template <typename T>
+LF_HD void hadamard_accumulate_entry(const HadamardAccumulateParams<T>& p, int64_t i, int64_t j) {
+  p.out[(i * p.n2 + j) * p.kk] += hadamard_term<T>(p.gd[i * p.ldg + j], p.gh[i * p.ldg + j], p.gamma, p.beta, p.scale);
+}
+
+// Symmetric case (X2 = X1), out (n, n, k, k): out[i, j, a, b] = out[j, i, b, a] for i > j, and
+// below the diagonal of each k x k block on the diagonal. Reads only entries it never writes.
+template <typename T>
+LF_HD void hadamard_mirror_entry(T* out, int64_t n, int64_t k, int64_t i, int64_t j, int64_t a, int64_t b) {
+  if (i > j || (i == j && a > b)) out[((i * n + j) * k + a) * k + b] = out[((j * n + i) * k + b) * k + a];
 }
 
 // Naive reference for one layer (tests and tiny sizes): direct dot products.

@@ -1,5 +1,5 @@
 // Torch-free math of the two-layer network f(x) = s * B sigma(A x + c)
-// (DESIGN.md §1.1), shared by the CPU launchers and the CUDA kernels.
+// (docs/gpu.md, "The math"), shared by the CPU launchers and the CUDA kernels.
 //
 // Every two-layer op is built from GEMMs plus one elementwise step on an
 // m-chunk of pre-activations Z = X A_chunk^T (rows x cols):
@@ -111,45 +111,95 @@ inline void activate_row(const ActivateParams<T>& p, int64_t i) {
   }
 }
 
-// ----------------------------------------------------------------------------- CUDA Gram
-// Features of one m-chunk for the fused CUDA Gram, written k-major:
-//   phiT[j, i] = sigma(z_ij), sigT[j, i] = sigma'(z_ij) * w[j], z_ij = x_i . A_j + bias_j.
+// ----------------------------------------------------------------------------- Gram epilogues
+// The two-layer Gram is Theta = s^2 (P + (G + bias) (.) Q) with P = Phi1 Phi2^T,
+// Q = D1 D2^T (GEMMs over the m-chunks) and G = X1 X2^T (one GEMM, formed once per
+// output block). The drivers (csrc/two_layer_aten.h) run the GEMMs through ATen
+// on either device; these are the elementwise finishing steps, one rule each.
 template <typename T>
-struct TwoLayerFeatureParams {
-  int64_t n = 0, d = 0, mc = 0;  // rows of x, input dim, neurons in the chunk
-  const T* x = nullptr;          // (n, d) row-major
-  const T* A = nullptr;          // (mc, d) row-major: rows c0..c0+mc of A
-  const T* bias = nullptr;       // (mc,) or null
-  const T* w = nullptr;          // (mc,) or null (weight 1)
-  T* phiT = nullptr;             // (mc, ld) or null (not written)
-  T* sigT = nullptr;             // (mc, ld) or null
-  int64_t ld = 0;                // >= n
+LF_HD T gram_combine_value(T p, T g, T q, T bias, T s2) {
+  return s2 * (p + (g + bias) * q);
+}
+
+// out[i*out_rs + j*out_cs] = s2 * (P[i, j] + (G[i, j] + bias) * Q[i, j]) for a (rows x cols)
+// block; P absent (null) counts as 0 and may alias out (same strides); out2 (or null)
+// receives the same value (full mode writes entries [a, b] and [b, a] at once).
+template <typename T>
+struct GramCombineParams {
+  int64_t rows = 0, cols = 0;
+  const T* p = nullptr;
+  int64_t p_rs = 0, p_cs = 1;
+  const T* g = nullptr;  // (rows, cols), ld_g
+  int64_t ld_g = 0;
+  const T* q = nullptr;  // (rows, cols), ld_q
+  int64_t ld_q = 0;
+  T* out = nullptr;
+  T* out2 = nullptr;
+  int64_t out_rs = 0, out_cs = 1;
+  T bias = T(0), s2 = T(1);
 };
 
-// One chunk of the fused Gram: out[i*out_rs + j*out_cs] +=
-//   scale2 * ([with_p] phi1_i . phi2_j + (x1_i . x2_j + [bias]) * sig1_i . sig2_j),
-// the dots running over the chunk's mc neurons (features k-major, as above).
-// out_mirror (or null) receives the same values (full mode writes [a, b] and [b, a]);
-// upper_only skips output tiles strictly below the diagonal (X2 = X1).
 template <typename T>
-struct TwoLayerGramParams {
-  int64_t n1 = 0, n2 = 0, d = 0, mc = 0;
-  const T* phi1 = nullptr;
-  const T* sig1 = nullptr;
-  int64_t ld1 = 0;
-  const T* phi2 = nullptr;
-  const T* sig2 = nullptr;
-  int64_t ld2 = 0;
-  const T* x1 = nullptr;  // (n1, d)
-  const T* x2 = nullptr;  // (n2, d)
+LF_HD void gram_combine_entry(const GramCombineParams<T>& p, int64_t i, int64_t j) {
+  const T pv = p.p ? p.p[i * p.p_rs + j * p.p_cs] : T(0);
+  const T v = gram_combine_value<T>(pv, p.g[i * p.ld_g + j], p.q[i * p.ld_q + j], p.bias, p.s2);
+  p.out[i * p.out_rs + j * p.out_cs] = v;
+  if (p.out2) p.out2[i * p.out_rs + j * p.out_cs] = v;
+}
+
+// Symmetric trace Gram (X2 = X1), finishing the block row [i0, i0 + ib) of the (n x n)
+// output. On entry the upper block triangle of `out` holds P, its strict block-lower
+// triangle Q^T, and qd the (ib x ib) diagonal Q block; g = X[i0:i0+ib] X[i0:]^T (ib x (n - i0)).
+// Entry (i, jj), jj < n - i0, owns the pair {out[r][c], out[c][r]} (r = i0 + i, c = i0 + jj):
+// block rows never share a pair, and in the diagonal block only i <= jj acts, so every
+// entry is written by exactly one (i, jj). Both halves get the same value (exact symmetry).
+template <typename T>
+struct SymTraceFinalizeParams {
   T* out = nullptr;
-  T* out_mirror = nullptr;
-  int64_t out_rs = 0, out_cs = 1;
-  T scale2 = T(1);
-  bool bias = false;
-  bool with_p = true;
-  bool upper_only = false;
+  int64_t n = 0, i0 = 0, ib = 0;
+  const T* g = nullptr;
+  int64_t ld_g = 0;
+  const T* qd = nullptr;
+  int64_t ld_qd = 0;
+  T bias = T(0), s2 = T(1);
 };
+
+template <typename T>
+LF_HD void sym_trace_finalize_entry(const SymTraceFinalizeParams<T>& p, int64_t i, int64_t jj) {
+  const int64_t r = p.i0 + i, c = p.i0 + jj;
+  T* a = p.out + r * p.n + c;
+  T* b = p.out + c * p.n + r;
+  if (jj >= p.ib) {  // off-diagonal: P above, Q^T below
+    const T v = gram_combine_value<T>(*a, p.g[i * p.ld_g + jj], *b, p.bias, p.s2);
+    *a = v;
+    *b = v;
+    return;
+  }
+  if (jj < i) return;  // diagonal block: the pair is handled by (jj, i)
+  const T vij = *a + (p.g[i * p.ld_g + jj] + p.bias) * p.qd[i * p.ld_qd + jj];
+  if (jj == i) {
+    *a = p.s2 * vij;
+    return;
+  }
+  const T vji = *b + (p.g[jj * p.ld_g + i] + p.bias) * p.qd[jj * p.ld_qd + i];
+  const T v = T(0.5) * p.s2 * (vij + vji);  // averaged: exactly symmetric
+  *a = v;
+  *b = v;
+}
+
+// Host walk of one block row (CPU backend): the same entries as sym_trace_finalize_entry,
+// in 64-column panels so the transposed half stays in cache.
+template <typename T>
+inline void sym_trace_finalize_host(const SymTraceFinalizeParams<T>& p) {
+  for (int64_t i = 0; i < p.ib; ++i)
+    for (int64_t jj = i; jj < p.ib; ++jj) sym_trace_finalize_entry<T>(p, i, jj);
+  const int64_t w = p.n - p.i0;
+  for (int64_t j0 = p.ib; j0 < w; j0 += 64) {
+    const int64_t j1 = w < j0 + 64 ? w : j0 + 64;
+    for (int64_t i = 0; i < p.ib; ++i)
+      for (int64_t jj = j0; jj < j1; ++jj) sym_trace_finalize_entry<T>(p, i, jj);
+  }
+}
 
 // Sizing of the m-chunks. The CPU and CUDA drivers pick the chunk so that the
 // per-chunk buffers (a few (rows x chunk) matrices) stay within a workspace
