@@ -9,6 +9,8 @@ Public API (see README.md):
   TrainConfig, CheckpointError      training loop with checkpoints (lazyfast.train.train)
   KernelGradientFlow, kernel_gradient_flow, kernel_regression_cg     (lazyfast.solvers)
   diagnostics, kernels, mlp, two_layer, distributed, reference       submodules
+  structured, generic               the eNTK engine for any nn.Module and its generic path (docs/engine.md)
+  precision                         matmul precision of the compiled ops (IEEE float32 default; opt-in TF32)
   backend_info, cuda_version        what is compiled
   checks                            NaN/inf input checks on/off (docs/contracts.md)
 """
@@ -18,7 +20,7 @@ from lazyfast._validation import checks
 from lazyfast.models import MLP, TwoLayer, resnet18, vgg11
 from lazyfast.ntk import empirical_ntk, jvp, ntk_vp, vjp
 from lazyfast.ops import gram
-from lazyfast import reference, kernels, mlp, two_layer
+from lazyfast import reference, kernels, mlp, two_layer, structured, generic, precision
 # `lazyfast.train` stays the module (the loop is lazyfast.train.train): exporting the function
 # under the same name would shadow the module for `import lazyfast.train`.
 from lazyfast import diagnostics, distributed, solvers, train
@@ -32,5 +34,5 @@ __all__ = [
     "TwoLayer", "MLP", "vgg11", "resnet18",
     "LazyModel", "Linearized", "FrozenPatternNet", "scaled_loss", "square_loss",
     "KernelGradientFlow", "kernel_gradient_flow", "kernel_regression_cg", "TrainConfig", "CheckpointError",
-    "reference", "kernels", "mlp", "two_layer", "diagnostics", "distributed", "solvers", "train", "__version__",
+    "reference", "kernels", "mlp", "two_layer", "structured", "generic", "precision", "diagnostics", "distributed", "solvers", "train", "__version__",
 ]
