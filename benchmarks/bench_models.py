@@ -53,11 +53,11 @@ def R(id, model, n, mode, methods=ALL_METHODS, check_n=None, note=""):
 
 
 ROWS_FULL = [
-    R("mlp", "mlp1024", 256, "trace", note="nn.Sequential MLP 100→1024³→1"),
-    R("mlp_as_lazyfast", "lazyfast_mlp1024", 256, "trace", ("lazyfast auto",),
+    R("mlp", "mlp1024", 256, "trace", check_n=32, note="nn.Sequential MLP 100→1024³→1"),
+    R("mlp_as_lazyfast", "lazyfast_mlp1024", 256, "trace", ("lazyfast auto",), check_n=32,
       note="the same network as lazyfast.MLP (weights copied)"),
     R("mlp_k10_full", "mlp1024_k10", 32, "full", note="same MLP, 10 outputs"),
-    R("shared", "shared_linear", 256, "trace", note="one Linear(512, 512) applied twice + head"),
+    R("shared", "shared_linear", 256, "trace", check_n=64, note="one Linear(512, 512) applied twice + head"),
     R("vgg11_16_trace", "vgg11", 16, "trace", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
     R("vgg11_16_full", "vgg11", 16, "full", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
     R("vgg11_64_trace", "vgg11", 64, "trace", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
@@ -175,11 +175,12 @@ def opacus_prepare(model, info=None):
     errors = ModuleValidator.validate(m, strict=False)
     if errors:
         m = ModuleValidator.fix(m)
-        m.train(model.training)
         if info is not None:
-            info["opacus"] = ("ModuleValidator.fix applied (" + "; ".join(sorted({str(e)[:80] for e in errors}))
-                              + ")")
-    return GradSampleModule(m, loss_reduction="sum")
+            info["opacus"] = ("ModuleValidator.fix applied (" + "; ".join(sorted({type(e).__name__ + ": " + str(e)[:60]
+                                                                                 for e in errors})) + ")")
+    if not model.training and info is not None:
+        info["opacus_mode"] = "run in train mode (Opacus captures activations only in training mode)"
+    return GradSampleModule(m.train(), loss_reduction="sum")
 
 
 def opacus_ntk(gsm, x, mode):
