@@ -138,11 +138,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma-separated problem ids")
+    ap.add_argument("--threads", type=int, help="torch threads; 1 also makes XLA single-threaded (default: both "
+                                                "use every core)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nt_compare_cpu"))
     a = ap.parse_args(argv)
+    if a.threads == 1:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
     import numpy as np
     import torch
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     nt = _import_nt()
     import jax
 
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
                    jax=jax.__version__, neural_tangents=nt.__version__, jax_devices=str(jax.devices()),
-                   lazyfast_backend=lazyfast.backend_info(), load_before=list(load_before),
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), lazyfast_backend=lazyfast.backend_info(), load_before=list(load_before),
                    load_after=list(os.getloadavg()), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    commit=_git_commit(), command="PYTHONPATH=. python benchmarks/bench_nt.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]))
