@@ -288,6 +288,12 @@ def case_kernel_regression(p, dtype, device, func_max_bytes):
                 tol=agree, note=f"(Θ + {ridge:g}·I) c = y, n={n}, d={d}, m={m}, CG tol {tol:g}, agreement {agree:g}")
 
 
+def case_models(p, dtype, device, func_max_bytes):
+    from lazyfast.bench_models import case  # the models users bring (issue 14), tiny sizes
+
+    return case(p, dtype, device, func_max_bytes)
+
+
 WORKLOADS = {
     "two_layer_gram": (case_two_layer_gram, "gram"),
     "two_layer_jvp": (case_two_layer_jvp, "prod"),
@@ -296,6 +302,7 @@ WORKLOADS = {
     "mlp_ntk": (case_mlp_ntk, "mlp"),
     "linearized_step": (case_linearized_step, "step"),
     "kernel_regression": (case_kernel_regression, "cg"),
+    "models": (case_models, "mlp"),
 }
 
 

@@ -1,0 +1,579 @@
+"""Issue 14's table: eNTK of the models users bring, lazyfast against the torch.func tutorial
+and the PyTorch peers, every method by one protocol, with agreement against float64.
+
+Run (one line; the peers' venv is optional, see docs/benchmarks-models.md):
+
+    python benchmarks/bench_models.py --peers-python /work/peers-venv/bin/python
+
+Protocol, identical for every method: each (row, method) runs in a fresh child process (so
+its peak memory is its own) that builds the model and inputs from fixed seeds
+(:mod:`lazyfast.zoo`; bit-identical in every process), makes one warm-up call (its peak
+resident memory is measured with benchmarks/_memory.py), then ``--repeats`` timed calls
+(best of N) — or 2 timed calls when the warm-up took over ``--slow-seconds``; the number of
+timed calls is recorded. A child that exceeds ``--timeout`` is recorded as timed out. The
+kernel of every method is compared with the float64 kernel of the same model (a float64 copy)
+on the same inputs, computed by the tutorial's method; for the large CNNs on an evenly spread
+subset of the samples (the subset's block of the n×n kernel; recorded). A method whose
+relative error exceeds ``WRONG_TOL`` is marked wrong and never counts as the best peer.
+Peers (nngeometry, Opacus, BackPACK) run in ``--peers-python`` (same torch version; lazyfast
+is imported from this checkout through PYTHONPATH); a missing package is recorded as
+"not installed", a peer that raises as "failed: <message>".
+
+Outputs benchmarks/results/models_cpu.json and .md (or ``--out``), stamped with the machine,
+CPU count, load average before/after, date, git commit, torch version and thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WRONG_TOL = 1e-3  # relative error vs float64 above which a method is "wrong" (float32 noise is ~1e-6)
+F32_TARGET = 1e-5  # issue 14: float32 kernels within 1e-5 of the float64 kernel
+
+LAZYFAST = ("lazyfast auto", "lazyfast structured", "layerwise_ntk")
+TUTORIAL = "torch.func tutorial (J once)"
+PEERS = ("nngeometry GramMatrix", "Opacus GradSampleModule + GEMM", "BackPACK BatchGrad + GEMM")
+ALL_METHODS = LAZYFAST + (TUTORIAL,) + PEERS
+PEER_PKG = {"nngeometry GramMatrix": "nngeometry", "Opacus GradSampleModule + GEMM": "opacus",
+            "BackPACK BatchGrad + GEMM": "backpack"}
+
+
+def R(id, model, n, mode, methods=ALL_METHODS, check_n=None, note=""):
+    return dict(id=id, model=model, n=n, mode=mode, methods=list(methods), check_n=check_n, note=note)
+
+
+ROWS_FULL = [
+    R("mlp", "mlp1024", 256, "trace", check_n=32, note="nn.Sequential MLP 100→1024³→1"),
+    R("mlp_as_lazyfast", "lazyfast_mlp1024", 256, "trace", ("lazyfast auto",), check_n=32,
+      note="the same network as lazyfast.MLP (weights copied)"),
+    R("mlp_k10_full", "mlp1024_k10", 32, "full", note="same MLP, 10 outputs"),
+    R("shared", "shared_linear", 256, "trace", check_n=64, note="one Linear(512, 512) applied twice + head"),
+    R("vgg11_16_trace", "vgg11", 16, "trace", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
+    R("vgg11_16_full", "vgg11", 16, "full", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
+    R("vgg11_64_trace", "vgg11", 64, "trace", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
+    R("vgg11_64_full", "vgg11", 64, "full", check_n=8, note="lazyfast.vgg11(), 10 outputs"),
+    R("resnet18", "resnet18", 8, "trace", check_n=8, note="lazyfast.resnet18() (BN-free), 10 outputs"),
+    R("tv_resnet18", "tv_resnet18", 8, "trace", check_n=8,
+      note="torchvision-architecture resnet18(num_classes=10), BatchNorm, eval"),
+    R("transformer", "transformer", 64, "trace", note="2-layer nn.TransformerEncoder d=128 + head, seq 16"),
+    R("token_transformer", "token_transformer", 64, "trace", note="Embedding(1000, 128) on token ids + the same"),
+    R("vgg11_1000_trace", "vgg11", 1000, "trace", ("lazyfast auto",), check_n=16,
+      note="VGG-11 n=1000: time and peak memory (target ≤ 4 GB)"),
+]
+ROWS_QUICK = [
+    R("mlp", "tiny_mlp", 64, "trace"),
+    R("mlp_k3_full", "tiny_mlp_k3", 16, "full"),
+    R("shared", "tiny_shared", 64, "trace"),
+    R("cnn_full", "tiny_cnn", 16, "full"),
+    R("transformer", "tiny_transformer", 16, "trace"),
+    R("token_transformer", "tiny_tokens", 16, "trace"),
+]
+
+
+# ----------------------------------------------------------------------------- methods (child side)
+def tutorial_ntk(model, x, mode, budget_bytes, info=None):
+    """The torch.func NTK tutorial's method: per-sample Jacobians by vmap(jacrev) for the whole
+    batch, built once (x2 = x1), contracted per parameter tensor with the tutorial's einsum.
+    Only when the Jacobian does not fit in ``budget_bytes``: blocks of c samples, upper block
+    triangle only (each block's Jacobian recomputed as the outer loop needs it)."""
+    import torch
+    from lazyfast import reference
+
+    f, params = reference.functional_model(model)
+    with torch.no_grad():
+        k = f(params, x[:1]).shape[1]
+    P = sum(p.numel() for p in params.values())
+    item = next(iter(params.values())).element_size()
+    n = x.shape[0]
+
+    def contract(j1, j2):
+        out = None
+        for name, a in j1.items():
+            b = j2[name]
+            a = a.reshape(a.shape[0], a.shape[1], -1)
+            b = b.reshape(b.shape[0], b.shape[1], -1)
+            t = torch.einsum("Naf,Mbf->NMab", a, b) if mode == "full" else torch.einsum("Naf,Maf->NM", a, b) / k
+            out = t if out is None else out + t
+        return out
+
+    if n * k * P * item <= budget_bytes:
+        if info is not None:
+            info["tutorial"] = "whole batch"
+        j = reference.jacobian(model, x)
+        return contract(j, j)
+    c = max(1, int(budget_bytes // (2 * k * P * item)))
+    if info is not None:
+        info["tutorial"] = f"chunked: Jacobian of {n} samples ({n * k * P * item / 2**30:.1f} GiB) exceeds " \
+                           f"the {budget_bytes / 2**30:.0f} GiB budget; blocks of {c} samples, upper triangle"
+    shape = (n, n) if mode == "trace" else (n, n, k, k)
+    out = torch.zeros(shape, dtype=next(iter(params.values())).dtype)
+    starts = list(range(0, n, c))
+    for s1 in starts:
+        e1 = min(s1 + c, n)
+        j1 = reference.jacobian(model, x[s1:e1])
+        out[s1:e1, s1:e1] = contract(j1, j1)
+        for s2 in starts:
+            if s2 <= s1:
+                continue
+            e2 = min(s2 + c, n)
+            blk = contract(j1, reference.jacobian(model, x[s2:e2]))
+            out[s1:e1, s2:e2] = blk
+            out[s2:e2, s1:e1] = blk.transpose(0, 1) if mode == "trace" else blk.permute(1, 0, 3, 2)
+    return out
+
+
+def _from_jacobians(jac_list, mode):
+    """(k per-output (n, P) Jacobians) → kernel with one GEMM."""
+    import torch
+
+    J = torch.stack(jac_list)  # (k, n, P)
+    k, n, P = J.shape
+    if mode == "trace":
+        Jt = J.permute(1, 0, 2).reshape(n, k * P)
+        return (Jt @ Jt.T) / k
+    Jf = J.reshape(k * n, P)
+    return (Jf @ Jf.T).reshape(k, n, k, n).permute(1, 3, 0, 2).contiguous()
+
+
+def nngeometry_ntk(model, x, mode, info=None):
+    """nngeometry's Gram matrix as its docs use it: GramMatrix(model, loader) → FMatDense (k, n, k, n),
+    one loader batch holding all samples (the fewest outer loops)."""
+    import torch
+    from nngeometry import GramMatrix
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(x), batch_size=x.shape[0])
+    G = GramMatrix(model, loader).data  # (k, n, k, n)
+    full = G.permute(1, 3, 0, 2)
+    return full.contiguous() if mode == "full" else torch.diagonal(full, dim1=2, dim2=3).mean(-1)
+
+
+def _k_of(model, x):
+    import torch
+
+    with torch.no_grad():
+        return model(x[:1]).reshape(1, -1).shape[1]
+
+
+def opacus_prepare(model, info=None):
+    """GradSampleModule(model, loss_reduction='sum'); if Opacus refuses the model, its documented
+    fix (ModuleValidator.fix, e.g. DPMultiheadAttention for nn.MultiheadAttention) first."""
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    m = copy.deepcopy(model)
+    errors = ModuleValidator.validate(m, strict=False)
+    if errors:
+        m = ModuleValidator.fix(m)
+        if info is not None:
+            info["opacus"] = ("ModuleValidator.fix applied (" + "; ".join(sorted({type(e).__name__ + ": " + str(e)[:60]
+                                                                                 for e in errors})) + ")")
+    if not model.training and info is not None:
+        info["opacus_mode"] = "run in train mode (Opacus captures activations only in training mode)"
+    return GradSampleModule(m.train(), loss_reduction="sum")
+
+
+def opacus_ntk(gsm, x, mode):
+    """Per-sample gradients (p.grad_sample) of each output: one forward + backward per output
+    (Opacus consumes the captured activations in the backward), then one GEMM."""
+    import torch
+
+    k = None
+    jacs = []
+    a = 0
+    while k is None or a < k:
+        gsm.zero_grad(set_to_none=True)
+        out = gsm(x).reshape(x.shape[0], -1)
+        k = out.shape[1]
+        out[:, a].sum().backward()
+        jacs.append(torch.cat([p.grad_sample.reshape(x.shape[0], -1) for p in gsm.parameters()
+                               if p.requires_grad], 1))
+        a += 1
+    gsm.zero_grad(set_to_none=True)
+    return _from_jacobians(jacs, mode)
+
+
+def backpack_prepare(model):
+    from backpack import extend
+    from torch import nn
+
+    m = copy.deepcopy(model)
+    return extend(m, use_converter=not isinstance(model, nn.Sequential))
+
+
+def backpack_ntk(m, x, mode):
+    """BackPACK BatchGrad (p.grad_batch): one forward, one backward per output (retain_graph), then one GEMM."""
+    import torch
+    from backpack import backpack
+    from backpack.extensions import BatchGrad
+
+    out = m(x).reshape(x.shape[0], -1)
+    k = out.shape[1]
+    jacs = []
+    params = [p for p in m.parameters() if p.requires_grad]
+    for a in range(k):
+        for p in params:
+            p.grad = None
+        keep = a < k - 1
+        with backpack(BatchGrad(), retain_graph=keep):
+            out[:, a].sum().backward(retain_graph=keep)
+        missing = [name for name, p in m.named_parameters() if p.requires_grad and getattr(p, "grad_batch", None) is None]
+        if missing:
+            raise NotImplementedError(f"BackPACK computed no grad_batch for {missing[:3]}")
+        jacs.append(torch.cat([p.grad_batch.reshape(x.shape[0], -1) for p in params], 1))
+    return _from_jacobians(jacs, mode)
+
+
+def make_method(method, model, x, mode, budget, info):
+    """A zero-argument callable computing the (n, n) / (n, n, k, k) kernel."""
+    import lazyfast
+
+    if method == "lazyfast auto":
+        return lambda: lazyfast.empirical_ntk(model, x, None, mode=mode)
+    if method == "lazyfast structured":
+        return lambda: lazyfast.empirical_ntk(model, x, None, mode=mode, implementation="structured")
+    if method == "layerwise_ntk":
+        return lambda: lazyfast.kernels.layerwise_ntk(model, x, None, mode=mode)
+    if method == TUTORIAL:
+        return lambda: tutorial_ntk(model, x, mode, budget, info)
+    if method == "nngeometry GramMatrix":
+        return lambda: nngeometry_ntk(model, x, mode, info)
+    if method == "Opacus GradSampleModule + GEMM":
+        gsm = opacus_prepare(model, info)
+        return lambda: opacus_ntk(gsm, x, mode)
+    if method == "BackPACK BatchGrad + GEMM":
+        m = backpack_prepare(model)
+        return lambda: backpack_ntk(m, x, mode)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def check_index(n, check_n):
+    """Evenly spread sample indices (both ends included) for the float64 agreement check."""
+    import torch
+
+    if not check_n or check_n >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, check_n).round().long().unique()
+
+
+def child(spec: dict) -> dict:
+    """Runs one (row, method) in this process; returns the record, saves the checked block."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    sys.path.insert(0, HERE)
+    import _memory
+    from lazyfast import zoo
+
+    row, method = spec["row"], spec["method"]
+    rec = dict(row=row["id"], method=method, status="ok")
+    pkg = PEER_PKG.get(method)
+    if pkg is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(pkg) is None:
+            rec["status"] = f"not installed ({pkg} not importable by {sys.executable})"
+            return rec
+    info: dict = {}
+    try:
+        if method == "float64 reference":
+            model = zoo.double(zoo.build(row["model"]))
+            x = zoo.inputs(row["model"], row["n"], dtype=torch.float64)
+            idx = check_index(row["n"], row["check_n"])
+            t0 = time.perf_counter()
+            K = tutorial_ntk(model, x[idx], row["mode"], spec["budget"], info)
+            rec.update(seconds=time.perf_counter() - t0, check_index=idx.tolist(), info=info)
+            torch.save(K, spec["kernel_path"])
+            return rec
+        model = zoo.build(row["model"])
+        x = zoo.inputs(row["model"], row["n"])
+        state = copy.deepcopy(model.state_dict())
+        fn = make_method(method, model, x, row["mode"], spec["budget"], info)
+        K, t_warm, peak, before = _memory.measure(fn)
+        rec.update(warmup_seconds=t_warm, peak_rss_mb=peak / 2**20, extra_peak_mb=(peak - before) / 2**20)
+        reps = spec["repeats"] if t_warm <= spec["slow_seconds"] else 2
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rec.update(seconds=min(times), times=times, timed_runs=reps, info=info)
+        idx = check_index(row["n"], row["check_n"])
+        K = K.detach()
+        torch.save(K[idx][:, idx].double().clone(), spec["kernel_path"])
+        rec["kernel_shape"] = list(K.shape)
+        after = model.state_dict()
+        rec["state_unchanged"] = all(torch.equal(state[k], after[k]) for k in state)
+    except Exception as e:  # noqa: BLE001 - every failure is recorded, never dropped
+        rec["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return rec
+
+
+# ----------------------------------------------------------------------------- parent side
+def _run_child(python, spec, timeout):
+    with tempfile.TemporaryDirectory() as d:
+        spec = dict(spec, kernel_path=os.path.join(d, "K.pt"))
+        spath = os.path.join(d, "spec.json")
+        with open(spath, "w") as f:
+            json.dump(spec, f)
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        try:
+            r = subprocess.run([python, os.path.abspath(__file__), "--child", spath], capture_output=True,
+                               text=True, env=env, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return dict(row=spec["row"]["id"], method=spec["method"], status=f"timed out after {timeout} s"), None
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+            return dict(row=spec["row"]["id"], method=spec["method"],
+                        status=f"failed: child exited {r.returncode}: {tail[0][:300]}"), None
+        rec = json.loads(lines[-1])
+        K = None
+        if os.path.exists(spec["kernel_path"]):
+            import torch
+
+            K = torch.load(spec["kernel_path"])
+        return rec, K
+
+
+def _rel_err(K, ref):
+    if K is None or ref is None or tuple(K.shape) != tuple(ref.shape):
+        return None
+    return float((K - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def _git_commit():
+    if os.environ.get("LAZYFAST_SOURCE_COMMIT"):  # a source tree that is not a git checkout
+        return os.environ["LAZYFAST_SOURCE_COMMIT"]
+    try:
+        c = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
+        return c + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _best_correct_peer(recs):
+    ok = [r for r in recs if r["method"] in PEERS and r["status"] == "ok" and r.get("correct")]
+    return min(ok, key=lambda r: r["seconds"]) if ok else None
+
+
+def targets(rows: List[dict]) -> List[dict]:
+    """Issue 14's targets, computed from the measured times (never typed)."""
+    by = {r["id"]: {m["method"]: m for m in r["results"]} for r in rows}
+    out = []
+
+    def t(rid, meth):
+        m = by.get(rid, {}).get(meth)
+        return m["seconds"] if m and m["status"] == "ok" else None
+
+    def add(name, value, goal, cmp, unit="×"):
+        met = None if value is None else (value >= goal if cmp == ">=" else value <= goal)
+        out.append(dict(target=name, goal=f"{cmp} {goal:g}{unit}", measured=value, met=met))
+
+    auto = "lazyfast auto"
+
+    def ratio(rid, base, num=None):
+        a, b = t(rid, auto if num is None else num), t(rid, base)
+        return b / a if a and b else None
+
+    if "mlp" in by:
+        a, m = t("mlp", auto), t("mlp_as_lazyfast", auto)
+        add("MLP n=256: auto time / lazyfast.MLP time", a / m if a and m else None, 1.2, "<=")
+        add("MLP n=256: tutorial / auto", ratio("mlp", TUTORIAL), 100, ">=")
+        ng = by["mlp"].get("nngeometry GramMatrix")
+        add("MLP n=256: nngeometry / auto",
+            ratio("mlp", "nngeometry GramMatrix") if ng and ng.get("correct") else None, 1.5, ">=")
+    if "shared" in by:
+        add("weight sharing: tutorial / auto", ratio("shared", TUTORIAL), 20, ">=")
+    for rid in ("vgg11_16_trace", "vgg11_16_full", "vgg11_64_trace", "vgg11_64_full"):
+        if rid in by:
+            add(f"{rid}: tutorial / auto", ratio(rid, TUTORIAL), 10, ">=")
+    if "tv_resnet18" in by:
+        add("torchvision resnet18 (BN, eval): tutorial / auto", ratio("tv_resnet18", TUTORIAL), 4, ">=")
+    if "transformer" in by:
+        add("Transformer: tutorial / auto", ratio("transformer", TUTORIAL), 2, ">=")
+    for rid in ("transformer", "token_transformer"):
+        if rid in by:
+            add(f"{rid} (generic remainder): tutorial / auto", ratio(rid, TUTORIAL), 1, ">=")
+    for r in rows:
+        recs = r["results"]
+        a = by[r["id"]].get(auto)
+        best = _best_correct_peer(recs)
+        if best is not None:
+            add(f"{r['id']}: best correct peer ({best['method'].split()[0]}) / auto",
+                best["seconds"] / a["seconds"] if a and a["status"] == "ok" else None, 1.5, ">=")
+        if a is not None:
+            add(f"{r['id']}: auto float32 rel. err vs float64", a.get("rel_err"), F32_TARGET, "<=", unit="")
+    if "vgg11_1000_trace" in by:
+        a = by["vgg11_1000_trace"].get(auto)
+        add("VGG-11 n=1000 trace: peak RSS (GB)",
+            a["peak_rss_mb"] / 1024 if a and a["status"] == "ok" else None, 4, "<=", unit=" GB")
+    return out
+
+
+def run(rows: List[dict], *, python_main, python_peers, threads, repeats, slow_seconds, timeout, budget,
+        methods: Optional[List[str]] = None, log=print, on_row=None) -> dict:
+    """Runs the rows; ``on_row(result so far)`` after each row (partial results, ``complete`` False)."""
+    load_before = os.getloadavg()
+    t_start = time.time()
+    out_rows = []
+    for row in rows:
+        meths = [m for m in row["methods"] if not methods or m in methods]
+        base = dict(row=row, threads=threads, repeats=repeats, slow_seconds=slow_seconds, budget=budget)
+        ref_rec, ref = _run_child(python_main, dict(base, method="float64 reference"), timeout)
+        log(f"[{row['id']}] float64 reference: {ref_rec['status']} {ref_rec.get('seconds', 0):.2f} s")
+        recs = []
+        for meth in meths:
+            py = python_peers if meth in PEERS else python_main
+            rec, K = _run_child(py, dict(base, method=meth), timeout)
+            if rec["status"] == "ok":
+                rec["rel_err"] = _rel_err(K, ref)
+                rec["correct"] = rec["rel_err"] is not None and rec["rel_err"] <= WRONG_TOL
+            recs.append(rec)
+            log(f"[{row['id']}] {meth:34s} {rec['status'][:90]:12s} "
+                + (f"{rec['seconds']:.4f} s (of {rec['timed_runs']}), peak {rec['peak_rss_mb']:.0f} MB, "
+                   f"rel.err {rec['rel_err']:.1e}" if rec["status"] == "ok" and rec["rel_err"] is not None
+                   else ""))
+        a = next((r for r in recs if r["method"] == "lazyfast auto" and r["status"] == "ok"), None)
+        for r in recs:
+            if a is not None and r is not a and r["status"] == "ok":
+                r["ratio_vs_auto"] = r["seconds"] / a["seconds"]
+        out_rows.append(dict(row, results=recs, reference=ref_rec))
+        if on_row is not None:
+            on_row(_result(out_rows, load_before, t_start, threads, python_main, python_peers, repeats,
+                           slow_seconds, timeout, budget, complete=len(out_rows) == len(rows)))
+    return _result(out_rows, load_before, t_start, threads, python_main, python_peers, repeats, slow_seconds,
+                   timeout, budget, complete=True)
+
+
+def _result(out_rows, load_before, t_start, threads, python_main, python_peers, repeats, slow_seconds, timeout,
+            budget, complete):
+    import torch
+
+    import lazyfast
+
+    machine = dict(complete=complete, platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   cpu_count=os.cpu_count(), threads=threads, torch=torch.__version__,
+                   lazyfast_backend=lazyfast.backend_info(), python_main=python_main, python_peers=python_peers,
+                   load_before=list(load_before), load_after=list(os.getloadavg()),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=_git_commit(),
+                   wall_seconds=time.time() - t_start)
+    protocol = dict(repeats=repeats, slow_seconds=slow_seconds, timeout=timeout, tutorial_budget_bytes=budget,
+                    wrong_tol=WRONG_TOL, f32_target=F32_TARGET)
+    return dict(machine=machine, protocol=protocol, rows=out_rows, targets=targets(out_rows))
+
+
+def _fmt_s(s):
+    return "" if s is None else (f"{s:.3f}" if s >= 0.1 else f"{s * 1e3:.1f} ms")
+
+
+def format_md(res: dict) -> str:
+    m, p = res["machine"], res["protocol"]
+    L = ["# eNTK of users' models: lazyfast vs the torch.func tutorial and the PyTorch peers", "",
+         "Generated by `benchmarks/bench_models.py` (do not edit by hand)."
+         + ("" if m.get("complete", True) else " **Partial: the run was interrupted; rows so far.**"), "",
+         f"Command: `{m.get('command', '')}`", "",
+         f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['threads']} threads, torch {m['torch']}; "
+         f"{m['date']}; commit {m['commit']}; load average before {m['load_before'][0]:.2f}/"
+         f"{m['load_before'][1]:.2f}/{m['load_before'][2]:.2f}, after {m['load_after'][0]:.2f}/"
+         f"{m['load_after'][1]:.2f}/{m['load_after'][2]:.2f}; total wall {m['wall_seconds'] / 60:.1f} min.", "",
+         f"Protocol: fresh process per method; one warm-up call (its peak RSS reported), then best of "
+         f"{p['repeats']} timed calls (2 when the warm-up exceeded {p['slow_seconds']:g} s); float32, x2=None; "
+         f"relative error = max|K − K64| / max|K64| against the float64 kernel (tutorial's method on a float64 "
+         f"copy); a method above {p['wrong_tol']:g} is marked **wrong** and not counted as a peer. The tutorial "
+         f"builds J once for the whole batch when it fits in {p['tutorial_budget_bytes'] / 2**30:.0f} GiB "
+         f"(otherwise chunked, noted).", "",
+         "| row | model | n | mode | method | time (s) | timed runs | peak RSS MB | rel. err vs f64 | "
+         "method time / auto | status |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        for x in r["results"]:
+            ok = x["status"] == "ok"
+            err = x.get("rel_err")
+            st = ("ok" if x.get("correct") else "**wrong**") if ok else x["status"]
+            notes = "; ".join(str(v) for v in (x.get("info") or {}).values())
+            cells = [r["id"], r["note"] or r["model"], str(r["n"]), r["mode"], x["method"],
+                     _fmt_s(x.get("seconds")) if ok else "", str(x.get("timed_runs", "")) if ok else "",
+                     f"{x['peak_rss_mb']:.0f}" if ok else "", (f"{err:.1e}" if err is not None else "—") if ok else "",
+                     f"{x['ratio_vs_auto']:.2f}" if x.get("ratio_vs_auto") else "",
+                     (st + (f" ({notes})" if notes else "")).replace("|", "/")]
+            L.append("| " + " | ".join(cells) + " |")
+    L += ["", "## Targets (issue 14), computed from the measurements above", "",
+          "| target | goal | measured | met? |", "|---|---|---:|---|"]
+    for t in res["targets"]:
+        v = t["measured"]
+        L.append(f"| {t['target']} | {t['goal']} | {'' if v is None else f'{v:.3g}'} | "
+                 f"{'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
+    L += ["", "Float64 reference per row: " + "; ".join(
+        f"{r['id']}: {r['reference']['status']}" + (f" on {len(r['reference'].get('check_index', []))} samples"
+                                                     if r['reference'].get('check_index') else "")
+        for r in res["rows"])]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models (smoke run, about a minute)")
+    ap.add_argument("--rows", help="comma-separated row ids (default: all)")
+    ap.add_argument("--methods", help="comma-separated method names (default: all)")
+    ap.add_argument("--peers-python", default=os.environ.get("LAZYFAST_PEERS_PYTHON", sys.executable),
+                    help="interpreter with nngeometry/opacus/backpack installed (default: this one)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--slow-seconds", type=float, default=20.0)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per (row, method) child")
+    ap.add_argument("--tutorial-budget-gb", type=float, default=8.0)
+    ap.add_argument("--out", help="output stem (default benchmarks/results/models_cpu, quick: out/models_quick)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    if a.child:
+        with open(a.child) as f:
+            print(json.dumps(child(json.load(f))))
+        return 0
+    if a.repeats < 3:
+        ap.error("--repeats must be >= 3 (best of N, N >= 3)")
+    import torch
+
+    rows = ROWS_QUICK if a.quick else ROWS_FULL
+    if a.rows:
+        want = a.rows.split(",")
+        unknown = sorted(set(want) - {r["id"] for r in rows})
+        if unknown:
+            ap.error(f"unknown rows {unknown}")
+        rows = [r for r in rows if r["id"] in want]
+    methods = a.methods.split(",") if a.methods else None
+    stem = a.out or (os.path.join(ROOT, "out", "models_quick") if a.quick
+                     else os.path.join(ROOT, "benchmarks", "results", "models_cpu"))
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    command = "python benchmarks/bench_models.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(res):  # after every row, so an interrupted run keeps what it measured
+        res["machine"]["command"] = command
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(format_md(res))
+
+    res = run(rows, python_main=sys.executable, python_peers=a.peers_python,
+              threads=a.threads or torch.get_num_threads(), repeats=a.repeats, slow_seconds=a.slow_seconds,
+              timeout=a.timeout, budget=int(a.tutorial_budget_gb * 2**30), methods=methods, on_row=write)
+    write(res)
+    print(format_md(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""lazyfast vs neural-tangents' structured derivatives (JAX, CPU), back to back (issue 14).
+
+Run in a venv with neural-tangents 0.6.5 + jax/jaxlib 0.4.25 + torch 2.13.0 (recipe in
+docs/benchmarks-models.md), importing lazyfast from this checkout:
+
+    PYTHONPATH=. /work/nt-venv/bin/python benchmarks/bench_nt.py
+
+Problems (float32, x2=None, trace over outputs — neural-tangents' default ``trace_axes=(-1,)``,
+which is the mean over outputs, like lazyfast's ``mode="trace"``):
+  * MLP 100→2048→2048→2048→1 (ReLU), n=256 and n=1024: lazyfast on the ``nn.Sequential``
+    (:func:`lazyfast.zoo.sequential_mlp`) and on the same network as ``lazyfast.MLP``;
+  * the two-layer net ``lazyfast.TwoLayer(100, 4096)``, n=1024;
+  * the 3-conv CNN (:class:`lazyfast.zoo.ConvNet3`, 64 channels, 32×32) with 1 and 10 outputs, n=128.
+The JAX function is written out here and its weights are loaded from the same torch model
+(dense weights stored (in, out) and applied as ``h @ W`` — neural-tangents' structured path
+falls back to Jacobian-contraction cost for ``h @ W.T``), and its kernel is checked against
+lazyfast's. neural-tangents: ``jax.jit(nt.empirical_ntk_fn(f, vmap_axes=0,
+implementation=STRUCTURED_DERIVATIVES))``, compiled and warm. Protocol: one warm-up call of
+each, then ``--repeats`` rounds alternating lazyfast / neural-tangents; the minimum of each is
+reported. neural-tangents/__init__ imports its TensorFlow port (``neural_tangents.experimental``,
+needs tensorflow); it is not used here, so an empty module stands in for it.
+Writes benchmarks/results/nt_compare_cpu.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+AGREE_TOL = 1e-4  # float32 vs float32, relative to max |Θ|
+
+
+def _import_nt():
+    sys.modules.setdefault("neural_tangents.experimental", types.ModuleType("neural_tangents.experimental"))
+    import neural_tangents as nt
+
+    return nt
+
+
+def jax_mlp(seq):
+    """(f, params) of an nn.Sequential of Linear/ReLU, weights (in, out)."""
+    import jax.numpy as jnp
+    from torch import nn
+
+    lins = [m for m in seq if isinstance(m, nn.Linear)]
+    params = [(jnp.asarray(m.weight.detach().T.numpy()), jnp.asarray(m.bias.detach().numpy())) for m in lins]
+
+    def f(p, x):
+        h = x
+        for i, (w, b) in enumerate(p):
+            h = h @ w + b
+            if i < len(p) - 1:
+                h = jnp.maximum(h, 0.0)
+        return h
+
+    return f, params
+
+
+def jax_two_layer(model):
+    import jax.numpy as jnp
+
+    A = jnp.asarray(model.hidden.weight.detach().T.numpy())  # (d, m)
+    B = jnp.asarray(model.output.weight.detach().T.numpy())  # (m, k)
+    scale = float(model.scale)
+
+    def f(p, x):
+        return scale * (jnp.maximum(x @ p[0], 0.0) @ p[1])
+
+    return f, (A, B)
+
+
+def jax_conv3(model):
+    import jax.numpy as jnp
+    from jax import lax
+
+    convs = [model.conv1, model.conv2, model.conv3]
+    params = ([(jnp.asarray(c.weight.detach().numpy()), jnp.asarray(c.bias.detach().numpy())) for c in convs],
+              (jnp.asarray(model.head.weight.detach().T.numpy()), jnp.asarray(model.head.bias.detach().numpy())))
+
+    def f(p, x):
+        h = x
+        for w, b in p[0]:
+            h = lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            h = jnp.maximum(h + b[None, :, None, None], 0.0)
+        h = h.mean((2, 3))
+        return h @ p[1][0] + p[1][1]
+
+    return f, params
+
+
+def problems():
+    import torch
+
+    import lazyfast
+    from lazyfast import zoo
+
+    out = []
+    for n in (256, 1024):
+        seq = zoo.sequential_mlp(100, 2048, 3, 1)
+        out.append(dict(id=f"mlp2048_n{n}", note=f"MLP 100→2048³→1, n={n}", n=n, jax=jax_mlp(seq),
+                        torch={"lazyfast auto (nn.Sequential)": seq,
+                               "lazyfast auto (lazyfast.MLP)": zoo.as_lazyfast_mlp(seq)},
+                        x=zoo.inputs("mlp2048", n)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tl = lazyfast.TwoLayer(100, 4096, 1)
+    out.append(dict(id="two_layer", note="TwoLayer d=100, m=4096, n=1024", n=1024, jax=jax_two_layer(tl),
+                    torch={"lazyfast auto (TwoLayer)": tl}, x=zoo.inputs("mlp2048", 1024)))
+    for k in (1, 10):
+        cnn = zoo.conv3(64, k)
+        out.append(dict(id=f"conv3_k{k}", note=f"3-conv CNN, 64 channels, 32×32, {k} output(s), n=128", n=128,
+                        jax=jax_conv3(cnn), torch={"lazyfast auto (ConvNet3)": cnn},
+                        x=zoo.inputs(f"conv3_k{k}", 128)))
+    return out
+
+
+def _git_commit():
+    if os.environ.get("LAZYFAST_SOURCE_COMMIT"):  # a source tree that is not a git checkout
+        return os.environ["LAZYFAST_SOURCE_COMMIT"]
+    try:
+        c = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
+        return c + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated problem ids")
+    ap.add_argument("--threads", type=int, help="torch threads; 1 also makes XLA single-threaded (default: both "
+                                                "use every core)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "nt_compare_cpu"))
+    a = ap.parse_args(argv)
+    if a.threads == 1:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    import numpy as np
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    nt = _import_nt()
+    import jax
+
+    import lazyfast
+
+    load_before = os.getloadavg()
+    rows = []
+    for pb in problems():
+        if a.only and pb["id"] not in a.only.split(","):
+            continue
+        f, params = pb["jax"]
+        x = pb["x"]
+        xj = jax.numpy.asarray(x.numpy())
+        kfn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0,
+                                          implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES))
+        t0 = time.perf_counter()
+        K_nt = np.asarray(kfn(xj, None, params).block_until_ready())
+        compile_s = time.perf_counter() - t0
+        calls = {"neural-tangents SD (jit, warm)": lambda: kfn(xj, None, params).block_until_ready()}
+        outs = {}
+        for name, model in pb["torch"].items():
+            outs[name] = lazyfast.empirical_ntk(model, x)  # warm-up
+            calls[name] = (lambda m: lambda: lazyfast.empirical_ntk(m, x))(model)
+        times = {k: [] for k in calls}
+        for _ in range(a.repeats):  # back to back, interleaved
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        t_nt = min(times["neural-tangents SD (jit, warm)"])
+        res = []
+        K_nt_t = torch.from_numpy(K_nt).double()
+        scale = float(K_nt_t.abs().max())
+        for name in calls:
+            r = dict(method=name, seconds=min(times[name]), times=times[name])
+            if name in outs:
+                err = float((outs[name].double() - K_nt_t).abs().max() / scale)
+                r.update(rel_diff_vs_nt=err, agrees=err <= AGREE_TOL, speedup_vs_nt=t_nt / r["seconds"])
+            else:
+                r["compile_and_first_call_seconds"] = compile_s
+            res.append(r)
+            print(f"[{pb['id']}] {name:36s} {r['seconds']:.4f} s"
+                  + (f"  {r['speedup_vs_nt']:.2f}x vs NT, rel.diff {r['rel_diff_vs_nt']:.1e}" if name in outs else
+                     f"  (compile+first {compile_s:.1f} s)"), flush=True)
+        rows.append(dict(id=pb["id"], note=pb["note"], results=res))
+    targets = []
+    for rid, goal in (("mlp2048_n256", 1.2), ("mlp2048_n1024", 1.2), ("conv3_k10", 1.5)):
+        row = next((r for r in rows if r["id"] == rid), None)
+        if row is None:
+            continue
+        for r in row["results"]:
+            if "speedup_vs_nt" in r:
+                targets.append(dict(target=f"{rid}: {r['method']} vs neural-tangents", goal=f">= {goal}×",
+                                    measured=r["speedup_vs_nt"], met=bool(r["speedup_vs_nt"] >= goal and r["agrees"])))
+    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                   jax=jax.__version__, neural_tangents=nt.__version__, jax_devices=str(jax.devices()),
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), lazyfast_backend=lazyfast.backend_info(), load_before=list(load_before),
+                   load_after=list(os.getloadavg()), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   commit=_git_commit(), command="PYTHONPATH=. python benchmarks/bench_nt.py "
+                   + " ".join(argv if argv is not None else sys.argv[1:]))
+    result = dict(machine=machine, repeats=a.repeats, rows=rows, targets=targets)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+    m = machine
+    L = ["# lazyfast vs neural-tangents structured derivatives (CPU)", "",
+         "Generated by `benchmarks/bench_nt.py` (do not edit by hand).", "",
+         f"Machine: {m['processor']}, {m['cpu_count']} CPUs; torch {m['torch']} ({m['torch_threads']} threads), "
+         f"jax {m['jax']}, neural-tangents {m['neural_tangents']}; {m['date']}; commit {m['commit']}; load average "
+         f"before {'/'.join(f'{v:.2f}' for v in m['load_before'])}, after "
+         f"{'/'.join(f'{v:.2f}' for v in m['load_after'])}.", "",
+         f"float32, x2=None, trace; warm (neural-tangents jit-compiled); min of {a.repeats} interleaved rounds.", "",
+         "| problem | method | time (s) | speed-up vs neural-tangents | rel. diff vs neural-tangents |",
+         "|---|---|---:|---:|---:|"]
+    for row in rows:
+        for r in row["results"]:
+            L.append(f"| {row['note']} | {r['method']} | {r['seconds']:.4f} | "
+                     + (f"{r['speedup_vs_nt']:.2f}× | {r['rel_diff_vs_nt']:.1e}" + ("" if r["agrees"] else " **DISAGREES**")
+                        if "speedup_vs_nt" in r else f"(compile + first call {r['compile_and_first_call_seconds']:.1f} s) | ")
+                     + " |")
+    L += ["", "| target (issue 14) | goal | measured | met? |", "|---|---|---:|---|"]
+    for t in targets:
+        L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× | {'yes' if t['met'] else '**no**'} |")
+    with open(a.out + ".md", "w") as fh:
+        fh.write("\n".join(L) + "\n")
+    print("\n".join(L))
+    bad = [r for row in rows for r in row["results"] if r.get("agrees") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
