@@ -15,7 +15,7 @@ import torch
 
 # (zoo model, n, mode): samples follow the mlp preset's n // 16 (quick: 32, full: 64)
 MODELS = (("tiny_mlp", "trace"), ("tiny_mlp_k3", "full"), ("tiny_shared", "trace"), ("tiny_cnn", "full"),
-          ("tiny_transformer", "trace"))
+          ("tiny_transformer", "trace"), ("tiny_tokens", "trace"))
 
 
 def case(p, dtype, device, func_max_bytes):
