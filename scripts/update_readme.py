@@ -8,6 +8,8 @@ command, and the stamp: date, commit, load average):
     two-layer        benchmarks/results/two_layer_cpu.json     python benchmarks/two_layer_report.py
     mlp              benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
     engine           benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
+    models           benchmarks/results/models_cpu.json        python benchmarks/bench_models.py …
+    nt               benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
 
     python scripts/update_readme.py            # rewrite the tables in README.md
     python scripts/update_readme.py --check    # exit 1 if a table and its results file disagree
@@ -183,11 +185,77 @@ def table_engine(results: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- users' models (issue 14)
+def _models_stamp(file: str, m: dict) -> str:
+    load = "/".join(f"{v:.2f}" for v in m.get("load_before", [])) + " before, " + \
+        "/".join(f"{v:.2f}" for v in m.get("load_after", [])) + " after"
+    threads = m.get("threads", m.get("torch_threads"))
+    return (f"*Generated from `benchmarks/results/{file}` (`{m.get('command')}`; {m.get('date')}, commit "
+            f"{m.get('commit')}, load average {load}, {m.get('processor')}, {m.get('cpu_count')} cores, "
+            f"{threads} threads).*")
+
+
+def table_models(results: pathlib.Path) -> str:
+    r = _load("models_cpu.json", results)
+    tut = "torch.func tutorial (J once)"
+    lines = [_models_stamp("models_cpu.json", r["machine"]), "",
+             "Float32, x2 = None; fresh process per method, one warm-up, best of 3 (2 when a call takes > 20 s); "
+             "every kernel checked against float64 (a method more than 1e-3 off is marked wrong and never counted).", "",
+             "| model | n | mode | lazyfast `auto` | tutorial (J once) | tutorial / auto | best correct peer | peer / auto | "
+             "auto f32 error vs f64 | peers wrong or failing |",
+             "|---|---:|---|---:|---:|---:|---|---:|---:|---|"]
+    for row in r["rows"]:
+        by = {x["method"]: x for x in row["results"]}
+        a = by.get("lazyfast auto")
+        if a is None or a.get("seconds") is None:
+            continue
+        t = by.get(tut)
+        tcell = _s(t["seconds"]) if t and t.get("seconds") else "—"
+        tr = _x(t["seconds"] / a["seconds"]) if t and t.get("seconds") else ""
+        peers = [x for m, x in by.items() if m not in ("lazyfast auto", "lazyfast structured", "layerwise_ntk", tut)]
+        ok = [x for x in peers if x.get("seconds") and x.get("correct")]
+        best = min(ok, key=lambda x: x["seconds"]) if ok else None
+        pcell = f"{best['method'].split()[0]} {_s(best['seconds'])}" if best else "—"
+        pr = _x(best["seconds"] / a["seconds"]) if best else ""
+        bad = [x["method"].split()[0] + (" wrong" if x.get("seconds") else " failed") for x in peers
+               if not (x.get("seconds") and x.get("correct"))]
+        err = a.get("rel_err")
+        lines.append(f"| {row['note'] or row['model']} | {row['n']} | {row['mode']} | {_s(a['seconds'])} | {tcell} | {tr} | "
+                     f"{pcell} | {pr} | {err:.1e} | {', '.join(bad) or '—'} |")
+    lines += ["", "| target | goal | measured | met? |", "|---|---|---:|---|"]
+    for t in r["targets"]:
+        v = t["measured"]
+        lines.append(f"| {t['target']} | {t['goal']} | {v:.3g} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def table_nt(results: pathlib.Path) -> str:
+    r = _load("nt_compare_cpu.json", results)
+    lines = [_models_stamp("nt_compare_cpu.json", r["machine"]), "",
+             f"Float32, x2 = None; neural-tangents {r['machine'].get('neural_tangents')} (jax {r['machine'].get('jax')}) "
+             f"structured derivatives, jit-compiled and warm; the two alternate, min of {r['repeats']} each; the "
+             "kernels are checked against each other.", "",
+             "| problem | neural-tangents | lazyfast `auto` | speed-up |", "|---|---:|---|---:|"]
+    for row in r["rows"]:
+        nt = row["results"][0]
+        for x in row["results"][1:]:
+            lines.append(f"| {row['note']} | {_s(nt['seconds'])} | {x['method'].replace('lazyfast auto ', '')} "
+                         f"{_s(x['seconds'])} | {_x(x['speedup_vs_nt'])} |")
+    lines += ["", "| target | goal | measured | met? |", "|---|---|---:|---|"]
+    for t in r["targets"]:
+        v = t["measured"]
+        lines.append(f"| {t['target']} | {t['goal']} | {v if isinstance(v, str) else f'{v:.3g}'} | "
+                     f"{'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
     "bench-quick": table_bench_quick,
     "two-layer": table_two_layer,
     "mlp": table_mlp,
     "engine": table_engine,
+    "models": table_models,
+    "nt": table_nt,
 }
 
 
