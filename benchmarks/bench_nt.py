@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import types
@@ -123,15 +122,9 @@ def problems():
 
 
 def _git_commit():
-    if os.environ.get("LAZYFAST_SOURCE_COMMIT"):  # a source tree that is not a git checkout
-        return os.environ["LAZYFAST_SOURCE_COMMIT"]
-    try:
-        c = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=ROOT).stdout.strip()
-        return c + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+    from lazyfast.bench import git_commit
+
+    return git_commit() or "unknown"
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,49 @@ ActivateParams<T> activate_params(const ActivateArgs& a) {
   return p;
 }
 
+// Parameters of the two Gram epilogues (lazyfast/two_layer.h), from tensors: one definition for the
+// CPU loops and the CUDA kernels.
+template <typename T>
+GramCombineParams<T> combine_params(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p,
+                                    const at::Tensor& g, const at::Tensor& q, bool bias, double s2) {
+  GramCombineParams<T> c;
+  c.rows = out.size(0);
+  c.cols = out.size(1);
+  c.out = out.data_ptr<T>();
+  c.out_rs = out.stride(0);
+  c.out_cs = out.stride(1);
+  if (out2.defined()) c.out2 = out2.data_ptr<T>();
+  if (p.defined()) {
+    c.p = p.data_ptr<T>();
+    c.p_rs = p.stride(0);
+    c.p_cs = p.stride(1);
+  }
+  c.g = g.data_ptr<T>();
+  c.ld_g = g.stride(0);
+  c.q = q.data_ptr<T>();
+  c.ld_q = q.stride(0);
+  c.bias = bias ? T(1) : T(0);
+  c.s2 = static_cast<T>(s2);
+  return c;
+}
+
+template <typename T>
+SymTraceFinalizeParams<T> sym_finalize_params(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g,
+                                              const at::Tensor& qd, bool bias, double s2) {
+  SymTraceFinalizeParams<T> p;
+  p.out = out.data_ptr<T>();
+  p.n = out.size(0);
+  p.i0 = i0;
+  p.ib = ib;
+  p.g = g.data_ptr<T>();
+  p.ld_g = g.stride(0);
+  p.qd = qd.data_ptr<T>();
+  p.ld_qd = qd.stride(0);
+  p.bias = bias ? T(1) : T(0);
+  p.s2 = static_cast<T>(s2);
+  return p;
+}
+
 // ----------------------------------------------------------------------------- argument checks
 inline void check_two_layer_weights(const at::Tensor& A, const std::optional<at::Tensor>& c, const at::Tensor& B,
                                     double scale, int64_t activation, const char* op) {

@@ -49,7 +49,11 @@ PRESETS = {
 AGREE_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
+    """The commit the results were measured at (``+dirty`` when tracked code differs from it);
+    ``LAZYFAST_SOURCE_COMMIT`` names it for a source tree that is not a git checkout."""
+    if os.environ.get("LAZYFAST_SOURCE_COMMIT"):
+        return os.environ["LAZYFAST_SOURCE_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -77,7 +81,7 @@ def stamp(command: Optional[str] = None) -> dict:
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_avg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": _git_commit(), "command": command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+            "commit": git_commit(), "command": command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
 
 @dataclass

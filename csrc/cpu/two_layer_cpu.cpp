@@ -58,30 +58,6 @@ void activate_cpu(int64_t act, const ActivateArgs& args) {
 // Host loops over the torch-free entry rules of lazyfast/two_layer.h. They run inside the
 // driver's tiles (already one per thread), so they are plain serial loops.
 template <typename T>
-GramCombineParams<T> combine_params(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p,
-                                    const at::Tensor& g, const at::Tensor& q, bool bias, double s2) {
-  GramCombineParams<T> c;
-  c.rows = out.size(0);
-  c.cols = out.size(1);
-  c.out = out.data_ptr<T>();
-  c.out_rs = out.stride(0);
-  c.out_cs = out.stride(1);
-  if (out2.defined()) c.out2 = out2.data_ptr<T>();
-  if (p.defined()) {
-    c.p = p.data_ptr<T>();
-    c.p_rs = p.stride(0);
-    c.p_cs = p.stride(1);
-  }
-  c.g = g.data_ptr<T>();
-  c.ld_g = g.stride(0);
-  c.q = q.data_ptr<T>();
-  c.ld_q = q.stride(0);
-  c.bias = bias ? T(1) : T(0);
-  c.s2 = static_cast<T>(s2);
-  return c;
-}
-
-template <typename T>
 void combine_cpu_typed(const GramCombineParams<T>& c) {
   if (c.out_cs == 1 && c.out2 == nullptr && (c.p == nullptr || c.p_cs == 1)) {
     // Trace mode: unit column strides, a loop that vectorizes.
@@ -111,29 +87,12 @@ void combine_cpu(const at::Tensor& out, const at::Tensor& out2, const at::Tensor
   }
 }
 
-template <typename T>
-void sym_finalize_cpu_typed(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g, const at::Tensor& qd,
-                            bool bias, double s2) {
-  SymTraceFinalizeParams<T> p;
-  p.out = out.data_ptr<T>();
-  p.n = out.size(0);
-  p.i0 = i0;
-  p.ib = ib;
-  p.g = g.data_ptr<T>();
-  p.ld_g = g.stride(0);
-  p.qd = qd.data_ptr<T>();
-  p.ld_qd = qd.stride(0);
-  p.bias = bias ? T(1) : T(0);
-  p.s2 = static_cast<T>(s2);
-  sym_trace_finalize_host<T>(p);
-}
-
 void sym_finalize_cpu(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g, const at::Tensor& qd,
                       bool bias, double s2) {
   if (out.scalar_type() == at::kDouble) {
-    sym_finalize_cpu_typed<double>(out, i0, ib, g, qd, bias, s2);
+    sym_trace_finalize_host<double>(sym_finalize_params<double>(out, i0, ib, g, qd, bias, s2));
   } else {
-    sym_finalize_cpu_typed<float>(out, i0, ib, g, qd, bias, s2);
+    sym_trace_finalize_host<float>(sym_finalize_params<float>(out, i0, ib, g, qd, bias, s2));
   }
 }
 

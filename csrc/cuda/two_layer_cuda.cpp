@@ -34,25 +34,7 @@ void activate_cuda(int64_t act, const ActivateArgs& args) {
 template <typename T>
 void combine_cuda_typed(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p, const at::Tensor& g,
                         const at::Tensor& q, bool bias, double s2) {
-  GramCombineParams<T> c;
-  c.rows = out.size(0);
-  c.cols = out.size(1);
-  c.out = out.data_ptr<T>();
-  c.out_rs = out.stride(0);
-  c.out_cs = out.stride(1);
-  if (out2.defined()) c.out2 = out2.data_ptr<T>();
-  if (p.defined()) {
-    c.p = p.data_ptr<T>();
-    c.p_rs = p.stride(0);
-    c.p_cs = p.stride(1);
-  }
-  c.g = g.data_ptr<T>();
-  c.ld_g = g.stride(0);
-  c.q = q.data_ptr<T>();
-  c.ld_q = q.stride(0);
-  c.bias = bias ? T(1) : T(0);
-  c.s2 = static_cast<T>(s2);
-  LF_CUDA_CHECK(cuda::gram_combine<T>(c, current_stream()));
+  LF_CUDA_CHECK(cuda::gram_combine<T>(combine_params<T>(out, out2, p, g, q, bias, s2), current_stream()));
 }
 
 void combine_cuda(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p, const at::Tensor& g,
@@ -67,18 +49,7 @@ void combine_cuda(const at::Tensor& out, const at::Tensor& out2, const at::Tenso
 template <typename T>
 void sym_finalize_cuda_typed(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g,
                              const at::Tensor& qd, bool bias, double s2) {
-  SymTraceFinalizeParams<T> p;
-  p.out = out.data_ptr<T>();
-  p.n = out.size(0);
-  p.i0 = i0;
-  p.ib = ib;
-  p.g = g.data_ptr<T>();
-  p.ld_g = g.stride(0);
-  p.qd = qd.data_ptr<T>();
-  p.ld_qd = qd.stride(0);
-  p.bias = bias ? T(1) : T(0);
-  p.s2 = static_cast<T>(s2);
-  LF_CUDA_CHECK(cuda::sym_trace_finalize<T>(p, current_stream()));
+  LF_CUDA_CHECK(cuda::sym_trace_finalize<T>(sym_finalize_params<T>(out, i0, ib, g, qd, bias, s2), current_stream()));
 }
 
 void sym_finalize_cuda(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g, const at::Tensor& qd,
