@@ -76,3 +76,21 @@ def test_no_citation_of_files_outside_the_repository():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in paths if p.is_file()
             for i, line in enumerate(p.read_text().splitlines(), 1) if _PRIVATE.search(line)]
     assert hits == []
+
+
+def test_cuda_only_line_table_matches_the_sources():
+    """docs/gpu.md's CUDA-only line count is generated (scripts/cuda_lines.py), and its 'before'
+    figure is the same count at the commit it names."""
+    import sys as _sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    _sys.path.insert(0, str(root / "scripts"))
+    import cuda_lines
+
+    assert cuda_lines.main(["--check"]) == 0
+    m = re.search(r"\(commit (\w+)\) the same count gave (\d+) lines", (root / "docs" / "gpu.md").read_text())
+    assert m, "docs/gpu.md states the count before the shared driver"
+    before = cuda_lines.count_at(m.group(1), root)
+    if before is None:
+        pytest.skip("not a git checkout with that commit")
+    assert before == int(m.group(2))
