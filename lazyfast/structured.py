@@ -24,7 +24,10 @@ state (:class:`StateGuard`).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -323,7 +326,71 @@ def _wb(m):
     return m._parameters.get("weight"), m._parameters.get("bias")
 
 
-def make_plan(model: nn.Module, x: torch.Tensor) -> Plan:
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+def _simple(v) -> bool:
+    return isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(e, _SIMPLE) for e in v))
+
+
+def plan_fingerprint(model: nn.Module, x: torch.Tensor) -> tuple:
+    """Everything a :class:`Plan` depends on: the per-sample input shape, dtype and device; every
+    module's identity, class, training flag, instance-level ``forward``, hooks and plain attributes
+    (stride, padding, eps, batch_first, weight_multiplier, ...); every parameter's identity, shape,
+    dtype, device and ``requires_grad``; buffer shapes; the global module hooks. Parameter *values*
+    are not part of it (a plan does not depend on them)."""
+    from torch.nn.modules import module as _mod
+
+    mods = []
+    for name, m in model.named_modules():
+        d = m.__dict__
+        attrs = tuple((a, v) for a, v in d.items() if not a.startswith("_") and a != "training" and _simple(v))
+        fwd = d.get("forward")
+        mods.append((name, id(m), type(m), m.training, None if fwd is None else id(fwd), attrs,
+                     tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
+                     tuple(getattr(m, "_backward_pre_hooks", ())),
+                     tuple((k, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
+                           for k, p in m._parameters.items() if p is not None),
+                     tuple((k, tuple(b.shape), b.dtype) for k, b in m._buffers.items() if b is not None)))
+    glob = (tuple(_mod._global_forward_hooks), tuple(_mod._global_forward_pre_hooks),
+            tuple(_mod._global_backward_hooks), tuple(getattr(_mod, "_global_backward_pre_hooks", ())))
+    return (tuple(x.shape[1:]), x.dtype, x.device, tuple(mods), glob)
+
+
+# model -> (fingerprint, plan); a weak key, so a model's plan goes with the model
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _copy_plan(plan: Plan) -> Plan:
+    """A plan whose layers can take their own contraction orders (``choose_methods`` writes them)."""
+    return dataclasses.replace(plan, layers=[copy.copy(L) for L in plan.layers])
+
+
+def make_plan(model: nn.Module, x: torch.Tensor, cache: bool = True) -> Plan:
+    """The model's :class:`Plan` for inputs shaped like ``x``: probed (:func:`probe_plan`) on the
+    first call, then reused while :func:`plan_fingerprint` is unchanged (a changed hook, flag,
+    attribute, parameter or input shape probes again). Each call returns its own copy."""
+    if not cache:
+        return probe_plan(model, x)
+    fp = plan_fingerprint(model, x)
+    try:
+        hit = _PLANS.get(model)
+    except TypeError:  # not weak-referenceable / hashable: no cache
+        return probe_plan(model, x)
+    if hit is not None and hit[0] == fp:
+        return _copy_plan(hit[1])
+    plan = probe_plan(model, x)
+    # a plan that references the model itself would keep it alive through the weak dictionary
+    if all(L.module is not model for L in plan.layers) and all(m is not model for m, _ in plan.shadows):
+        try:
+            _PLANS[model] = (fp, plan)
+        except TypeError:
+            pass
+        return _copy_plan(plan)
+    return plan
+
+
+def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     """Probes the model (forwards on 1 and 2 copies of one sample, grad enabled, state unchanged)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -831,6 +898,101 @@ def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
     return total
 
 
+def _flippable(L: _Layer) -> bool:
+    return L.kind in ("linear", "conv") and L.w_on and not _is_hadamard(L)
+
+
+def _layer_orders(plan: Plan, n_cap: float, pairs: float, mode: str, method: str, set_orders: bool = True) -> float:
+    """The FLOP model of the contractions of a kernel of ``pairs`` sample pairs whose samples are
+    captured ``n_cap`` times in all (a per-sample gradient block is formed once per capture).
+    With ``set_orders``, first sets each layer's order to its cheaper one (``method="auto"``)
+    or to ``method``."""
+    k = plan.k
+    total = 0.0
+    for L in plan.layers:
+        if _flippable(L):
+            jf, _ = _costs(L, 1, 0, k, mode)  # forming one sample's gradient block
+            jc, sc = _costs(L, 1, 1, k, mode)
+            jac, st = n_cap * jf + pairs * (jc - 2 * jf), pairs * sc
+            if set_orders:
+                L.method = ("jacobian" if jac <= st else "structured") if method == "auto" else method
+            total += jac if L.method == "jacobian" else st
+        else:
+            if set_orders:
+                if L.kind == "embedding":
+                    L.method = method
+                elif _is_hadamard(L):
+                    L.method = "structured"
+                else:
+                    L.method = "jacobian"
+            p = sum(t.numel() for t in _wb(L.module) if t is not None)
+            total += 2.0 * pairs * k * (k if mode == "full" else 1) * p
+    return total
+
+
+def _schedule(plan: Plan, n1: int, n2: int, same: bool, budget: int, c0: int, mode: str,
+              method: str = "auto") -> Tuple[int, int]:
+    """Chunk size c, panel size (samples of x1 whose factors are held at once, a multiple of c)
+    and each layer's contraction order, minimising the FLOP model of the whole kernel within
+    ``budget`` numbers (sets the orders). Every x1 sample is captured once, in its panel; x2's
+    chunks are captured once per panel (x2=None: only the chunks after the panel), so a bigger
+    panel means fewer recaptures; a smaller c, or a layer in the position-pair order (whose
+    factors are smaller than its per-sample gradients), leaves more of the budget to the panel.
+
+    Working memory: panel·held + c·(held + transients of one capture) ≤ budget."""
+    capture = (1 + 2 * plan.k) * plan.forward_flops  # per sample: forward + k-wide backward
+    pairs = n1 * (n1 + 1) / 2 if same else n1 * n2
+
+    def evaluate(c):
+        held, trans = _factor_numel(plan)
+        if c > 1 and c * (held + trans) > budget:
+            return None
+        fit = (budget - c * (held + trans)) // max(held, 1)
+        panel = n1 if fit >= n1 else max(c, (fit // c) * c)
+        npanel = -(-n1 // panel)
+        if same:  # panel q recaptures the samples after it
+            n_cap = n1 + sum(max(0, n1 - (q + 1) * panel) for q in range(npanel))
+        else:
+            n_cap = n1 + n2 * npanel
+        blocks = (-(-n1 // c)) * (-(-n2 // c)) / (2 if same else 1)
+        # a block costs its kernel launches and Python too (~5e6 FLOPs-equivalent per layer)
+        cost = (n_cap * capture + _layer_orders(plan, n_cap, pairs, mode, method, set_orders=False)
+                + blocks * 5e6 * len(plan.layers))
+        return cost, panel
+
+    cands = sorted({c0} | {c for c in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if c < c0}, reverse=True)
+    best = None
+    for c in cands:
+        _layer_orders(plan, n1 + (0 if same else n2), pairs, mode, method)  # per layer, no recapture
+        cur = evaluate(c)
+        if method == "auto" and cur is not None and cur[1] < n1:
+            # recaptures: greedily move layers to the order that improves the whole (memory included)
+            for _ in range(len(plan.layers)):
+                trial = None
+                for L in plan.layers:
+                    if not _flippable(L):
+                        continue
+                    old = L.method
+                    L.method = "structured" if old == "jacobian" else "jacobian"
+                    r = evaluate(c)
+                    if r is not None and r[0] < (trial[0][0] if trial else cur[0]):
+                        trial = (r, L, L.method)
+                    L.method = old
+                if trial is None:
+                    break
+                cur, trial[1].method = trial[0], trial[2]
+        if cur is None and c > 1:
+            continue
+        if cur is None:
+            cur = (float("inf"), c)
+        if best is None or cur[0] < 0.9 * best[0]:  # a smaller chunk must win clearly (GEMM efficiency)
+            best = (cur[0], c, cur[1], [L.method for L in plan.layers])
+    _, c, panel, orders = best
+    for L, m in zip(plan.layers, orders):
+        L.method = m
+    return c, panel
+
+
 # ============================================================================= the engine
 def _check_budget(memory_budget):
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
@@ -895,52 +1057,34 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         if plan.layers:
             n_max = max(n1, n2)
             c0 = min(n_max, chunk_size or n_max)
-            choose_methods(plan, min(c0, n1), min(c0, n2), mode, method)
-            held, trans = _factor_numel(plan)
-            total_held = (n1 + (0 if same else n2)) * held
-            c_fit = (budget - total_held) // max(trans, 1)
-            fits_all = c_fit >= 1
-            if fits_all:  # every factor fits: capture each chunk once, chunks bound the capture's transients
-                c = max(1, min(c0, c_fit))
-            else:  # factors of two chunks at a time; x2's chunks are recaptured for every x1 chunk
-                c = max(1, min(c0, budget // max(2 * (held + trans), 1)))
-            if c < c0:
-                choose_methods(plan, min(c, n1), min(c, n2), mode, method)
+            c, panel = _schedule(plan, n1, n2, same, budget, c0, mode, method)
             if info is not None:
-                info.update(methods=[L.method for L in plan.layers], chunk=c, cached=fits_all)
-            cache1 = {}
-
-            def get(x, s, e, cache):
-                if cache is not None and s in cache:
-                    return cache[s]
-                f = _factors(model, plan, x[s:e], batched)
-                if cache is not None and fits_all:
-                    cache[s] = f
-                return f
-
-            cache2 = cache1 if same else {}
+                info.update(methods=[L.method for L in plan.layers], chunk=c, panel=panel,
+                            cached=panel >= n1 and same)
             starts1 = list(range(0, n1, c))
-            for s1 in starts1:
-                e1 = min(s1 + c, n1)
-                f1 = get(x1, s1, e1, cache1)
-                for s2 in range(s1 if same else 0, n2, c):
+            starts2 = starts1 if same else list(range(0, n2, c))
+            step = max(1, panel // c)  # x1 chunks per panel
+            for p0 in range(0, len(starts1), step):
+                # the panel's factors are captured once and held; x2's chunks stream past them
+                held = {i: _factors(model, plan, x1[starts1[i]:min(starts1[i] + c, n1)], batched)
+                        for i in range(p0, min(p0 + step, len(starts1)))}
+                for j in range(p0 if same else 0, len(starts2)):
+                    s2 = starts2[j]
                     e2 = min(s2 + c, n2)
+                    f2 = held[j] if (same and j in held) else _factors(model, plan, xb[s2:e2], batched)
                     with torch.no_grad():
-                        if same and s2 == s1:
+                        for i, f1 in held.items():
+                            if same and i > j:
+                                continue
+                            s1 = starts1[i]
+                            e1 = min(s1 + c, n1)
                             blk = torch.zeros((e1 - s1) * rows, (e2 - s2) * rows, dtype=out_dtype, device=x1.device)
-                            _contract(blk, f1, None, k, mode, budget, method)
-                        else:
-                            f2 = get(xb, s2, e2, cache2)
-                            blk = torch.zeros((e1 - s1) * rows, (e2 - s2) * rows, dtype=out_dtype, device=x1.device)
-                            _contract(blk, f1, f2, k, mode, budget, method)
-                            del f2
-                        acc[s1 * rows:e1 * rows, s2 * rows:e2 * rows] = blk
-                        if same and s2 != s1:
-                            acc[s2 * rows:e2 * rows, s1 * rows:e1 * rows] = blk.T
-                if not fits_all:
-                    del f1
-            cache1.clear()
-            cache2.clear()
+                            _contract(blk, f1, None if (same and i == j) else f2, k, mode, budget, method)
+                            acc[s1 * rows:e1 * rows, s2 * rows:e2 * rows] = blk
+                            if same and i != j:
+                                acc[s2 * rows:e2 * rows, s1 * rows:e1 * rows] = blk.T
+                    del f2
+                held.clear()
         elif info is not None:
             info.update(methods=[], chunk=0)
         if plan.remainder:

@@ -406,3 +406,74 @@ def test_batched_backward_falls_back_to_a_loop_where_batching_fails(monkeypatch)
     got = structured.structured_ntk(m, x, mode="full")
     assert calls[0] is True and calls.count(False) == 3  # tried batched, then one pass per output
     assert_close_rel(got, want, rtol=1e-12)
+
+
+def test_panels_of_held_factors_with_streamed_chunks_agree():
+    # a budget that holds the factors of only part of x1: x1 is taken in panels, x2's chunks are
+    # recaptured once per panel (x2=None: only those after the panel); the kernel is unchanged
+    m = _cnn()
+    x1, x2 = _x(9, 3, 8, 8), _x(7, 3, 8, 8, seed=1)
+    plan = structured.make_plan(m, x1)
+    held, trans = structured._factor_numel(plan)
+    for mode in ("trace", "full"):
+        for b in (x2, None):
+            want = reference.ntk_oracle(m, x1, b, mode=mode)
+            for budget in (8 * (4 * held + 2 * (held + trans)), 8 * (2 * (held + trans))):
+                info = {}
+                got = structured.structured_ntk(m, x1, b, mode=mode, memory_budget=budget, info=info)
+                assert info["panel"] < x1.shape[0] and info["panel"] % info["chunk"] == 0, info
+                assert_close_rel(got, want, rtol=1e-10, what=f"{mode} {b is None} {budget} {info}")
+
+
+def test_schedule_prefers_fewer_recaptures_within_the_budget():
+    m = _cnn()
+    plan = structured.make_plan(m, _x(1, 3, 8, 8))
+    held, trans = structured._factor_numel(plan)
+    big = structured._schedule(plan, 50, 50, True, 10**9, 50, "trace")
+    assert big == (50, 50)  # everything fits: one chunk, nothing recaptured
+    c, panel = structured._schedule(plan, 50, 50, True, 20 * held + 4 * (held + trans), 50, "trace")
+    assert c < 50 and c <= panel < 50
+    held2, trans2 = structured._factor_numel(plan)  # the orders the schedule set
+    assert panel * held2 + c * (held2 + trans2) <= 20 * held + 4 * (held + trans)
+
+
+def test_plan_is_reused_until_the_model_changes():
+    m = _cnn()
+    x = _x(4, 3, 8, 8)
+    p1 = structured.make_plan(m, x)
+    p2 = structured.make_plan(m, x)
+    assert p1 is not p2 and p1.layers[0] is not p2.layers[0]  # copies: orders are per call
+    assert [L.module for L in p1.layers] == [L.module for L in p2.layers]
+    assert structured.plan_fingerprint(m, x) == structured.plan_fingerprint(m, x[:1])
+    before = structured.plan_fingerprint(m, x)
+    # every change a plan depends on changes the fingerprint, and the kernel follows the model
+    h = m.c3.register_forward_hook(lambda mod, a, out: 2 * out)
+    assert structured.plan_fingerprint(m, x) != before
+    _check(m, x, modes=("trace",), impl="auto")
+    h.remove()
+    assert structured.plan_fingerprint(m, x) == before
+    m.c2.weight.requires_grad_(False)
+    assert structured.plan_fingerprint(m, x) != before
+    _check(m, x, modes=("trace",), impl="auto")
+    m.c2.weight.requires_grad_(True)
+    m.c2.stride = (1, 1)
+    m.fc = nn.Linear(6 * 4 * 4, 3).double()
+    _check(m, x, modes=("trace", "full"), impl="auto")
+    assert structured.plan_fingerprint(m, x) != structured.plan_fingerprint(m, _x(4, 3, 16, 16))
+    m.train()
+    assert structured.plan_fingerprint(m, x) != before
+
+
+def test_a_model_that_is_its_own_layer_is_not_kept_alive_by_the_plan_cache():
+    import gc
+    import weakref
+
+    lin = nn.Linear(3, 2).double()
+    _check(lin, _x(4, 3), impl="structured")
+    ref = weakref.ref(lin)
+    seq = nn.Sequential(nn.Linear(3, 2)).double()
+    _check(seq, _x(4, 3), impl="structured")
+    ref2 = weakref.ref(seq)
+    del lin, seq
+    gc.collect()
+    assert ref() is None and ref2() is None
