@@ -14,6 +14,9 @@ command, and the stamp: date, commit, load average):
     python scripts/update_readme.py            # rewrite the tables in README.md
     python scripts/update_readme.py --check    # exit 1 if a table and its results file disagree
 
+The reproduction summary table (README.md and docs/REPRODUCTION.md, ``<!-- reproduction:… -->``) is
+rebuilt from docs/figures/*.json by lazyfast/experiments/claims.py.
+
 tests/test_readme_tables.py runs the check, so a table edited by hand, or a results file
 regenerated without updating the README, fails CI.
 """
@@ -293,6 +296,29 @@ def check(readme_path: pathlib.Path = ROOT / "README.md", results: pathlib.Path 
     return [k for k in TABLES if want[k] != have[k]]
 
 
+# ----------------------------------------------------------------------------- reproduction results
+# The reproduction summary table, in README.md and docs/REPRODUCTION.md, from docs/figures/*.json
+# (lazyfast/experiments/claims.py computes each row's result and verdict).
+FIGURES = ROOT / "docs" / "figures"
+REPRO_DOCS = (ROOT / "README.md", ROOT / "docs" / "REPRODUCTION.md")
+
+
+def render_reproduction(text: str, figures: pathlib.Path = FIGURES) -> str:
+    from lazyfast.experiments import claims
+
+    start, end = _markers("reproduction")
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"the document must contain exactly one {start} … {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{claims.table(figures)}\n{end}{tail}"
+
+
+def check_reproduction(paths=REPRO_DOCS, figures: pathlib.Path = FIGURES) -> list:
+    """The documents whose reproduction table differs from what docs/figures gives."""
+    return [str(p) for p in paths if render_reproduction(p.read_text(), figures) != p.read_text()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md and the results files disagree")
@@ -305,10 +331,17 @@ def main(argv=None) -> int:
         if bad:
             print(f"README.md tables out of date with their results files: {bad}; run python scripts/update_readme.py")
             return 1
-        print("README.md tables match their results files")
+        bad = check_reproduction()
+        if bad:
+            print(f"reproduction tables out of date with docs/figures: {bad}; run python scripts/update_readme.py")
+            return 1
+        print("README.md tables match their results files; the reproduction tables match docs/figures")
         return 0
     path.write_text(render(path.read_text(), results))
-    print(f"{path}: tables {', '.join(TABLES)} regenerated from {results}")
+    for doc in REPRO_DOCS:
+        doc.write_text(render_reproduction(doc.read_text()))
+    print(f"{path}: tables {', '.join(TABLES)} regenerated from {results}; reproduction tables in "
+          f"{', '.join(p.name for p in REPRO_DOCS)} regenerated from {FIGURES}")
     return 0
 
 

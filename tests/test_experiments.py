@@ -373,3 +373,21 @@ def test_tau_sweep_runs_over_disjoint_taus_merge_into_one_sweep():
         np.testing.assert_allclose(merged[0][key], full[0][key], rtol=1e-10)
     with pytest.raises(ValueError, match="share"):
         tau_sweep.merge_trials([a, a])
+
+
+def test_run_store_reports_the_compute_time_of_resumed_runs(tmp_path):
+    import time as _time
+
+    from lazyfast.experiments.common import RunStore
+
+    path = str(tmp_path / "runs.jsonl")
+    s = RunStore(path, fingerprint="f")
+    s.run("a", lambda: (_time.sleep(0.2), 1)[1])
+    t = s.timing()
+    assert t["runs_computed"] == 1 and t["runs_resumed"] == 0 and t["run_seconds"] >= 0.2
+    s2 = RunStore(path, fingerprint="f")  # a resumed process: the run is reused, its time is kept
+    assert s2.run("a", lambda: 2) == 1
+    s2.run("b", lambda: 3)
+    t2 = s2.timing()
+    assert t2["runs_resumed"] == 1 and t2["runs_computed"] == 1 and t2["run_seconds"] >= 0.2
+    assert t2["runs_without_time"] == 0

@@ -94,3 +94,33 @@ def test_cuda_only_line_table_matches_the_sources():
     if before is None:
         pytest.skip("not a git checkout with that commit")
     assert before == int(m.group(2))
+
+
+def test_reproduction_tables_match_docs_figures():
+    assert update_readme.check_reproduction() == [], "run: python scripts/update_readme.py"
+
+
+def test_a_changed_figure_file_changes_the_reproduction_table_and_its_verdict(tmp_path):
+    from lazyfast.experiments import claims
+
+    figures = tmp_path / "figures"
+    shutil.copytree(ROOT / "docs" / "figures", figures)
+    before = claims.table(figures)
+    data = json.loads((figures / "rates.json").read_text())
+    data["summary"]["slopes"]["param_gap"] = -1.5  # outside −2 ± 0.15
+    data["summary"]["within_tolerance"]["param_gap"] = False
+    (figures / "rates.json").write_text(json.dumps(data))
+    after = claims.table(figures)
+    row = next(line for line in after.splitlines() if line.startswith("| `rates`"))
+    assert row.endswith("| **no** |") and "−1.500" in row
+    assert update_readme.check_reproduction(figures=figures) == [str(p) for p in update_readme.REPRO_DOCS]
+    assert before != after
+
+
+def test_every_experiment_has_a_row():
+    from lazyfast.experiments import claims
+    from lazyfast.experiments import EXPERIMENTS
+
+    table = claims.table()
+    for name in EXPERIMENTS:
+        assert f"| `{name}`" in table, name

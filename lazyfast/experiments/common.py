@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -131,12 +132,18 @@ class RunStore:
         self.path = path
         self.fingerprint = fingerprint
         self._runs: Dict[str, Any] = {}
+        self._seconds: Dict[str, Optional[float]] = {}  # compute time of each run, when it was computed
+        self._from_disk: set = set()
+        self._used: set = set()  # keys returned by run() in this process
         self._log = None
         if path is not None:
             self._log = JsonlLog(path)
             for rec in self._log.records():
                 if rec.get("fingerprint") == fingerprint and "key" in rec and "result" in rec:
                     self._runs[rec["key"]] = rec["result"]
+                    sec = rec.get("seconds")
+                    self._seconds[rec["key"]] = float(sec) if isinstance(sec, (int, float)) else None
+                    self._from_disk.add(rec["key"])
 
     def __contains__(self, key: str) -> bool:
         return key in self._runs
@@ -150,22 +157,42 @@ class RunStore:
     def get(self, key: str):
         return self._runs[key]
 
-    def put(self, key: str, result: Any) -> None:
+    def put(self, key: str, result: Any, seconds: Optional[float] = None) -> None:
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
         result = json_safe(result)
         # canonical JSON round trip: what is returned now is exactly what a rerun will read
         result = json.loads(json.dumps(result, allow_nan=False))
         if self._log is not None:
-            self._log.append({"key": key, "fingerprint": self.fingerprint, "result": result})
+            rec = {"key": key, "fingerprint": self.fingerprint, "result": result}
+            if seconds is not None:
+                rec["seconds"] = float(seconds)
+            self._log.append(rec)
         self._runs[key] = result
+        self._seconds[key] = None if seconds is None else float(seconds)
+        self._from_disk.discard(key)
 
     def run(self, key: str, fn: Callable[[], Any]):
-        """The stored result for ``key``, or ``fn()`` computed now and appended."""
+        """The stored result for ``key``, or ``fn()`` computed now and appended (with its compute time)."""
+        self._used.add(key)
         if key in self._runs:
             return self._runs[key]
-        self.put(key, fn())
+        t0 = time.perf_counter()
+        result = fn()
+        self.put(key, result, seconds=time.perf_counter() - t0)
         return self._runs[key]
+
+    def timing(self) -> Dict[str, Any]:
+        """Compute time of the runs used (``run()``) in this process, resumed ones included:
+        ``run_seconds`` sums every used run's own compute time as recorded when it ran
+        (``runs_without_time`` counts used runs stored without one, e.g. by an older lazyfast),
+        ``runs_resumed`` / ``runs_computed`` split them into read from the store and computed now."""
+        used = sorted(self._used)
+        secs = [self._seconds.get(k) for k in used]
+        return {"run_seconds": sum(s for s in secs if s is not None),
+                "runs_without_time": sum(s is None for s in secs),
+                "runs_resumed": sum(k in self._from_disk for k in used),
+                "runs_computed": sum(k not in self._from_disk for k in used)}
 
 
 def data_fingerprint(*tensors, files=()) -> str:

@@ -46,7 +46,10 @@ def reproduce(name: str, preset: str = "quick", out: Optional[str] = None, *, pl
     t0 = time.perf_counter()
     result = module.run(cfg, store)
     result["preset"] = preset
+    # wall time of this process; a resumed run also reports the compute time of every run it
+    # reused (recorded when that run was computed), so a 45-minute sweep resumed in 1 s says so
     result["wall_seconds"] = time.perf_counter() - t0
+    result.update(store.timing())
     if out:
         os.makedirs(out, exist_ok=True)
         files = []
