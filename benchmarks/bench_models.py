@@ -10,7 +10,8 @@ its peak memory is its own) that builds the model and inputs from fixed seeds
 (:mod:`lazyfast.zoo`; bit-identical in every process), makes one warm-up call (its peak
 resident memory is measured with benchmarks/_memory.py), then ``--repeats`` timed calls
 (best of N) — or 2 timed calls when the warm-up took over ``--slow-seconds``; the number of
-timed calls is recorded. A child that exceeds ``--timeout`` is recorded as timed out. The
+timed calls is recorded (a row may set its own: ``repeats=0`` reports the one warm-up call, for
+calls of minutes). A child that exceeds ``--timeout`` is recorded as timed out. The
 kernel of every method is compared with the float64 kernel of the same model (a float64 copy)
 on the same inputs, computed by the tutorial's method; for the large CNNs on an evenly spread
 subset of the samples (the subset's block of the n×n kernel; recorded). A method whose
@@ -48,8 +49,11 @@ PEER_PKG = {"nngeometry GramMatrix": "nngeometry", "Opacus GradSampleModule + GE
             "BackPACK BatchGrad + GEMM": "backpack"}
 
 
-def R(id, model, n, mode, methods=ALL_METHODS, check_n=None, note=""):
-    return dict(id=id, model=model, n=n, mode=mode, methods=list(methods), check_n=check_n, note=note)
+def R(id, model, n, mode, methods=ALL_METHODS, check_n=None, note="", repeats=None):
+    """A row; ``repeats`` overrides the timed calls (0: the one warm-up call is the measurement,
+    for calls of minutes, where warm-up effects are negligible)."""
+    return dict(id=id, model=model, n=n, mode=mode, methods=list(methods), check_n=check_n, note=note,
+                repeats=repeats)
 
 
 ROWS_FULL = [
@@ -67,8 +71,8 @@ ROWS_FULL = [
       note="torchvision-architecture resnet18(num_classes=10), BatchNorm, eval"),
     R("transformer", "transformer", 64, "trace", note="2-layer nn.TransformerEncoder d=128 + head, seq 16"),
     R("token_transformer", "token_transformer", 64, "trace", note="Embedding(1000, 128) on token ids + the same"),
-    R("vgg11_1000_trace", "vgg11", 1000, "trace", ("lazyfast auto",), check_n=16,
-      note="VGG-11 n=1000: time and peak memory (target ≤ 4 GB)"),
+    R("vgg11_1000_trace", "vgg11", 1000, "trace", ("lazyfast auto",), check_n=16, repeats=0,
+      note="VGG-11 n=1000: time and peak memory (target ≤ 4 GB); one call"),
 ]
 ROWS_QUICK = [
     R("mlp", "tiny_mlp", 64, "trace"),
@@ -301,13 +305,17 @@ def child(spec: dict) -> dict:
         fn = make_method(method, model, x, row["mode"], spec["budget"], info)
         K, t_warm, peak, before = _memory.measure(fn)
         rec.update(warmup_seconds=t_warm, peak_rss_mb=peak / 2**20, extra_peak_mb=(peak - before) / 2**20)
-        reps = spec["repeats"] if t_warm <= spec["slow_seconds"] else 2
+        reps = spec["repeats"] if t_warm <= spec["slow_seconds"] else min(2, spec["repeats"])
+        if row.get("repeats") is not None:
+            reps = row["repeats"]
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        rec.update(seconds=min(times), times=times, timed_runs=reps, info=info)
+        if not times:  # the warm-up call is the measurement (one cold call)
+            times = [t_warm]
+        rec.update(seconds=min(times), times=times, timed_runs=reps if reps else "1 (cold)", info=info)
         idx = check_index(row["n"], row["check_n"])
         K = K.detach()
         torch.save(K[idx][:, idx].double().clone(), spec["kernel_path"])
@@ -485,7 +493,8 @@ def format_md(res: dict) -> str:
          f"{m['load_before'][1]:.2f}/{m['load_before'][2]:.2f}, after {m['load_after'][0]:.2f}/"
          f"{m['load_after'][1]:.2f}/{m['load_after'][2]:.2f}; total wall {m['wall_seconds'] / 60:.1f} min.", "",
          f"Protocol: fresh process per method; one warm-up call (its peak RSS reported), then best of "
-         f"{p['repeats']} timed calls (2 when the warm-up exceeded {p['slow_seconds']:g} s); float32, x2=None; "
+         f"{p['repeats']} timed calls (2 when the warm-up exceeded {p['slow_seconds']:g} s; rows whose timed runs "
+         f"read \"1 (cold)\" report their one call, for calls of minutes); float32, x2=None; "
          f"relative error = max|K − K64| / max|K64| against the float64 kernel (tutorial's method on a float64 "
          f"copy); a method above {p['wrong_tol']:g} is marked **wrong** and not counted as a peer. The tutorial "
          f"builds J once for the whole batch when it fits in {p['tutorial_budget_bytes'] / 2**30:.0f} GiB "
