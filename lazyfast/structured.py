@@ -719,10 +719,19 @@ def _is_hadamard(L: _Layer) -> bool:
     return L.kind == "linear" and L.w_on and L.calls == 1 and len(L.in_shapes[0]) == 1
 
 
-def _factors(model, plan: Plan, x: torch.Tensor, batched: bool) -> _Factors:
+def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Optional[_Factors]:
+    """The factors of every rule layer for the samples ``x`` (one capture). With ``sink``, each
+    layer's factors are handed to ``sink(factors)`` as soon as they are formed and then dropped
+    (the single-layer linear stacks of ``hadamard_gram_sum`` go together at the end), so only one
+    layer's per-sample gradient block is alive at a time; returns None then."""
     caps = _capture(model, plan, x, batched)
     f = _Factors(x.shape[0])
     for L in plan.layers:
+        if sink is not None and (f.jac or f.st or f.emb):
+            hd, hh, hg, hb = f.hd, f.hh, f.hg, f.hb
+            f.hd, f.hh, f.hg, f.hb = [], [], [], []
+            sink(f)
+            f = _Factors(x.shape[0], hd=hd, hh=hh, hg=hg, hb=hb)
         cap = caps.pop(id(L.module))
         if L.kind == "norm":
             f.jac.extend(_norm_jac(L, cap))
@@ -743,6 +752,10 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool) -> _Factors:
             else:
                 f.st.append((L, u, d))
         del cap
+    if sink is not None:
+        if f.jac or f.st or f.emb or f.hd:
+            sink(f)
+        return None
     return f
 
 
@@ -1064,6 +1077,13 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
             starts1 = list(range(0, n1, c))
             starts2 = starts1 if same else list(range(0, n2, c))
             step = max(1, panel // c)  # x1 chunks per panel
+            if same and len(starts1) == 1:  # one chunk: each layer is contracted as soon as it is formed
+                def sink(f):
+                    with torch.no_grad():
+                        _contract(acc, f, None, k, mode, budget, method)
+
+                _factors(model, plan, x1, batched, sink=sink)
+                starts1 = []
             for p0 in range(0, len(starts1), step):
                 # the panel's factors are captured once and held; x2's chunks stream past them
                 held = {i: _factors(model, plan, x1[starts1[i]:min(starts1[i] + c, n1)], batched)
