@@ -9,6 +9,7 @@ command, and the stamp: date, commit, load average):
     mlp              benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
     engine           benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
     models           benchmarks/results/models_cpu.json        python benchmarks/bench_models.py …
+                     (+ models_cpu_update.json: later runs of some rows, --out …_update)
     nt               benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
 
     python scripts/update_readme.py            # rewrite the tables in README.md
@@ -198,16 +199,49 @@ def _models_stamp(file: str, m: dict) -> str:
             f"{threads} threads).*")
 
 
+# the main run of every row, then later runs of some rows (each file stamped; a later file's row
+# replaces the same row of an earlier one, and the table says which run each row comes from)
+MODELS_FILES = ("models_cpu.json", "models_cpu_update.json")
+
+
+def _bench_models():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_models", ROOT / "benchmarks" / "bench_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def merged_models(results: pathlib.Path):
+    """[(file, run dict)] of the models results present, and the merged rows [(row, run index)]."""
+    runs = [(f, _load(f, results)) for f in MODELS_FILES if (results / f).exists()]
+    bm = _bench_models()
+    order = {r["id"]: i for i, r in enumerate(bm.ROWS_FULL)}
+    rows: Dict[str, tuple] = {}
+    for i, (_, r) in enumerate(runs):
+        for row in r["rows"]:
+            rows[row["id"]] = (row, i)
+    merged = sorted(rows.values(), key=lambda t: order.get(t[0]["id"], len(order)))
+    return runs, merged
+
+
 def table_models(results: pathlib.Path) -> str:
-    r = _load("models_cpu.json", results)
+    runs, merged = merged_models(results)
     tut = "torch.func tutorial (J once)"
-    lines = [_models_stamp("models_cpu.json", r["machine"]), "",
-             "Float32, x2 = None; fresh process per method, one warm-up, best of 3 (2 when a call takes > 20 s); "
-             "every kernel checked against float64 (a method more than 1e-3 off is marked wrong and never counted).", "",
-             "| model | n | mode | lazyfast `auto` | tutorial (J once) | tutorial / auto | best correct peer | peer / auto | "
-             "auto f32 error vs f64 | peers wrong or failing |",
-             "|---|---:|---|---:|---:|---:|---|---:|---:|---|"]
-    for row in r["rows"]:
+    tag = "abcdefgh"
+    lines = []
+    for i, (f, r) in enumerate(runs):
+        lines.append(_models_stamp(f, r["machine"]) + (f" Run ({tag[i]})." if len(runs) > 1 else ""))
+        lines.append("")
+    lines += ["Float32, x2 = None; fresh process per method, one warm-up, best of 3 (2 when a call takes > 20 s; "
+              "\"1 call\": the one call is the measurement); every kernel checked against float64 (a method more "
+              "than 1e-3 off is marked wrong and never counted). The floor is one forward + backward plus the "
+              "J·Jᵀ GEMM: no method that forms per-example gradients can beat it.", "",
+              "| model | n | mode | lazyfast `auto` | tutorial (J once) | tutorial / auto | best correct peer | peer / auto | "
+              "auto f32 error vs f64 | peers wrong or failing | run |",
+              "|---|---:|---|---:|---:|---:|---|---:|---:|---|---|"]
+    for row, i in merged:
         by = {x["method"]: x for x in row["results"]}
         a = by.get("lazyfast auto")
         if a is None or a.get("seconds") is None:
@@ -215,7 +249,11 @@ def table_models(results: pathlib.Path) -> str:
         t = by.get(tut)
         tcell = _s(t["seconds"]) if t and t.get("seconds") else "—"
         tr = _x(t["seconds"] / a["seconds"]) if t and t.get("seconds") else ""
-        peers = [x for m, x in by.items() if m not in ("lazyfast auto", "lazyfast structured", "layerwise_ntk", tut)]
+        floor = next((x for m, x in by.items() if m.startswith("floor") and x.get("seconds")), None)
+        if floor is not None:
+            tcell += f" (floor {_s(floor['seconds'])})"
+        peers = [x for m, x in by.items() if m not in ("lazyfast auto", "lazyfast structured", "layerwise_ntk", tut)
+                 and not m.startswith("floor")]
         ok = [x for x in peers if x.get("seconds") and x.get("correct")]
         best = min(ok, key=lambda x: x["seconds"]) if ok else None
         pcell = f"{best['method'].split()[0]} {_s(best['seconds'])}" if best else "—"
@@ -223,12 +261,15 @@ def table_models(results: pathlib.Path) -> str:
         bad = [x["method"].split()[0] + (" wrong" if x.get("seconds") else " failed") for x in peers
                if not (x.get("seconds") and x.get("correct"))]
         err = a.get("rel_err")
-        lines.append(f"| {row['note'] or row['model']} | {row['n']} | {row['mode']} | {_s(a['seconds'])} | {tcell} | {tr} | "
-                     f"{pcell} | {pr} | {err:.1e} | {', '.join(bad) or '—'} |")
+        calls = " (1 call)" if str(a.get("timed_runs", "")).startswith("1 (cold)") else ""
+        mem = f", peak {a['peak_rss_mb'] / 1024:.2f} GB" if row["n"] >= 1000 else ""
+        lines.append(f"| {row['note'] or row['model']} | {row['n']} | {row['mode']} | {_s(a['seconds'])}{calls}{mem} | "
+                     f"{tcell} | {tr} | {pcell} | {pr} | {err:.1e} | {', '.join(bad) or '—'} | {tag[i]} |")
     lines += ["", "| target | goal | measured | met? |", "|---|---|---:|---|"]
-    for t in r["targets"]:
+    for t in _bench_models().targets([row for row, _ in merged]):
         v = t["measured"]
-        lines.append(f"| {t['target']} | {t['goal']} | {v:.3g} | {'yes' if t['met'] else '**no**'} |")
+        lines.append(f"| {t['target']} | {t['goal']} | {'' if v is None else f'{v:.3g}'} | "
+                     f"{'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
     return "\n".join(lines)
 
 
