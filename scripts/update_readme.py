@@ -237,7 +237,7 @@ def table_models(results: pathlib.Path) -> str:
     lines += ["Float32, x2 = None; fresh process per method, one warm-up, best of 3 (2 when a call takes > 20 s; "
               "\"1 call\": the one call is the measurement); every kernel checked against float64 (a method more "
               "than 1e-3 off is marked wrong and never counted). The floor is one forward + backward plus the "
-              "J·Jᵀ GEMM: no method that forms per-example gradients can beat it.", "",
+              "J·Jᵀ GEMM over all parameters: no method that forms dense per-example gradients can beat it (lazyfast's Embedding rule forms sparse ones, hence auto below the floor on token ids).", "",
               "| model | n | mode | lazyfast `auto` | tutorial (J once) | tutorial / auto | best correct peer | peer / auto | "
               "auto f32 error vs f64 | peers wrong or failing | run |",
               "|---|---:|---|---:|---:|---:|---|---:|---:|---|---|"]
