@@ -344,20 +344,34 @@ FIGURES = ROOT / "docs" / "figures"
 REPRO_DOCS = (ROOT / "README.md", ROOT / "docs" / "REPRODUCTION.md")
 
 
-def render_reproduction(text: str, figures: pathlib.Path = FIGURES) -> str:
+def _repro_blocks():
+    """block name → (generator(figures), the documents that must hold it)."""
     from lazyfast.experiments import claims
 
-    start, end = _markers("reproduction")
-    if text.count(start) != 1 or text.count(end) != 1:
-        raise ValueError(f"the document must contain exactly one {start} … {end} block")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{claims.table(figures)}\n{end}{tail}"
+    return {"reproduction": (claims.table, REPRO_DOCS),
+            "cnn-alpha": (claims.cnn_alpha_section, REPRO_DOCS[1:]),
+            "cnn-sweep": (claims.cnn_sweep_section, REPRO_DOCS[1:])}
+
+
+def render_reproduction(text: str, figures: pathlib.Path = FIGURES, path: pathlib.Path = None) -> str:
+    """``text`` with its generated reproduction blocks rebuilt from ``figures`` (the blocks a
+    document must hold are in ``_repro_blocks``; ``path`` names the document, default README.md)."""
+    path = pathlib.Path(path or REPRO_DOCS[0])
+    for name, (fn, docs) in _repro_blocks().items():
+        if path.name not in {d.name for d in docs}:
+            continue
+        start, end = _markers(name)
+        if text.count(start) != 1 or text.count(end) != 1:
+            raise ValueError(f"{path.name} must contain exactly one {start} … {end} block")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{fn(figures)}\n{end}{tail}"
+    return text
 
 
 def check_reproduction(paths=REPRO_DOCS, figures: pathlib.Path = FIGURES) -> list:
-    """The documents whose reproduction table differs from what docs/figures gives."""
-    return [str(p) for p in paths if render_reproduction(p.read_text(), figures) != p.read_text()]
+    """The documents whose generated reproduction blocks differ from what docs/figures gives."""
+    return [str(p) for p in paths if render_reproduction(p.read_text(), figures, p) != p.read_text()]
 
 
 def main(argv=None) -> int:
@@ -380,7 +394,7 @@ def main(argv=None) -> int:
         return 0
     path.write_text(render(path.read_text(), results))
     for doc in REPRO_DOCS:
-        doc.write_text(render_reproduction(doc.read_text()))
+        doc.write_text(render_reproduction(doc.read_text(), FIGURES, doc))
     print(f"{path}: tables {', '.join(TABLES)} regenerated from {results}; reproduction tables in "
           f"{', '.join(p.name for p in REPRO_DOCS)} regenerated from {FIGURES}")
     return 0
