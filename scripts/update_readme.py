@@ -201,7 +201,7 @@ def _models_stamp(file: str, m: dict) -> str:
 
 # the main run of every row, then later runs of some rows (each file stamped; a later file's row
 # replaces the same row of an earlier one, and the table says which run each row comes from)
-MODELS_FILES = ("models_cpu.json", "models_cpu_update.json")
+MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mode.json")
 
 
 def _bench_models():
