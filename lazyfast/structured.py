@@ -326,17 +326,35 @@ def _wb(m):
     return m._parameters.get("weight"), m._parameters.get("bias")
 
 
-_SIMPLE = (int, float, bool, str, type(None))
+_SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
-def _simple(v) -> bool:
-    return isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(e, _SIMPLE) for e in v))
+def _simple(v, depth: int = 2) -> bool:
+    """Plain values (numbers, strings, dtypes, devices) and short lists / tuples / dicts of them."""
+    if isinstance(v, _SIMPLE):
+        return True
+    if depth and isinstance(v, (tuple, list)) and len(v) <= 64:
+        return all(_simple(e, depth - 1) for e in v)
+    if depth and isinstance(v, dict) and len(v) <= 64:
+        return all(isinstance(k, str) and _simple(e, depth - 1) for k, e in v.items())
+    return False
+
+
+def _frozen(v):
+    if isinstance(v, list):
+        return ("list",) + tuple(_frozen(e) for e in v)
+    if isinstance(v, dict):
+        return ("dict",) + tuple((k, _frozen(e)) for k, e in v.items())
+    if isinstance(v, tuple):
+        return tuple(_frozen(e) for e in v)
+    return v
 
 
 def plan_fingerprint(model: nn.Module, x: torch.Tensor) -> tuple:
     """Everything a :class:`Plan` depends on: the per-sample input shape, dtype and device; every
     module's identity, class, training flag, instance-level ``forward``, hooks and plain attributes
-    (stride, padding, eps, batch_first, weight_multiplier, ...); every parameter's identity, shape,
+    (numbers, strings, dtypes and short lists / tuples / dicts of them: stride, padding, eps,
+    batch_first, weight_multiplier, ...); every parameter's identity, shape,
     dtype, device and ``requires_grad``; buffer shapes; the global module hooks. Parameter *values*
     are not part of it (a plan does not depend on them)."""
     from torch.nn.modules import module as _mod
@@ -344,7 +362,8 @@ def plan_fingerprint(model: nn.Module, x: torch.Tensor) -> tuple:
     mods = []
     for name, m in model.named_modules():
         d = m.__dict__
-        attrs = tuple((a, v) for a, v in d.items() if not a.startswith("_") and a != "training" and _simple(v))
+        attrs = tuple((a, _frozen(v)) for a, v in d.items() if not a.startswith("_") and a != "training"
+                      and _simple(v))
         fwd = d.get("forward")
         mods.append((name, id(m), type(m), m.training, None if fwd is None else id(fwd), attrs,
                      tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),

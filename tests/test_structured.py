@@ -477,3 +477,25 @@ def test_a_model_that_is_its_own_layer_is_not_kept_alive_by_the_plan_cache():
     del lin, seq
     gc.collect()
     assert ref() is None and ref2() is None
+
+
+def test_plan_follows_a_list_attribute_that_reroutes_the_forward():
+    class Route(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+            self.order = ["a", "b"]
+
+        def forward(self, x):
+            for name in self.order:
+                x = torch.tanh(getattr(self, name)(x))
+            return self.head(x)
+
+    m = Route().double()
+    x = _x(4, 3)
+    _check(m, x, impl="auto")
+    before = structured.plan_fingerprint(m, x)
+    m.order = ["a", "a", "b"]  # `a` now runs twice: a new plan, still exact
+    assert structured.plan_fingerprint(m, x) != before
+    _check(m, x, impl="auto")
