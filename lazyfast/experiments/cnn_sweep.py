@@ -826,7 +826,10 @@ def report_markdown(result: dict) -> str:
     the summary-table rows, one per-α table per architecture and the verdict."""
     lines = ["Summary rows (README / REPRODUCTION summary table):", ""] + table_rows(result) + [""]
     m = result.get("machine", {})
-    lines.append(f"Run: `{result.get('preset')}` preset, {result.get('wall_seconds', 0) / 3600:.2f} h wall on "
+    secs = [r.get("seconds") for r in result.get("runs", []) if isinstance(r, dict) and r.get("seconds") is not None]
+    lines.append(f"Run: `{result.get('preset')}` preset, {len(secs)} runs, {sum(secs) / 3600:.2f} h of compute in all "
+                 f"(each run's own time, one torch thread each; {result.get('wall_seconds', 0):.0f} s wall for the "
+                 f"process that collected them) on "
                  f"{m.get('host', '?')} ({m.get('cpus', '?')} cores, {m.get('threads', '?')} thread(s) per process, "
                  f"load average at the end {(m.get('loadavg_at_end') or ['?'])[0]}), {m.get('date_utc', '?')} UTC; "
                  f"{result['dataset']}, {result['n_train']} train / {result['n_val']} validation / "
