@@ -194,6 +194,12 @@ def table(figures: Optional[pathlib.Path] = None) -> str:
                 found = found[:1]
             for f in found:
                 lines += cnn_sweep_rows(json.loads((figures / f).read_text()))
+            if found and CNN_SWEEP_FILES[0] not in found:
+                for f, arch in ((CNN_SWEEP_FILES[1], "vgg11"), (CNN_SWEEP_FILES[2], "resnet18")):
+                    if f not in found:
+                        lines.append(f"| `{name}` {arch} | `cpu` preset, not finished | deep CNNs degrade in the lazy "
+                                     "regime (criterion fixed in `lazyfast/experiments/cnn_sweep.py`) | – (its finished "
+                                     "runs are in docs/figures/cnn-sweep-runs/: docs/REPRODUCTION.md) | not yet known |")
             if not found:
                 lines.append(f"| `{name}` | not yet run | deep CNNs degrade in the lazy regime (criterion fixed in "
                              "`lazyfast/experiments/cnn_sweep.py`) | – | not yet known |")
