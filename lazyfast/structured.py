@@ -901,19 +901,25 @@ def choose_methods(plan: Plan, n1: int, n2: int, mode: str, method: str = "auto"
     """Sets (and returns) each layer's contraction order for chunk pairs of n1 × n2 samples."""
     out = []
     for L in plan.layers:
-        if L.kind == "norm" or (L.kind in ("linear", "conv") and not L.w_on):
-            L.method = "jacobian"
-        elif L.kind == "embedding":
-            L.method = method
-        elif _is_hadamard(L):
-            L.method = "structured"
-        elif method != "auto":
-            L.method = method
+        fixed = _fixed_order(L, method)
+        if fixed is not None:
+            L.method = fixed
         else:
             jc, st = _costs(L, n1, n2, plan.k, mode)
             L.method = "jacobian" if jc <= st else "structured"
         out.append(L.method)
     return out
+
+
+def _fixed_order(L: _Layer, method: str) -> Optional[str]:
+    """The contraction order of a layer whose order is not the FLOP model's to choose (None: it is)."""
+    if L.kind == "norm" or (L.kind in ("linear", "conv") and not L.w_on):
+        return "jacobian"
+    if L.kind == "embedding":
+        return method  # chosen per chunk pair by _add_embedding when "auto"
+    if _is_hadamard(L):
+        return "structured"
+    return None if method == "auto" else method
 
 
 def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
@@ -947,16 +953,11 @@ def _layer_orders(plan: Plan, n_cap: float, pairs: float, mode: str, method: str
             jc, sc = _costs(L, 1, 1, k, mode)
             jac, st = n_cap * jf + pairs * (jc - 2 * jf), pairs * sc
             if set_orders:
-                L.method = ("jacobian" if jac <= st else "structured") if method == "auto" else method
+                L.method = _fixed_order(L, method) or ("jacobian" if jac <= st else "structured")
             total += jac if L.method == "jacobian" else st
         else:
             if set_orders:
-                if L.kind == "embedding":
-                    L.method = method
-                elif _is_hadamard(L):
-                    L.method = "structured"
-                else:
-                    L.method = "jacobian"
+                L.method = _fixed_order(L, method)
             p = sum(t.numel() for t in _wb(L.module) if t is not None)
             total += 2.0 * pairs * k * (k if mode == "full" else 1) * p
     return total
