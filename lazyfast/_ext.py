@@ -119,6 +119,39 @@ def kernels_for(device: torch.device | str) -> bool:
     return False
 
 
+def check_op_tensors(op: str, *args) -> None:
+    """The device / dtype / layout checks of the compiled launchers (``check_op_tensors`` in
+    csrc/checks.h), for the fake kernels of the raw ops.
+
+    ``args`` are ``(name, value)`` pairs in schema order, ``value`` a tensor, None (an absent
+    optional, skipped) or a list of tensors (element ``l`` is named ``name[l]``). Every tensor
+    must be strided (not sparse, mkldnn or nested), with the dtype (float32 or float64) and on
+    the device of the first one. The fake kernel is also the Meta kernel, so a call with one
+    tensor on ``meta`` and the rest on the CPU lands here: without this check it returned an
+    uninitialized CPU tensor. Raises RuntimeError (as TORCH_CHECK does) naming the op and the
+    argument, e.g. ``lazyfast: two_layer_ntk: B is on meta but x1 is on cpu``.
+    """
+    ref = ref_name = None
+    for name, value in args:
+        if value is None:
+            continue
+        items = [(f"{name}[{l}]", t) for l, t in enumerate(value)] if isinstance(value, (list, tuple)) \
+            else [(name, value)]
+        for label, t in items:
+            torch._check(not t.is_nested and t.layout == torch.strided,
+                         lambda: f"lazyfast: {op}: {label} must be a strided (dense) tensor, got "
+                                 f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+            if ref is None:
+                ref, ref_name = t, label
+                torch._check(t.dtype in (torch.float32, torch.float64),
+                             lambda: f"lazyfast: {op}: {label} must be float32 or float64, got {t.dtype}")
+                continue
+            torch._check(t.device == ref.device,
+                         lambda: f"lazyfast: {op}: {label} is on {t.device} but {ref_name} is on {ref.device}")
+            torch._check(t.dtype == ref.dtype,
+                         lambda: f"lazyfast: {op}: {label} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
 def cuda_version() -> int:
     """CUDA runtime version the extension was compiled against; -1 without CUDA kernels or extension."""
     if _C is None:

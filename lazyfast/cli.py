@@ -105,7 +105,13 @@ def _build_model(args):
         if not os.path.isfile(args.model):
             raise CLIError(f"--model {args.model}: no such file")
         try:
+            # weights_only=False: the file holds a whole pickled module (torch.save(model, path)),
+            # which the safe weights-only unpickler refuses; a .pt given here is trusted code.
             model = torch.load(args.model, map_location="cpu", weights_only=False)
+        except (AttributeError, ModuleNotFoundError, ImportError) as e:
+            raise CLIError(f"--model {args.model}: cannot load it ({type(e).__name__}: {e}); a pickled module "
+                           "loads only where its class can be imported: define it in a module on the Python "
+                           "path, not in the __main__ script that saved it") from None
         except Exception as e:
             raise CLIError(f"--model {args.model}: cannot load it ({type(e).__name__}: {e})") from None
         if not isinstance(model, torch.nn.Module):
@@ -137,8 +143,11 @@ def _load_inputs(args, model):
             obj, x2 = obj["x1"], obj.get("x2")
         if not isinstance(obj, torch.Tensor) or not (x2 is None or isinstance(x2, torch.Tensor)):
             raise CLIError(f"--data {args.data}: expected a tensor or a dict with 'x1' (and optional 'x2') tensors")
-        if not obj.is_floating_point() or (x2 is not None and not x2.is_floating_point()):
-            raise CLIError(f"--data {args.data}: the inputs must be floating-point tensors")
+        for name, t in (("x1", obj), ("x2", x2)):
+            # integer inputs (token ids) go to the model as they are, as lazyfast.empirical_ntk takes them
+            if t is not None and (t.dtype == torch.bool or t.is_complex()):
+                raise CLIError(f"--data {args.data}: {name} must be a floating-point tensor, or an integer one "
+                               f"(token ids) for a model that takes them; got dtype {t.dtype}")
         return obj, x2
     if not args.synthetic:
         raise CLIError("give --data FILE.pt or --synthetic N")
@@ -166,8 +175,9 @@ def _cmd_ntk(args) -> int:
         dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
         model = _build_model(args).to(dtype)
         x1, x2 = _load_inputs(args, model)
-        x1 = x1.to(dtype)
-        x2 = None if x2 is None else x2.to(dtype)
+        # --dtype casts real inputs only: integer inputs (token ids for an nn.Embedding) stay integers
+        x1 = x1.to(dtype) if x1.is_floating_point() else x1
+        x2 = x2.to(dtype) if x2 is not None and x2.is_floating_point() else x2
         if args.device == "cuda":
             dev = torch.device("cuda", torch.cuda.current_device())
             model, x1 = model.to(dev), x1.to(dev)
@@ -272,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Computes Θ(x1, x2) in row blocks; under torchrun each rank takes every "
                                     "WORLD_SIZE-th block. Finished blocks in --out are skipped on restart. "
                                     "(Option names avoid prefixes of torchrun's own options.)")
-    pn.add_argument("--model", default="twolayer", help="twolayer | mlp | vgg11 | resnet18 | a pickled module .pt")
+    pn.add_argument("--model", default="twolayer",
+                    help="twolayer | mlp | vgg11 | resnet18 | a .pt file of a whole module (torch.save(model, path); "
+                         "its class must be importable)")
     pn.add_argument("--input-dim", dest="d", type=_POS, default=100, help="input dimension (twolayer/mlp)")
     pn.add_argument("--width", dest="m", type=_POS, default=1024, help="width (twolayer)")
     pn.add_argument("--widths", type=_widths_arg, default=[512, 512], help="comma-separated hidden widths (mlp)")
@@ -280,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--channels", type=_POS, default=3, help="input channels (CNNs)")
     pn.add_argument("--activation", default="relu", choices=["identity", "relu", "tanh", "gelu", "softplus"])
     pn.add_argument("--bias", action="store_true")
-    pn.add_argument("--data", help="a .pt file holding x1, or a dict with x1 and optional x2")
+    pn.add_argument("--data", help="a .pt file holding x1, or a dict with x1 and optional x2 (floating-point "
+                                   "tensors, cast to --dtype, or integer ones such as token ids, kept as they are)")
     pn.add_argument("--synthetic", type=_NONNEG, default=0, help="use N synthetic inputs instead of --data")
     pn.add_argument("--mode", default="trace", choices=["trace", "full"])
     pn.add_argument("--implementation", default="auto", choices=["auto", "fused", "structured", "jacobian", "ntk_vp"])

@@ -49,16 +49,45 @@ def row_blocks(n: int, block_size: int):
     return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The values of ``t`` as bytes, for any tensor: 0-dim, any dtype (int64, bool, complex,
+    bfloat16, ...), non-contiguous or a view with the conjugate / negative bit, sparse (its
+    dense values), quantized (its dequantized values)."""
+    t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.numel() == 0:
+        return b""
+    # reshape(-1) first: view(torch.uint8) reinterprets the last dim, which a 0-dim tensor lacks
+    # ("self.dim() cannot be 0 to view Long as Byte" for a BatchNorm's num_batches_tracked)
+    return t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
     """SHA-256 over the model's parameters and buffers and the given tensors, so shards
-    of one problem are never mixed with shards of another."""
+    of one problem are never mixed with shards of another.
+
+    Every tensor counts by its name, shape, dtype and values (:func:`_tensor_bytes`: 0-dim
+    counters such as BatchNorm's ``num_batches_tracked``, integer and bool tensors,
+    non-contiguous views); buffers that ``state_dict`` leaves out (``persistent=False``) are
+    included after the ``state_dict`` entries, so a change of any parameter or buffer value
+    changes the fingerprint. Non-tensor entries of ``state_dict`` (a module's extra state)
+    count by their name and type only."""
     h = hashlib.sha256()
-    for name, t in list(model.state_dict().items()) + [(f"arg{i}", t) for i, t in enumerate(tensors)]:
+    entries = list(model.state_dict().items())
+    seen = {name for name, _ in entries}
+    entries += [(name, b) for name, b in model.named_buffers() if name not in seen]
+    for name, t in entries + [(f"arg{i}", t) for i, t in enumerate(tensors)]:
         if t is None:
             continue
         h.update(name.encode())
+        if not isinstance(t, torch.Tensor):
+            h.update(f"<{type(t).__module__}.{type(t).__qualname__}>".encode())
+            continue
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -143,9 +172,9 @@ def distributed_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
         :class:`DistributedNTKResult`; ``kernel`` is (n1, n2) or (n1, n2, k, k) on rank 0.
     """
     check_module(model)
-    check_input(x1, "x1", model)
+    check_input(x1, "x1", model, allow_integer=True)  # integer inputs (token ids), as empirical_ntk takes them
     if x2 is not None:
-        check_input(x2, "x2", model, like=x1)
+        check_input(x2, "x2", model, like=x1, allow_integer=True)
     check_mode(mode)
     gather, overwrite = check_bool(gather, "gather"), check_bool(overwrite, "overwrite")
     if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):

@@ -139,8 +139,10 @@ if _ext._C is not None and hasattr(torch.ops.lazyfast, "hadamard_gram_sum"):
 
     @torch.library.register_fake("lazyfast::hadamard_gram_sum")
     def _hadamard_gram_sum_fake(d1, h1, d2, h2, h_scale, beta, full):
-        """Shape checks of the op (as csrc/hadamard_gram_args.h does), then the output."""
+        """Device, dtype and layout checks of every factor (as csrc/checks.h does), shape checks
+        (as csrc/hadamard_gram_args.h does), then the output."""
         torch._check(len(d1) >= 1, lambda: "hadamard_gram_sum: d1 must hold at least one layer")
+        _ext.check_op_tensors("hadamard_gram_sum", ("d1", d1), ("h1", h1), ("d2", d2), ("h2", h2))
 
         def layers(d, h, nd, nh):
             torch._check(len(d) == len(h), lambda: f"hadamard_gram_sum: {nd} has {len(d)} layers but {nh} has {len(h)}")

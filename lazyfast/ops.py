@@ -60,6 +60,7 @@ if _ext._C is not None:
 
     @torch.library.register_fake("lazyfast::gram")
     def _gram_fake(j1, j2, accumulate_f64=False):
+        _ext.check_op_tensors("gram", ("j1", j1), ("j2", j2))
         torch._check(j1.dim() == 2 and j2.dim() == 2, lambda: "gram: j1 and j2 must be 2-D")
         torch._check(j1.shape[1] == j2.shape[1], lambda: "gram: j1 and j2 must have the same number of columns")
         return j1.new_empty((j1.shape[0], j2.shape[0]))

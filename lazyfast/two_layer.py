@@ -269,7 +269,8 @@ if _ext._C is not None:
 
     def _fake_weights(op, x, A, c, B, x_name="x"):
         """Shape checks of the fake kernels (torch.compile / meta tensors): the same
-        contract the compiled ops enforce with TORCH_CHECK."""
+        contract the compiled ops enforce with TORCH_CHECK (devices, dtypes and layouts:
+        :func:`lazyfast._ext.check_op_tensors`, called first by each fake kernel)."""
         torch._check(A.dim() == 2, lambda: f"{op}: A must be 2-D (m, d), got {tuple(A.shape)}")
         torch._check(B.dim() == 2 and B.shape[1] == A.shape[0],
                      lambda: f"{op}: B must be (k, m) with m = A.shape[0], got {tuple(B.shape)}")
@@ -282,6 +283,7 @@ if _ext._C is not None:
 
     @torch.library.register_fake("lazyfast::two_layer_ntk")
     def _ntk_fake(x1, x2, A, c, B, scale, activation, full):
+        _ext.check_op_tensors("two_layer_ntk", ("x1", x1), ("x2", x2), ("A", A), ("c", c), ("B", B))
         _fake_weights("two_layer_ntk", x1, A, c, B, "x1")
         if x2 is not None:
             _fake_weights("two_layer_ntk", x2, A, c, B, "x2")
@@ -291,6 +293,8 @@ if _ext._C is not None:
 
     @torch.library.register_fake("lazyfast::two_layer_jvp")
     def _jvp_fake(x, A, c, B, scale, activation, dA, dc, dB):
+        _ext.check_op_tensors("two_layer_jvp", ("x", x), ("A", A), ("c", c), ("B", B), ("dA", dA), ("dc", dc),
+                              ("dB", dB))
         _fake_weights("two_layer_jvp", x, A, c, B)
         given = [t for t in (dA, dc, dB) if t is not None]
         torch._check(len(given) > 0, lambda: "two_layer_jvp: needs at least one tangent: dA, dc or dB")
@@ -303,6 +307,7 @@ if _ext._C is not None:
 
     @torch.library.register_fake("lazyfast::two_layer_vjp")
     def _vjp_fake(x, A, c, B, scale, activation, r):
+        _ext.check_op_tensors("two_layer_vjp", ("x", x), ("A", A), ("c", c), ("B", B), ("r", r))
         _fake_weights("two_layer_vjp", x, A, c, B)
         torch._check(r.dim() == 2 and r.shape[0] == x.shape[0] and r.shape[1] == B.shape[0],
                      lambda: f"two_layer_vjp: r must be (n, k) = ({x.shape[0]}, {B.shape[0]}), got {tuple(r.shape)}")
@@ -310,6 +315,7 @@ if _ext._C is not None:
 
     @torch.library.register_fake("lazyfast::two_layer_ntk_vp")
     def _ntk_vp_fake(x1, x2, A, c, B, scale, activation, v):
+        _ext.check_op_tensors("two_layer_ntk_vp", ("x1", x1), ("x2", x2), ("A", A), ("c", c), ("B", B), ("v", v))
         _fake_weights("two_layer_ntk_vp", x1, A, c, B, "x1")
         if x2 is not None:
             _fake_weights("two_layer_ntk_vp", x2, A, c, B, "x2")

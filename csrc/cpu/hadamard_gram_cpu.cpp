@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
 #include "../hadamard_gram_aten.h"
 #include "lazyfast/hadamard_gram.h"
 
@@ -59,15 +60,19 @@ void mirror_cpu(at::Tensor& out, int64_t n, int64_t k) {
 at::Tensor hadamard_gram_sum_cpu(at::TensorList d1, at::TensorList h1, at::TensorList d2, at::TensorList h2,
                                  at::ArrayRef<double> h_scale, at::ArrayRef<double> beta, bool full) {
   TORCH_CHECK(!d1.empty(), "lazyfast: d1 must hold at least one layer");
-  TORCH_CHECK(d1[0].device().is_cpu(), "lazyfast: hadamard_gram_sum_cpu got tensors on ", d1[0].device());
+  check_op_tensors("hadamard_gram_sum", c10::DeviceType::CPU, {{"d1", d1}, {"h1", h1}, {"d2", d2}, {"h2", h2}});
   HadamardGramBackend be;
   be.accumulate = &accumulate_cpu;
   be.mirror = &mirror_cpu;
   return hadamard_gram_sum_aten(be, d1, h1, d2, h2, h_scale, beta, full);
 }
 
+void register_hadamard_gram_cpu(torch::Library& m) { m.impl("hadamard_gram_sum", &hadamard_gram_sum_cpu); }
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lazyfast, CPU, m) { m.impl("hadamard_gram_sum", &hadamard_gram_sum_cpu); }
+TORCH_LIBRARY_IMPL(lazyfast, CPU, m) { register_hadamard_gram_cpu(m); }
+TORCH_LIBRARY_IMPL(lazyfast, MkldnnCPU, m) { register_hadamard_gram_cpu(m); }
+LF_TORCH_LIBRARY_IMPL_LAYOUT_KEYS(CPU, register_hadamard_gram_cpu)
 
 }  // namespace lazyfast

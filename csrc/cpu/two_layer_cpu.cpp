@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks.h"
 #include "../two_layer_aten.h"
 
 namespace lazyfast {
@@ -114,6 +115,7 @@ TwoLayerBackend cpu_backend() {
 at::Tensor two_layer_ntk_cpu(const at::Tensor& x1, const std::optional<at::Tensor>& x2, const at::Tensor& A,
                              const std::optional<at::Tensor>& c, const at::Tensor& B, double scale,
                              int64_t activation, bool full) {
+  check_op_tensors("two_layer_ntk", c10::DeviceType::CPU, {{"x1", x1}, {"x2", x2}, {"A", A}, {"c", c}, {"B", B}});
   return two_layer_ntk_aten(cpu_backend(), x1, x2, A, c, B, scale, activation, full);
 }
 
@@ -122,6 +124,8 @@ at::Tensor two_layer_jvp_cpu(const at::Tensor& x, const at::Tensor& A, const std
                              const at::Tensor& B, double scale, int64_t activation,
                              const std::optional<at::Tensor>& dA, const std::optional<at::Tensor>& dc,
                              const std::optional<at::Tensor>& dB) {
+  check_op_tensors("two_layer_jvp", c10::DeviceType::CPU,
+                   {{"x", x}, {"A", A}, {"c", c}, {"B", B}, {"dA", dA}, {"dc", dc}, {"dB", dB}});
   return two_layer_jvp_aten(&activate_cpu, x, A, c, B, scale, activation, dA, dc, dB);
 }
 
@@ -130,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_cpu(const at::Tenso
                                                                  const std::optional<at::Tensor>& c,
                                                                  const at::Tensor& B, double scale,
                                                                  int64_t activation, const at::Tensor& r) {
+  check_op_tensors("two_layer_vjp", c10::DeviceType::CPU, {{"x", x}, {"A", A}, {"c", c}, {"B", B}, {"r", r}});
   return two_layer_vjp_aten(&activate_cpu, x, A, c, B, scale, activation, r);
 }
 
@@ -137,16 +142,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_cpu(const at::Tenso
 at::Tensor two_layer_ntk_vp_cpu(const at::Tensor& x1, const std::optional<at::Tensor>& x2, const at::Tensor& A,
                                 const std::optional<at::Tensor>& c, const at::Tensor& B, double scale,
                                 int64_t activation, const at::Tensor& v) {
+  check_op_tensors("two_layer_ntk_vp", c10::DeviceType::CPU,
+                   {{"x1", x1}, {"x2", x2}, {"A", A}, {"c", c}, {"B", B}, {"v", v}});
   return two_layer_ntk_vp_aten(&activate_cpu, x1, x2, A, c, B, scale, activation, v);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lazyfast, CPU, m) {
+void register_two_layer_cpu(torch::Library& m) {
   m.impl("two_layer_ntk", &two_layer_ntk_cpu);
   m.impl("two_layer_jvp", &two_layer_jvp_cpu);
   m.impl("two_layer_vjp", &two_layer_vjp_cpu);
   m.impl("two_layer_ntk_vp", &two_layer_ntk_vp_cpu);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lazyfast, CPU, m) { register_two_layer_cpu(m); }
+TORCH_LIBRARY_IMPL(lazyfast, MkldnnCPU, m) { register_two_layer_cpu(m); }
+LF_TORCH_LIBRARY_IMPL_LAYOUT_KEYS(CPU, register_two_layer_cpu)
 
 }  // namespace lazyfast

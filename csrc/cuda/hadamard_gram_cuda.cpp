@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../hadamard_gram_aten.h"
 #include "../precision.h"
 #include "cuda_check.h"
@@ -56,7 +57,7 @@ void mirror_cuda(at::Tensor& out, int64_t n, int64_t k) {
 at::Tensor hadamard_gram_sum_cuda(at::TensorList d1, at::TensorList h1, at::TensorList d2, at::TensorList h2,
                                   at::ArrayRef<double> h_scale, at::ArrayRef<double> beta, bool full) {
   TORCH_CHECK(!d1.empty(), "lazyfast: d1 must hold at least one layer");
-  TORCH_CHECK(d1[0].is_cuda(), "lazyfast: hadamard_gram_sum_cuda got tensors on ", d1[0].device());
+  check_op_tensors("hadamard_gram_sum", c10::DeviceType::CUDA, {{"d1", d1}, {"h1", h1}, {"d2", d2}, {"h2", h2}});
   const c10::cuda::CUDAGuard guard(d1[0].device());
   const CudaMatmulPrecisionGuard precision;
   HadamardGramBackend be;
@@ -68,8 +69,11 @@ at::Tensor hadamard_gram_sum_cuda(at::TensorList d1, at::TensorList h1, at::Tens
   return hadamard_gram_sum_aten(be, d1, h1, d2, h2, h_scale, beta, full);
 }
 
+void register_hadamard_gram_cuda(torch::Library& m) { m.impl("hadamard_gram_sum", &hadamard_gram_sum_cuda); }
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lazyfast, CUDA, m) { m.impl("hadamard_gram_sum", &hadamard_gram_sum_cuda); }
+TORCH_LIBRARY_IMPL(lazyfast, CUDA, m) { register_hadamard_gram_cuda(m); }
+LF_TORCH_LIBRARY_IMPL_LAYOUT_KEYS(CUDA, register_hadamard_gram_cuda)
 
 }  // namespace lazyfast

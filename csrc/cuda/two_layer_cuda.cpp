@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../precision.h"
 #include "../two_layer_aten.h"
 #include "cuda_check.h"
@@ -75,6 +76,7 @@ TwoLayerBackend cuda_backend() {
 at::Tensor two_layer_ntk_cuda(const at::Tensor& x1, const std::optional<at::Tensor>& x2, const at::Tensor& A,
                               const std::optional<at::Tensor>& c, const at::Tensor& B, double scale,
                               int64_t activation, bool full) {
+  check_op_tensors("two_layer_ntk", c10::DeviceType::CUDA, {{"x1", x1}, {"x2", x2}, {"A", A}, {"c", c}, {"B", B}});
   const c10::cuda::CUDAGuard guard(A.device());
   const CudaMatmulPrecisionGuard precision;
   return two_layer_ntk_aten(cuda_backend(), x1, x2, A, c, B, scale, activation, full);
@@ -85,6 +87,8 @@ at::Tensor two_layer_jvp_cuda(const at::Tensor& x, const at::Tensor& A, const st
                               const at::Tensor& B, double scale, int64_t activation,
                               const std::optional<at::Tensor>& dA, const std::optional<at::Tensor>& dc,
                               const std::optional<at::Tensor>& dB) {
+  check_op_tensors("two_layer_jvp", c10::DeviceType::CUDA,
+                   {{"x", x}, {"A", A}, {"c", c}, {"B", B}, {"dA", dA}, {"dc", dc}, {"dB", dB}});
   const c10::cuda::CUDAGuard guard(A.device());
   const CudaMatmulPrecisionGuard precision;
   return two_layer_jvp_aten(&activate_cuda, x, A, c, B, scale, activation, dA, dc, dB);
@@ -95,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_cuda(const at::Tens
                                                                   const std::optional<at::Tensor>& c,
                                                                   const at::Tensor& B, double scale,
                                                                   int64_t activation, const at::Tensor& r) {
+  check_op_tensors("two_layer_vjp", c10::DeviceType::CUDA, {{"x", x}, {"A", A}, {"c", c}, {"B", B}, {"r", r}});
   const c10::cuda::CUDAGuard guard(A.device());
   const CudaMatmulPrecisionGuard precision;
   return two_layer_vjp_aten(&activate_cuda, x, A, c, B, scale, activation, r);
@@ -104,18 +109,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_cuda(const at::Tens
 at::Tensor two_layer_ntk_vp_cuda(const at::Tensor& x1, const std::optional<at::Tensor>& x2, const at::Tensor& A,
                                  const std::optional<at::Tensor>& c, const at::Tensor& B, double scale,
                                  int64_t activation, const at::Tensor& v) {
+  check_op_tensors("two_layer_ntk_vp", c10::DeviceType::CUDA,
+                   {{"x1", x1}, {"x2", x2}, {"A", A}, {"c", c}, {"B", B}, {"v", v}});
   const c10::cuda::CUDAGuard guard(A.device());
   const CudaMatmulPrecisionGuard precision;
   return two_layer_ntk_vp_aten(&activate_cuda, x1, x2, A, c, B, scale, activation, v);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lazyfast, CUDA, m) {
+void register_two_layer_cuda(torch::Library& m) {
   m.impl("two_layer_ntk", &two_layer_ntk_cuda);
   m.impl("two_layer_jvp", &two_layer_jvp_cuda);
   m.impl("two_layer_vjp", &two_layer_vjp_cuda);
   m.impl("two_layer_ntk_vp", &two_layer_ntk_vp_cuda);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lazyfast, CUDA, m) { register_two_layer_cuda(m); }
+LF_TORCH_LIBRARY_IMPL_LAYOUT_KEYS(CUDA, register_two_layer_cuda)
 
 }  // namespace lazyfast
