@@ -14,11 +14,15 @@ parameters its rules do not cover to :func:`generic_ntk` this way.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp as _func_jvp, vjp as _func_vjp, vmap
+
+from lazyfast._outputs import ModelForwardError, _forward_detail, model_output
+from lazyfast._uses import AliasGuard, parameter_storages
 
 Params = Dict[str, torch.Tensor]
 
@@ -39,11 +43,44 @@ def _functional(model: nn.Module, names: Optional[Sequence[str]]):
     else:
         fixed = {}
 
+    storages = parameter_storages(model)
+    subs = list(fixed.values()) + list(params.values())
+
     def f(p: Params, x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**fixed, **p}, (x,), strict=False)
-        return out.reshape(x.shape[0], -1)
+        with AliasGuard(storages, subs + list(p.values())):
+            out = functional_call(model, {**fixed, **p}, (x,), strict=False)
+        return model_output(out, x.shape[0]).reshape(x.shape[0], -1)
 
     return f, params
+
+
+@contextlib.contextmanager
+def _transform_errors(model: nn.Module, x: Optional[torch.Tensor] = None):
+    """Turns torch.func failures on a model's forward into clear errors that say what in the model
+    the per-sample transforms (vmap / jacrev / jvp) cannot follow, and what to do; an IndexError
+    of the forward (token ids out of range) becomes a ModelForwardError about the inputs ``x``."""
+    try:
+        yield
+    except IndexError as e:
+        if x is None:
+            raise
+        raise ModelForwardError(_forward_detail(x, e)) from e
+    except RuntimeError as e:
+        msg = str(e)
+        rnn = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)), None)
+        if "setup_context" in msg:
+            why = ("the forward calls an autograd.Function that torch.func transforms cannot run (e.g. "
+                   "torch.utils.checkpoint(..., use_reentrant=True): use use_reentrant=False)")
+        elif "data-dependent control flow" in msg or ".item()" in msg:
+            why = ("the forward branches on the values of tensors (if x.sum() > 0: ..., .item()), which "
+                   "torch.func.vmap cannot follow per sample; compute the branch with torch.where instead")
+        elif rnn is not None:
+            why = (f"{type(rnn[1]).__name__} {rnn[0]!r}: recurrent layers (nn.RNN / GRU / LSTM) cannot be batched by "
+                   "torch.func.vmap, and lazyfast has no layer rule for them yet")
+        else:
+            raise
+        raise ValueError(f"the generic eNTK path (torch.func, per sample) cannot differentiate this model: {why}. "
+                         f"torch said: {msg.splitlines()[0][:200]}") from e
 
 
 def _k(model, x1, x2, k):
@@ -284,7 +321,7 @@ def generic_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] =
         raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
     from lazyfast.structured import StateGuard
 
-    with StateGuard(model):
+    with StateGuard(model), _transform_errors(model, x1):
         k = _k(model, x1, x2, k)
         empty = x1.shape[0] == 0 or (x2 is not None and x2.shape[0] == 0)
         if implementation == "auto":

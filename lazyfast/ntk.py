@@ -22,12 +22,15 @@ active dropout: call ``model.eval()``); no call changes a module's state.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from lazyfast import reference, two_layer
+from lazyfast import reference, selfcheck, two_layer
+from lazyfast._outputs import ModelForwardError, with_output
+from lazyfast.generic import _transform_errors
 from lazyfast._validation import (check_chunk_size, check_finite, check_input, check_memory_budget, check_mode, check_module,
                                   model_param_info)
 
@@ -110,9 +113,18 @@ def choose_implementation(model: nn.Module, x1: torch.Tensor, x2: Optional[torch
     return ("structured" if mixed <= min(whole["jacobian"], whole["ntk_vp"]) else "generic"), plan
 
 
+@contextlib.contextmanager
+def _naming(name: str):
+    """Re-raises a failure of the model's own forward naming the argument whose batch it was."""
+    try:
+        yield
+    except ModelForwardError as e:
+        raise ModelForwardError(e.detail, name=name) from e
+
+
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
                   implementation: str = "auto", chunk_size: Optional[int] = None,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, output_fn=None, check="auto") -> torch.Tensor:
     """Empirical neural tangent kernel Θ(x1, x2) of ``model`` at its current parameters.
 
     Args:
@@ -125,10 +137,21 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         chunk_size: samples (``"jacobian"``) or kernel columns (``"ntk_vp"``) per chunk;
             None lets ``"auto"`` size it from ``memory_budget``.
         memory_budget: bytes of Jacobians the generic path may hold at once.
+        output_fn: what the kernel is of when the model does not return one (n, k) tensor: an
+            attribute or key name (``"logits"`` for a Hugging Face ``ModelOutput``), an index into
+            a tuple, or a callable ``out -> tensor``.
+        check: the randomized self-check against autograd through the model
+            (:mod:`lazyfast.selfcheck`): ``"auto"`` runs it when its estimated cost is at most 10 %
+            of the call's, ``True`` always, ``False`` never. A failure raises
+            :class:`~lazyfast.selfcheck.SelfCheckError`.
 
     Returns:
         The kernel in the model's dtype, on the model's device.
     """
+    if check not in ("auto", True, False):
+        raise ValueError(f"check must be 'auto', True or False, got {check!r}")
+    check_module(model)
+    model = with_output(model, output_fn)
     _check_pair(model, x1, x2, allow_integer=True)
     check_mode(mode)
     chunk_size = check_chunk_size(chunk_size)
@@ -137,8 +160,18 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     # the kernel is not differentiable in the inputs: treat them as constants
     x1 = x1.detach()
     x2 = None if x2 is None else x2.detach()
+    with _naming("x1" if x2 is None or x1.shape[0] else "x2"), _transform_errors(model, x1):
+        K, k, used = _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget)
+    if check is True or (check == "auto" and selfcheck.check_cost_fraction(
+            x1.shape[0], None if x2 is None else x2.shape[0], k, mode) <= selfcheck.AUTO_MAX_FRACTION):
+        selfcheck.self_check(model, x1, x2, K, mode=mode, k=k, implementation=used)
+    return K
+
+
+def _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget):
+    """(kernel, k, implementation used)."""
     if _use_fused(model, implementation):
-        return two_layer.model_ntk(model, x1, x2, mode=mode).detach()
+        return two_layer.model_ntk(model, x1, x2, mode=mode).detach(), int(model.out_features), "fused"
     from lazyfast import generic, structured
 
     structured.check_independent(model)
@@ -148,15 +181,20 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         if implementation == "generic":
             implementation = "auto"
     if implementation == "structured":
-        return structured.structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget,
-                                         chunk_size=chunk_size, plan=plan)
+        K = structured.structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget, chunk_size=chunk_size,
+                                      plan=plan)
+        k = plan.k if plan is not None else (K.shape[-1] if mode == "full" else _out_features(model, x1))
+        return K, k, "structured"
     probe = {} if plan is None else dict(k=plan.k, forward_flops=plan.forward_flops, act_numel=plan.act_numel)
-    return generic.generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
-                               memory_budget=memory_budget, **probe)
+    if not probe:
+        probe["k"] = _out_features(model, x1 if x1.shape[0] or x2 is None else x2)
+    K = generic.generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
+                            memory_budget=memory_budget, **probe)
+    return K, probe["k"], "jacobian" if implementation == "auto" else implementation
 
 
 def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
-        implementation: str = "auto") -> torch.Tensor:
+        implementation: str = "auto", output_fn=None) -> torch.Tensor:
     """Batched Jacobian-vector products J(w, x)·V for T tangents at once.
 
     Args:
@@ -168,18 +206,22 @@ def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
         (T, n, k).
     """
     check_module(model)
+    model = with_output(model, output_fn)
     check_input(x, "x", model, allow_integer=True)
     _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
     if x.shape[0] == 0:  # k from the model, not guessed
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         T = reference.check_tangents(params, tangents)
         dt = next(iter(params.values())).dtype
-        return torch.zeros((T, 0, _out_features(model, x)), dtype=dt, device=x.device)
+        with _naming("x"):
+            return torch.zeros((T, 0, _out_features(model, x)), dtype=dt, device=x.device)
     if _use_fused(model, implementation):
         return two_layer.model_jvp(model, x, tangents)
+    with _naming("x"):  # the model's forward on x's per-sample shape: a clear error naming x, not torch's
+        _out_features(model, x)
     from lazyfast.structured import no_fastpath
 
-    with no_fastpath():
+    with no_fastpath(), _naming('x'), _transform_errors(model, x):
         return reference.jvp(model, x, tangents)
 
 
@@ -195,7 +237,8 @@ def _check_cotangent(model, x, r, name):
     check_finite(**{name: r})
 
 
-def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implementation: str = "auto") -> Dict[str, torch.Tensor]:
+def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implementation: str = "auto",
+        output_fn=None) -> Dict[str, torch.Tensor]:
     """Vector-Jacobian product J(w, x)ᵀ·R.
 
     Args:
@@ -205,8 +248,10 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
         dict parameter name → gradient shaped like the parameter.
     """
     check_module(model)
+    model = with_output(model, output_fn)
     check_input(x, "x", model, allow_integer=True)
-    _check_cotangent(model, x, cotangent, "cotangent")
+    with _naming("x"):
+        _check_cotangent(model, x, cotangent, "cotangent")
     _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
     if x.shape[0] == 0:
         return {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
@@ -215,12 +260,12 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
         return two_layer.model_vjp(model, x, cotangent)
     from lazyfast.structured import no_fastpath
 
-    with no_fastpath():
+    with no_fastpath(), _naming('x'), _transform_errors(model, x):
         return reference.vjp(model, x, cotangent)
 
 
 def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
-           implementation: str = "auto") -> torch.Tensor:
+           implementation: str = "auto", output_fn=None) -> torch.Tensor:
     """Kernel-vector product Θ(x1, x2)·v without forming Θ.
 
     ``out[i, a] = Σ_{j, b} Θ(x1_i, x2_j)_{ab} · v[j, b]``: one VJP over x2, one JVP over x1.
@@ -231,9 +276,12 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
     Returns:
         (n1, k).
     """
+    check_module(model)
+    model = with_output(model, output_fn)
     _check_pair(model, x1, x2, allow_integer=True)
     xb = x1 if x2 is None else x2
-    _check_cotangent(model, xb, v, "v")
+    with _naming("x1" if x2 is None else "x2"):
+        _check_cotangent(model, xb, v, "v")
     _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
     if x1.shape[0] == 0 or xb.shape[0] == 0:
         return torch.zeros((x1.shape[0], v.shape[1]), dtype=v.dtype, device=x1.device)
@@ -241,5 +289,5 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
         return two_layer.model_ntk_vp(model, x1, v, x2)
     from lazyfast.structured import no_fastpath
 
-    with no_fastpath():
+    with no_fastpath(), _naming('x1'), _transform_errors(model, x1):
         return reference.ntk_vp(model, x1, v, x2)

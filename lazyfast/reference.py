@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp as _func_jvp, vjp as _func_vjp, vmap
 
+from lazyfast._outputs import model_output
+from lazyfast._uses import AliasGuard, parameter_storages
+
 Params = Dict[str, torch.Tensor]
 
 
@@ -30,9 +33,13 @@ def functional_model(model: nn.Module) -> Tuple[Callable[[Params, torch.Tensor],
     if not params:
         raise ValueError("model has no trainable parameters (requires_grad=True): its tangent kernel is empty")
 
+    storages = parameter_storages(model)
+    subs = list(params.values())
+
     def f(p: Params, x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, p, (x,), strict=False)
-        return out.reshape(x.shape[0], -1)
+        with AliasGuard(storages, subs + list(p.values())):
+            out = functional_call(model, p, (x,), strict=False)
+        return model_output(out, x.shape[0]).reshape(x.shape[0], -1)
 
     return f, params
 

@@ -34,7 +34,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
+
+from lazyfast._outputs import ModelForwardError, model_output, run_forward  # noqa: F401 (re-exported)
+from lazyfast._uses import ParamUses, alias_message
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 METHODS = ("auto", "jacobian", "structured")
@@ -78,8 +80,10 @@ def check_independent(model: nn.Module) -> None:
 
 
 class StateGuard:
-    """Context manager: the model's buffers and training flags are the same after as before.
-    A forward that changed a buffer is undone and reported (ValueError)."""
+    """Context manager: the model's buffers, training flags and plain attributes (numbers,
+    strings, flags and short lists / tuples / dicts of them, e.g. a step counter) are the same
+    after as before. A forward that changed a buffer or a plain attribute is undone and reported
+    (ValueError naming what changed); a forward that changed a parameter in place is reported."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -89,24 +93,49 @@ class StateGuard:
         self.bufs = [(n, b, b._version, b.detach().clone()) for n, b in self.model.named_buffers()]
         self.flags = [(m, m.training) for m in self.model.modules()]
         self.params = [(n, p, p._version) for n, p in self.model.named_parameters()]
+        self.attrs = [(name, m, _plain_attrs(m)) for name, m in self.model.named_modules()]
         return self
 
     def __exit__(self, *exc):
         self.fast.__exit__(*exc)
         changed = []
-        for n, b, v, copy in self.bufs:
+        for n, b, v, saved in self.bufs:
             if b._version != v:
                 with torch.no_grad():
-                    b.copy_(copy)
+                    b.copy_(saved)
                 changed.append(n)
         for m, t in self.flags:
             if m.training != t:
                 m.train(t)
+        for name, m, before in self.attrs:
+            after = _plain_attrs(m)
+            key = lambda d, a: d[a][0] if a in d else _MISSING  # noqa: E731
+            if after.keys() != before.keys() or any(key(after, a) != key(before, a) for a in before):
+                for a in sorted(set(before) | set(after)):
+                    if key(before, a) != key(after, a):
+                        if a in before:
+                            object.__setattr__(m, a, copy.deepcopy(before[a][1]))
+                        else:
+                            m.__dict__.pop(a, None)
+                        old, new = before.get(a, (None, "<unset>"))[1], after.get(a, (None, "<unset>"))[1]
+                        changed.append(f"{(name + '.') if name else ''}{a}: {old!r} -> {new!r}")
         moved = [n for n, p, v in self.params if p._version != v]
         if exc[0] is None and (changed or moved):
-            raise ValueError(f"the model's forward changed its state ({', '.join(changed + moved)}; buffers restored): "
-                             "the eNTK needs a forward without side effects (call model.eval()?)")
+            raise ValueError(f"the model's forward changed its state ({', '.join(changed + moved)}; buffers and "
+                             "attributes restored): the eNTK is the derivative of one fixed function, so it needs a "
+                             "forward without side effects (a step counter or a cache in forward, BatchNorm in "
+                             "training mode: call model.eval(), move the state out of forward)")
         return False
+
+
+_MISSING = object()
+
+
+def _plain_attrs(m: nn.Module) -> dict:
+    """The module's public plain attributes: name → (frozen value for comparison, a copy)."""
+    return {a: (_frozen(v), copy.deepcopy(v) if isinstance(v, (list, dict)) else v)
+            for a, v in m.__dict__.items() if not a.startswith("_") and a not in ("training", "forward")
+            and _simple(v)}
 
 
 class no_fastpath:
@@ -136,15 +165,15 @@ def output_dim(model: nn.Module, x: torch.Tensor) -> int:
     (on a zero-sized batch first when x is empty, else on a zero sample)."""
     with StateGuard(model), torch.no_grad():
         if x.shape[0]:
-            out = model(x[:1].detach())
+            out = model_output(run_forward(model, x[:1].detach(), shown=x), 1)
             return max(1, out.numel())
         try:
             out = model(x.detach())
-            if out.dim() >= 1 and out.shape[0] == 0:
+            if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 0:
                 return max(1, math.prod(out.shape[1:]))
         except Exception:  # noqa: BLE001 - some models refuse empty batches: probe one zero sample
             pass
-        return max(1, model(_batch_like(x, 1)).numel())
+        return max(1, model_output(run_forward(model, _batch_like(x, 1), shown=x), 1).numel())
 
 
 # ============================================================================= rules
@@ -227,24 +256,53 @@ class Plan:
     act_numel: int
     n_params: int
     shadows: list = field(default_factory=list)  # (MultiheadAttention, its _InProj) pairs
+    revisions: list = field(default_factory=list)  # what real calls changed (PlanMismatch reasons)
 
 
-class _Uses(TorchFunctionMode):
-    """Records the parameters of rule layers used by any torch function outside their layer's forward."""
+class _Brackets:
+    """Context manager: each rule layer's own forward runs inside a bracket (an instance-level
+    ``forward`` that the module's ``__call__`` calls after every forward pre-hook and before every
+    forward hook, global ones included). The bracket pushes the layer on ``stack`` while its
+    class forward runs, so a parameter use is inside the layer exactly when the layer's own
+    forward makes it (a hook that reads the weight is outside), and hands (module, call index,
+    input, raw output) to ``record``, which may return a replacement output (a clone)."""
 
-    def __init__(self, owner: Dict[int, nn.Module], stack: list):
-        super().__init__()
-        self.owner, self.stack, self.foreign = owner, stack, set()
+    def __init__(self, modules, stack: list, record):
+        self.modules, self.stack, self.record = list(modules), stack, record
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for a in list(args) + list(kwargs.values()):
-            for t in (a if isinstance(a, (list, tuple)) else (a,)):
-                if isinstance(t, torch.Tensor):
-                    m = self.owner.get(id(t))
-                    if m is not None and (not self.stack or self.stack[-1] is not m):
-                        self.foreign.add(id(t))
-        return func(*args, **kwargs)
+    def __enter__(self):
+        for m in self.modules:
+            m.__dict__["forward"] = self._bracket(m)
+        return self
+
+    def _bracket(self, m):
+        cls_forward = type(m).forward
+        stack, record = self.stack, self.record
+
+        def forward(*args, **kwargs):
+            stack.append(m)
+            try:
+                out = cls_forward(m, *args, **kwargs)
+            finally:
+                stack.pop()
+            rep = record(m, _first_input(args, kwargs), out)
+            return out if rep is None else rep
+
+        return forward
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.__dict__.pop("forward", None)
+        return False
+
+
+class PlanMismatch(Exception):
+    """The real call disagreed with the plan (internal: the engine revises the plan and reruns)."""
+
+    def __init__(self, reason: str, drop=(), foreign=(), clone_in=(), clone_out=(), reprobe: bool = False):
+        super().__init__(reason)
+        self.reason, self.drop, self.foreign = reason, set(drop), set(foreign)
+        self.clone_in, self.clone_out, self.reprobe = set(clone_in), set(clone_out), reprobe
 
 
 def _first_input(args, kwargs):
@@ -409,6 +467,16 @@ def make_plan(model: nn.Module, x: torch.Tensor, cache: bool = True) -> Plan:
     return plan
 
 
+def remember_plan(model: nn.Module, x: torch.Tensor, plan: Plan) -> None:
+    """Replaces the cached plan of ``model`` (inputs shaped like ``x``) by a revised one."""
+    if any(L.module is model for L in plan.layers) or any(m is model for m, _ in plan.shadows):
+        return
+    try:
+        _PLANS[model] = (plan_fingerprint(model, x), _copy_plan(plan))
+    except TypeError:
+        pass
+
+
 def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     """Probes the model (forwards on 1 and 2 copies of one sample, grad enabled, state unchanged)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -445,22 +513,18 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     stack: list = []
     leaf_numel = [0]
 
-    def pre(m, args, kwargs):
-        stack.append(m)
-
-    def post(m, args, kwargs, out):
-        if stack and stack[-1] is m:
-            stack.pop()
-        inp = _first_input(args, kwargs)
+    def record(m, inp, out):
         if isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor):
             records[id(m)].append((inp, inp._version, tuple(inp.shape), out, out._version, tuple(out.shape)))
+        else:
+            records[id(m)].append(None)
 
     def count(m, args, out):
         if isinstance(out, torch.Tensor):
             leaf_numel[0] += out.numel()
 
     shapes = {}
-    foreign = set()
+    foreign, nograd = set(), set()
     k = 1
     flops = 0.0
     with StateGuard(model), torch.enable_grad():
@@ -469,27 +533,29 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 r.clear()
             handles = []
             try:
-                for L in cands:
-                    handles.append(L.module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-                    handles.append(L.module.register_forward_hook(post, with_kwargs=True, prepend=True))
                 if nb == 2:
                     handles += [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
                 xb = _batch_like(x, nb)
-                uses = _Uses(owner, stack)
-                with uses, _Shadows(shadows):
-                    out = model(xb)
+                uses = ParamUses(model, owner, stack)
+                with _Shadows(shadows), _Brackets([L.module for L in cands], stack, record), uses:
+                    out = model_output(run_forward(model, xb, shown=x), nb)
                 k = max(1, out.numel() // nb)
             finally:
                 for h in handles:
                     h.remove()
-            shapes[nb] = {key: [(iv != i._version, si, ov != o._version, so) for i, iv, si, o, ov, so in r]
-                          for key, r in records.items()}
+            if uses.aliased:
+                raise ValueError(alias_message(sorted(uses.aliased)[0]))
+            shapes[nb] = {key: [None if t is None else (t[1] != t[0]._version, t[2], t[4] != t[3]._version, t[5])
+                                for t in r] for key, r in records.items()}
             foreign |= uses.foreign
+            nograd |= {key for key, r in records.items() if any(t is not None and not t[3].requires_grad for t in r)}
             del out
     layers, covered = [], set()
     for L in cands:
+        if id(L.module) in nograd:
+            raise ValueError(no_grad_message(model, L.module))
         one, two = shapes[1][id(L.module)], shapes[2][id(L.module)]
-        ok = len(one) == len(two) and len(one) > 0
+        ok = len(one) == len(two) and len(one) > 0 and None not in one and None not in two
         if ok:
             for (_, s1, _, o1), (ci, s2, co, o2) in zip(one, two):
                 bd = _batch_dim(s1, s2, o1, o2, L)
@@ -504,9 +570,9 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
         if not ok:
             continue
         m = L.module
-        if L.w_on and id(m.weight) in foreign:
+        if L.w_on and name_of[id(_wb(m)[0])] in foreign:
             L.w_on = False
-        if L.b_on and id(m.bias) in foreign:
+        if L.b_on and name_of[id(_wb(m)[1])] in foreign:
             L.b_on = False
         if not (L.w_on or L.b_on):
             continue
@@ -526,6 +592,23 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
         flops = sum(_layer_flops(L) for L in layers)
     return Plan(layers, remainder, k, float(max(flops, 2 * sum(p.numel() for p in named.values()))),
                 max(leaf_numel[0] // 2, int(x[:1].numel())), sum(p.numel() for p in trainable.values()), shadows)
+
+
+def module_name(model: nn.Module, m: nn.Module) -> str:
+    for name, sub in model.named_modules():
+        if sub is m:
+            return name or "<model>"
+    if isinstance(m, _InProj):
+        return module_name(model, m.mha) + ".in_proj"
+    return type(m).__name__
+
+
+def no_grad_message(model, m) -> str:
+    return (f"{type(m).__name__} {module_name(model, m)!r} ran with gradients off (its output does not require "
+            "grad although its parameters do): the layer runs under torch.no_grad() / torch.inference_mode(), or "
+            "inside torch.utils.checkpoint(..., use_reentrant=True), whose recomputation autograd.grad cannot use. "
+            "Use use_reentrant=False, remove the no_grad, or make the parameters constants with "
+            "requires_grad_(False) if no gradient is meant to reach them")
 
 
 def _layer_flops(L: _Layer) -> float:
@@ -559,43 +642,73 @@ def _batch_dim(s1, s2, o1, o2, L) -> Optional[int]:
 
 
 # ============================================================================= capture
-def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True):
+# The per-call verification of the plan (on in production; off only to measure what it prevents).
+_VERIFY = True
+
+
+def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True, verify: Optional[bool] = None):
     """One forward and one batched backward: per layer, per call, (u, δ) with u the input
-    (batch first, detached) and δ (k, n, *out) the output cotangents of all k outputs."""
+    (batch first, detached) and δ (k, n, *out) the output cotangents of all k outputs.
+
+    The forward on the real batch confirms the plan (``verify``; docs/engine.md, "Exact on every
+    call"): each rule layer ran as many times as planned, each call's input and output hold the
+    batch at the planned axis with the planned per-sample shapes, no captured tensor was changed
+    in place afterwards unless it was cloned, no covered parameter was used outside its layer's
+    own forward, no parameter was reached through an alias, and the output is (n, k). A
+    disagreement raises :class:`PlanMismatch` (the engine revises the plan and reruns) before
+    any cotangent is computed; an alias raises ValueError."""
     layers = plan.layers
+    n = x.shape[0]
     recs: Dict[int, list] = {id(L.module): [] for L in layers}
     by_id = {id(L.module): L for L in layers}
 
-    def post(m, args, kwargs, out):
+    def record(m, inp, out):
         L = by_id[id(m)]
         c = len(recs[id(m)])
-        inp = _first_input(args, kwargs).detach()
+        if not (isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor)):
+            recs[id(m)].append(None)
+            return None
+        u = inp.detach()
         if c < len(L.clone_in) and L.clone_in[c]:
-            inp = inp.clone()
-        recs[id(m)].append([inp, out])
+            u = u.clone()
+        recs[id(m)].append([u, out, inp, inp._version, out._version])
         if c < len(L.clone_out) and L.clone_out[c]:
             return out.clone()
         return None
 
-    handles = [L.module.register_forward_hook(post, with_kwargs=True, prepend=True) for L in layers]
-    try:
-        with torch.enable_grad(), _Shadows(plan.shadows):
-            out = model(x).reshape(x.shape[0], plan.k)
-    finally:
-        for h in handles:
-            h.remove()
+    stack: list = []
+    uses = None
+    verify = _VERIFY if verify is None else verify
+    if verify:
+        owner = {}
+        for L in layers:
+            for p, on in zip(_wb(L.module), (L.w_on, L.b_on)):
+                if on:
+                    owner[id(p)] = L.module
+        uses = ParamUses(model, owner, stack)
+    with torch.enable_grad(), _Shadows(plan.shadows), _Brackets([L.module for L in layers], stack, record):
+        if uses is not None:
+            with uses:
+                raw = run_forward(model, x)
+        else:
+            raw = run_forward(model, x)
+    out = model_output(raw, n)
+    if verify:
+        _verify_capture(model, plan, n, recs, uses, out)
+    out = out.reshape(n, plan.k)
     n, k = x.shape[0], plan.k
     targets, index = [], []
     for L in layers:
         rs = recs[id(L.module)]
-        if len(rs) != L.calls:
-            raise RuntimeError(f"{type(L.module).__name__} ran {len(rs)} times in this forward but {L.calls} times "
-                               "in the probe: the structured eNTK needs the same computation for every batch; "
-                               "use implementation='jacobian'")
+        if len(rs) != L.calls or None in rs:  # only without verification
+            raise PlanMismatch(f"{type(L.module).__name__} ran {len(rs)} times, planned {L.calls}", drop={id(L.module)})
         for r in rs:
             index.append((L, r))
             targets.append(r[1])
     grads = [None] * len(targets)
+    for (L, r) in index:
+        if not r[1].requires_grad:
+            raise ValueError(no_grad_message(model, L.module))
     if targets:
         eye = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1).expand(k, n, k)
         if batched and k > 1:
@@ -620,6 +733,76 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
         caps[id(L.module)].append((u, g if bd == 0 else g.movedim(bd + 1, 1)))
         r.clear()
     return caps
+
+
+def _verify_capture(model, plan: Plan, n: int, recs, uses, out) -> None:
+    """Raises PlanMismatch (or ValueError for an alias) where the real call disagrees with the plan."""
+    if uses.aliased:
+        raise ValueError(alias_message(sorted(uses.aliased)[0]))
+    if out.numel() != n * plan.k:
+        raise PlanMismatch(f"the output has {out.numel() // max(n, 1)} numbers per sample, planned {plan.k}",
+                           reprobe=True)
+    drop, clone_in, clone_out = set(), set(), set()
+    for L in plan.layers:
+        rs = recs[id(L.module)]
+        if len(rs) != L.calls or None in rs:
+            drop.add(id(L.module))
+            continue
+        for c, r in enumerate(rs):
+            u, o, inp, iv, ov = r
+            bd = L.bdims[c]
+            if (inp.dim() != len(L.in_shapes[c]) + 1 or o.dim() != len(L.out_shapes[c]) + 1
+                    or inp.shape[bd] != n or o.shape[bd] != n
+                    or tuple(inp.shape[:bd] + inp.shape[bd + 1:]) != L.in_shapes[c]
+                    or tuple(o.shape[:bd] + o.shape[bd + 1:]) != L.out_shapes[c]):
+                drop.add(id(L.module))
+                break
+            if inp._version != iv and not L.clone_in[c]:
+                clone_in.add((id(L.module), c))
+            if o._version != ov and not L.clone_out[c]:
+                clone_out.add((id(L.module), c))
+    foreign = set(uses.foreign)
+    if drop or clone_in or clone_out or foreign:
+        what = []
+        if drop:
+            what.append(f"{len(drop)} layer(s) ran a different number of times or on other shapes than planned")
+        if foreign:
+            what.append(f"parameters used outside their layer: {sorted(foreign)}")
+        if clone_in or clone_out:
+            what.append("captured tensors changed in place")
+        raise PlanMismatch("; ".join(what), drop=drop, foreign=foreign, clone_in=clone_in, clone_out=clone_out,
+                           reprobe=bool(drop))
+
+
+def revise_plan(plan: Plan, mm: PlanMismatch) -> Plan:
+    """The plan with what a real call showed: mismatching layers and parameters used outside
+    their layer go to the remainder (the generic path, exact for any forward), captured tensors
+    changed in place are cloned."""
+    plan = _copy_plan(plan)
+    layers, remainder = [], list(plan.remainder)
+    for L in plan.layers:
+        key = id(L.module)
+        if key in mm.drop:
+            remainder += L.names
+            continue
+        w, b = _wb(L.module)
+        names = dict(zip(("w", "b"), L.names)) if (L.w_on and L.b_on) else ({"w": L.names[0]} if L.w_on else
+                                                                            {"b": L.names[0]})
+        if L.w_on and names["w"] in mm.foreign:
+            L.w_on = False
+            remainder.append(names.pop("w"))
+        if L.b_on and names["b"] in mm.foreign:
+            L.b_on = False
+            remainder.append(names.pop("b"))
+        if not names:
+            continue
+        L.names = [names[t] for t in ("w", "b") if t in names]
+        L.clone_in = [c or (key, i) in mm.clone_in for i, c in enumerate(L.clone_in)]
+        L.clone_out = [c or (key, i) in mm.clone_out for i, c in enumerate(L.clone_out)]
+        layers.append(L)
+    plan.layers, plan.remainder = layers, remainder
+    plan.revisions = plan.revisions + [mm.reason]
+    return plan
 
 
 # ============================================================================= per-layer factors
@@ -1072,9 +1255,9 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         raise ValueError("model has no trainable parameters (requires_grad=True): its tangent kernel is empty")
     dtype = trainable[0].dtype
     out_dtype = out_dtype or dtype
-    with StateGuard(model):
-        if plan is None:
-            plan = make_plan(model, x1 if n1 else xb)
+    xp = x1 if n1 else xb
+
+    def compute(plan):
         k = plan.k
         if info is not None:
             info.update(k=k, layers=[type(L.module).__name__ for L in plan.layers], remainder=list(plan.remainder))
@@ -1135,6 +1318,27 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
                 acc += rest.permute(0, 2, 1, 3).reshape(acc.shape).to(out_dtype)
             else:
                 acc += (rest * k).to(out_dtype)
+
+        return acc, k
+
+    with StateGuard(model):
+        if plan is None:
+            plan = make_plan(model, xp)
+        for attempt in range(5):
+            try:
+                res = compute(plan)
+                break
+            except PlanMismatch as mm:
+                if attempt == 4:
+                    raise RuntimeError(f"lazyfast internal error: the plan still disagrees with the real call after "
+                                       f"{attempt} revisions ({mm.reason}); use implementation='jacobian'") from mm
+                plan = probe_plan(model, xp) if (mm.reprobe and attempt == 0) else revise_plan(plan, mm)
+                remember_plan(model, xp, plan)
+                if info is not None:
+                    info.setdefault("revisions", []).append(mm.reason)
+        if not isinstance(res, tuple):
+            return res
+        acc, k = res
     with torch.no_grad():
         if same:  # exact symmetry
             acc = 0.5 * (acc + acc.T)

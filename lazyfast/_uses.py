@@ -1,0 +1,165 @@
+"""Where a forward uses the trainable parameters: the engine's per-call verification (docs/engine.md,
+"Exact on every call").
+
+Parameters are identified by **storage**, not by Python object: a view, ``.T`` or list entry made
+before the forward (``self.wT = self.fc.weight.T`` in ``__init__``) is still that parameter.
+
+* :class:`ParamUses` watches a forward of the real module on the real batch: every use of a
+  parameter covered by a layer rule outside that layer's own forward (the stack of running rule
+  layers is kept by the engine's brackets), and every use of any trainable parameter through an
+  alias made before the forward.
+* :class:`AliasGuard` watches the forwards of the paths that substitute parameters by name
+  (``torch.func.functional_call``: the generic eNTK path, JVP/VJP/NTK·v): a use of the original
+  parameter's storage there is an alias the substitution cannot follow, so the result would be
+  silently wrong; the guard raises instead.
+
+Metadata reads (``.dtype``, ``.shape``, ``.device``, ``size()``, ...) are not uses.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# Tensor attributes / methods that read metadata only (no values, no view of the storage).
+_META = frozenset({
+    "dtype", "shape", "device", "requires_grad", "is_cuda", "is_cpu", "ndim", "is_leaf", "layout", "names",
+    "grad_fn", "is_sparse", "is_quantized", "is_meta", "is_mkldnn", "is_nested", "size", "numel", "dim",
+    "stride", "is_contiguous", "element_size", "data_ptr", "nelement", "get_device", "is_floating_point",
+    "is_complex", "storage_offset", "_version", "grad", "__len__", "untyped_storage", "itemsize", "nbytes",
+    "is_inference", "output_nr", "is_signed", "__hash__", "__format__", "__repr__",
+})
+
+
+def _func_name(func) -> str:
+    name = getattr(func, "__name__", "")
+    if name in ("__get__", "__set__"):
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _tensors(obj, depth: int = 2) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth and isinstance(obj, (list, tuple)):
+        for e in obj:
+            yield from _tensors(e, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for e in obj.values():
+            yield from _tensors(e, depth - 1)
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def storage_key(t: torch.Tensor) -> Optional[tuple]:
+    """(device, storage address) of a plain strided tensor with storage, else None."""
+    try:
+        if t.layout != torch.strided or t.is_meta or _wrapped(t):
+            return None
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return (t.device.type, t.device.index, ptr) if ptr else None
+
+
+def parameter_storages(model: nn.Module) -> Dict[tuple, str]:
+    """storage key → name, for the trainable parameters of ``model``."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.numel():
+            key = storage_key(p)
+            if key is not None:
+                out.setdefault(key, name)
+    return out
+
+
+class _Watch(TorchFunctionMode):
+    """Base: calls ``self._arg(t)`` for every tensor argument of every torch function (metadata
+    reads excepted) and records the outputs that are views of a parameter's storage made here."""
+
+    def __init__(self, storages: Dict[tuple, str]):
+        super().__init__()
+        self.storages = storages
+        self.made: set = set()
+        self._keep: list = []  # the views made here stay alive, so their ids stay theirs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _func_name(func) not in _META:
+            for t in _tensors(args):
+                self._arg(t)
+            for t in _tensors(kwargs):
+                self._arg(t)
+        out = func(*args, **kwargs)
+        if self.storages:
+            for o in _tensors(out, 1):
+                if id(o) not in self.made and storage_key(o) in self.storages:
+                    self.made.add(id(o))
+                    self._keep.append(o)
+        return out
+
+    def _arg(self, t):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ParamUses(_Watch):
+    """Watches a forward of the real module (no substitution).
+
+    ``owner``: id of each parameter a rule covers → the rule's module; ``stack``: the rule modules
+    whose own forward is running (kept by the engine). Fills ``foreign`` (names of covered
+    parameters used outside their layer's forward) and ``aliased`` (names of trainable
+    parameters used through a tensor made before the forward that shares their storage)."""
+
+    def __init__(self, model: nn.Module, owner: Dict[int, nn.Module], stack: list):
+        trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(parameter_storages(model))
+        self.owner, self.stack, self.names = owner, stack, trainable
+        self.foreign: set = set()
+        self.aliased: set = set()
+
+    def _arg(self, t):
+        i = id(t)
+        m = self.owner.get(i)
+        if m is not None:
+            if not self.stack or self.stack[-1] is not m:
+                self.foreign.add(self.names[i])
+            return
+        if i in self.names or i in self.made or not self.storages:
+            return
+        key = storage_key(t)
+        if key in self.storages:
+            self.aliased.add(self.storages[key])
+
+
+class AliasGuard(_Watch):
+    """Watches a forward in which the parameters are substituted by name (``functional_call``):
+    raises ValueError on a use of an original parameter's storage by a tensor that is not one of
+    the substitutes (``allowed``, ids) and was not made in this forward."""
+
+    def __init__(self, storages: Dict[tuple, str], allowed: Iterable[torch.Tensor]):
+        super().__init__(storages)
+        self.allowed = {id(t) for t in allowed}
+        self._allowed_refs = list(allowed)
+
+    def _arg(self, t):
+        i = id(t)
+        if i in self.allowed or i in self.made or not self.storages:
+            return
+        key = storage_key(t)
+        if key in self.storages:
+            raise ValueError(alias_message(self.storages[key]))
+
+
+def alias_message(name: str) -> str:
+    return (f"parameter {name!r} is used in the forward through an alias made before the call (a view, .T or "
+            f"slice of it, or the tensor held in a list / dict / plain attribute, e.g. self.wT = self.fc.weight.T "
+            f"in __init__): lazyfast substitutes parameters by name and cannot follow such an alias, so the kernel "
+            f"would be silently wrong. Compute the view inside forward() (x @ self.fc.weight.T) or reach the "
+            f"parameter through its module")
