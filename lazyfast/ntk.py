@@ -161,17 +161,18 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     x1 = x1.detach()
     x2 = None if x2 is None else x2.detach()
     with _naming("x1" if x2 is None or x1.shape[0] else "x2"), _transform_errors(model, x1):
-        K, k, used = _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget)
+        K, k, used, flops = _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget)
     if check is True or (check == "auto" and selfcheck.check_cost_fraction(
-            x1.shape[0], None if x2 is None else x2.shape[0], k, mode) <= selfcheck.AUTO_MAX_FRACTION):
+            x1.shape[0], None if x2 is None else x2.shape[0], k, mode, forward_flops=flops,
+            n_params=_n_params(model)) <= selfcheck.AUTO_MAX_FRACTION):
         selfcheck.self_check(model, x1, x2, K, mode=mode, k=k, implementation=used)
     return K
 
 
 def _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget):
-    """(kernel, k, implementation used)."""
+    """(kernel, k, implementation used, forward FLOPs per sample or None)."""
     if _use_fused(model, implementation):
-        return two_layer.model_ntk(model, x1, x2, mode=mode).detach(), int(model.out_features), "fused"
+        return two_layer.model_ntk(model, x1, x2, mode=mode).detach(), int(model.out_features), "fused", None
     from lazyfast import generic, structured
 
     structured.check_independent(model)
@@ -184,13 +185,13 @@ def _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget):
         K = structured.structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget, chunk_size=chunk_size,
                                       plan=plan)
         k = plan.k if plan is not None else (K.shape[-1] if mode == "full" else _out_features(model, x1))
-        return K, k, "structured"
+        return K, k, "structured", None if plan is None else plan.forward_flops
     probe = {} if plan is None else dict(k=plan.k, forward_flops=plan.forward_flops, act_numel=plan.act_numel)
     if not probe:
         probe["k"] = _out_features(model, x1 if x1.shape[0] or x2 is None else x2)
     K = generic.generic_ntk(model, x1, x2, mode=mode, implementation=implementation, chunk_size=chunk_size,
                             memory_budget=memory_budget, **probe)
-    return K, probe["k"], "jacobian" if implementation == "auto" else implementation
+    return K, probe["k"], "jacobian" if implementation == "auto" else implementation, probe.get("forward_flops")
 
 
 def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,

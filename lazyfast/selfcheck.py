@@ -45,17 +45,31 @@ class SelfCheckError(RuntimeError):
     """The kernel disagreed with autograd through the real model (the message says by how much)."""
 
 
-def check_cost_fraction(n1: int, n2: Optional[int], k: int, mode: str, samples: int = CHECK_SAMPLES) -> float:
-    """The check's cost as a fraction of the call's, by counting forward-equivalents: the call
-    captures every sample once with a k-wide backward, (1 + 2k) forwards each, at least; the
-    check runs (1 + 2·d) on its |S| samples per side, d = k directions (trace, k > 1) or 1."""
+# Cost of the check's per-parameter work (forming J_Sᵀv for each direction, the dot products),
+# in FLOP-equivalents per parameter and direction: memory-bound at a few samples, so far dearer
+# per FLOP than the call's large GEMMs (calibrated on the MLP row of
+# benchmarks/results/selfcheck_cpu.md: 7 ms of check against a 22 ms call).
+PER_PARAM_COST = 400.0
+
+
+def check_cost_fraction(n1: int, n2: Optional[int], k: int, mode: str, samples: int = CHECK_SAMPLES, *,
+                        forward_flops: Optional[float] = None, n_params: Optional[int] = None) -> float:
+    """The check's estimated cost as a fraction of the call's. The call captures every sample
+    once with a k-wide backward: at least (1 + 2k)·F per sample (F: forward FLOPs per sample,
+    2·P when unknown). The check runs (1 + 2d)·F on its |S| samples per side and forms d
+    parameter-sized gradients per side (:data:`PER_PARAM_COST` each parameter), with d = k
+    directions in trace mode with k > 1, else 1."""
     same = n2 is None
     n_cap = n1 + (0 if same else n2)
     if n_cap == 0:
         return float("inf")
+    P = float(n_params or 0)
+    F = float(forward_flops or 2.0 * P or 1.0)
     d = k if (mode == "trace" and k > 1) else 1
+    sides = 1 if same else 2
     s = min(n1, samples) + (0 if same else min(n2, samples))
-    return s * (1 + 2 * d) / (n_cap * (1 + 2 * k))
+    check = s * (1 + 2 * d) * F + sides * d * P * PER_PARAM_COST
+    return check / (n_cap * (1 + 2 * k) * F)
 
 
 def _directions(s: int, k: int, mode: str, gen: torch.Generator, dtype, device) -> torch.Tensor:
@@ -92,11 +106,12 @@ def _grads(model: nn.Module, params, x: torch.Tensor, V: torch.Tensor, k: int, b
     return res
 
 
-def _dot(a, b) -> torch.Tensor:
-    tot = torch.zeros((), dtype=torch.float64)
+def _dot(a, b) -> float:
+    """Σ over parameters of ⟨a_p, b_p⟩: one BLAS dot per tensor in its dtype, summed in float64."""
+    tot = 0.0
     for x, y in zip(a, b):
         if x is not None and y is not None:
-            tot = tot + (x.double() * y.double()).sum().cpu()
+            tot += float(torch.dot(x.reshape(-1), y.reshape(-1)))
     return tot
 
 
@@ -134,8 +149,12 @@ def self_check(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], K
     with StateGuard(model):
         G1 = _grads(model, params, x1[i1.to(dev)], V1, k, memory_budget)
         G2 = G1 if same else _grads(model, params, x2[i2.to(dev)], V2, k, memory_budget)
-    rhs = sum((_dot(a, b) for a, b in zip(G1, G2)), torch.zeros((), dtype=torch.float64))
-    norms = sum(float(_dot(a, a).sqrt() * _dot(b, b).sqrt()) for a, b in zip(G1, G2))
+    if same:
+        sq = [_dot(a, a) for a in G1]
+        rhs, norms = sum(sq), sum(sq)
+    else:
+        rhs = sum(_dot(a, b) for a, b in zip(G1, G2))
+        norms = sum(math.sqrt(max(_dot(a, a), 0.0) * max(_dot(b, b), 0.0)) for a, b in zip(G1, G2))
     Ks = K.detach()[i1.to(K.device)][:, i2.to(K.device)].double().cpu()
     v1, v2 = V1.double().cpu(), V2.double().cpu()
     if mode == "full":
@@ -144,7 +163,7 @@ def self_check(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], K
         lhs = v1[0, :, 0] @ Ks @ v2[0, :, 0]
     else:  # Σ_a (g⊗e_a)ᵀ Θ (g'⊗e_a) = k·gᵀ K_trace g'
         lhs = k * (v1[0, :, 0] @ Ks @ v2[0, :, 0])
-    lhs, rhs = float(lhs), float(rhs)
+    lhs = float(lhs)
     eps = torch.finfo(dtype).eps
     tol = math.sqrt(eps) * (math.sqrt(max(i1.numel(), i2.numel())) * norms + abs(lhs))
     err = abs(lhs - rhs)
