@@ -121,7 +121,10 @@ def detection_rows():
     out = []
     for label, cls, xs, special in cases:
         rec = {"case": label}
-        for which in ("now", "unverified"):
+        if label[0] in "67":  # refused before any kernel forms, now as before the change: nothing to emulate
+            rec["unverified"] = "not emulated (the old engine's answer depends on its probe count)" \
+                if label[0] == "7" else "the same refusal"
+        for which in (("now",) if label[0] in "67" else ("now", "unverified")):
             torch.manual_seed(0)
             m = cls().double()
             x = xs()
@@ -132,12 +135,7 @@ def detection_rows():
                     T.GLOBAL_FLAG["on"] = True
                 fn = (lambda: lazyfast.empirical_ntk(m, x, implementation="structured", check=False))
                 K = fn() if which == "now" else _unverified(fn)
-                ref = T.batch_oracle(m, x) if not hasattr(m, "step") else None
-                if hasattr(m, "step"):  # the kernel of the layer the next forward uses
-                    m2 = cls().double()
-                    m2.load_state_dict(m.state_dict())
-                    m2.step = m.step
-                    ref = T.batch_oracle(m2, x)
+                ref = T.batch_oracle(m, x)
                 rec[which] = f"relative error {T.rel(K, ref):.1e}"
                 if which == "unverified":
                     try:

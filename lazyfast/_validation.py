@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["checks", "finite_checks_enabled", "check_finite", "check_bool", "check_int", "check_float",
-           "check_tensor", "check_input", "check_module", "check_mode", "check_chunk_size",
+           "check_tensor", "check_input", "check_module", "check_device", "check_mode", "check_chunk_size",
            "check_positive_finite", "check_memory_budget", "check_alpha", "model_param_info"]
 
 # ----------------------------------------------------------------------------- finite-check switch
@@ -213,6 +213,23 @@ def model_param_info(model: nn.Module):
         if p.is_floating_point():
             return p.device, p.dtype
     return None, None
+
+
+def check_device(device, name: str = "device"):
+    """None, or a device this torch can place tensors on: a bad string is a ValueError, and a CUDA
+    device on a torch without CUDA (or without a visible GPU) is a ValueError saying so."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a str, an int or a torch.device, got {type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{name}={device!r} is not a device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+        raise ValueError(f"{name}={device!r}: {why}; use device='cpu'")
+    return dev
 
 
 def check_module(model, name: str = "model") -> None:

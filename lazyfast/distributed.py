@@ -66,8 +66,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
-    """SHA-256 over the model's parameters and buffers and the given tensors, so shards
-    of one problem are never mixed with shards of another.
+    """SHA-256 over the model's parameters and buffers, its modules' classes and plain attributes,
+    and the given tensors, so shards of one problem are never mixed with shards of another.
 
     Every tensor counts by its name, shape, dtype and values (:func:`_tensor_bytes`: 0-dim
     counters such as BatchNorm's ``num_batches_tracked``, integer and bool tensors,
@@ -88,6 +88,13 @@ def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
             continue
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(_tensor_bytes(t))
+    # what the model computes, beyond its values: each module's class and plain attributes
+    # (activation names, strides, eps, ...); identical on every rank (no ids, no reprs)
+    from lazyfast.structured import _plain_attrs
+
+    for name, m in model.named_modules():
+        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training}".encode())
+        h.update(repr(sorted((a, v[0]) for a, v in _plain_attrs(m).items())).encode())
     return h.hexdigest()
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lazyfast._validation import check_bool, check_float, check_int
+from lazyfast._validation import check_bool, check_device, check_float, check_int
 
 ACTIVATIONS = ("identity", "relu", "tanh", "gelu", "softplus")
 # Integer codes shared with csrc/include/lazyfast/activations.h.
@@ -75,6 +75,7 @@ class TwoLayer(nn.Module):
         self.out_features = _check_pos_int(k, "k")
         self.activation = check_activation(activation)
         bias = check_bool(bias, "bias")
+        check_device(device)
         symmetric = check_bool(symmetric, "symmetric")
         _check_dtype(dtype)
         if isinstance(scale, str):
@@ -183,6 +184,7 @@ class MLP(nn.Module):
         for i, w in enumerate(widths):
             _check_pos_int(w, f"widths[{i}]")
         bias = check_bool(bias, "bias")
+        check_device(device)
         _check_dtype(dtype)
         self.widths = widths
         self.out_features = _check_pos_int(k, "k")

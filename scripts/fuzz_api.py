@@ -58,6 +58,11 @@ def main(argv=None) -> int:
         total.update(row)
     cols = ("tried", "clear", "unclear", "accepted")
     if args.markdown:
+        from lazyfast.bench import stamp
+
+        st = stamp("python scripts/fuzz_api.py --markdown")
+        print(f"# Bad-call catalogue ({st['date']}, commit {st['commit']}, torch {st['torch']})\n")
+        print(f"`{st['command']}`: every fixed bad value of every entry of tests/test_bad_inputs.py's catalogue.\n")
         print("| API | " + " | ".join(cols) + " |")
         print("|---|" + "---:|" * len(cols))
         for g, row in list(groups.items()) + [("**total**", total)]:

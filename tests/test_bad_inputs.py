@@ -91,6 +91,7 @@ KIND_VALUES: Dict[str, Tuple[Any, ...]] = {
     "bool_or_none": ("no", "yes", 0, 1, [True]),
     "choice": ("bogus", "", "TRACE", 3, None, True),
     "output_fn": (1.5, [0], "nope", 7, True, b"logits"),
+    "device": ("gpu", 3.5, True, "cuda:x") + (() if torch.cuda.is_available() else ("cuda",)),
     "activation_code": (-1, 5, 99),
     "dtype": (torch.int64, torch.bool, "float64", 64),
     "widths": (5, "5,4", None, [5, 0], [5, -1], [2.5], ["4"], [True]),
@@ -197,6 +198,8 @@ def _cases():
     add(Case("MLP(bias=)", "bias", "bool", lambda v: lazyfast.MLP(3, [4], bias=v)))
     add(Case("MLP(parametrization=)", "parametrization", "choice", lambda v: lazyfast.MLP(3, [4], parametrization=v)))
     add(Case("MLP(dtype=)", "dtype", "dtype", lambda v: lazyfast.MLP(3, [4], dtype=v)))
+    add(Case("MLP(device=)", "device", "device", lambda v: lazyfast.MLP(3, [4], device=v)))
+    add(Case("TwoLayer(device=)", "device", "device", lambda v: lazyfast.TwoLayer(3, 8, device=v)))
 
     # --- eNTK and products, on the three routes
     for mname, mk in MODELS.items():

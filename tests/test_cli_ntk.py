@@ -198,3 +198,18 @@ def test_fingerprint_covers_non_persistent_bool_and_0_dim_tensors_by_value():
     # and tensors of every dtype and shape are hashed: 0-dim, int64, bool, complex, empty, sparse
     fingerprint(model, torch.tensor(3), torch.tensor(True), torch.ones(2, 2, dtype=torch.complex64).conj(),
                 torch.zeros(0, 4), torch.eye(3).to_sparse(), torch.arange(6.0).reshape(2, 3).t())
+
+
+def test_fingerprint_sees_the_architecture_not_only_the_values():
+    """Same seed, same parameter values, another activation: another problem (shards never mixed)."""
+    from lazyfast.distributed import fingerprint
+
+    torch.manual_seed(0)
+    a = lazyfast.TwoLayer(3, 8, activation="relu", dtype=torch.float64)
+    torch.manual_seed(0)
+    b = lazyfast.TwoLayer(3, 8, activation="tanh", dtype=torch.float64)
+    torch.manual_seed(0)
+    c = lazyfast.TwoLayer(3, 8, activation="relu", dtype=torch.float64)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) == fingerprint(c)

@@ -550,3 +550,11 @@ def test_self_check_leaves_rng_and_model_unchanged():
     lazyfast.empirical_ntk(m, x, check=True)
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA / without a GPU")
+@pytest.mark.parametrize("ctor", (lambda: lazyfast.TwoLayer(3, 8, device="cuda"),
+                                  lambda: lazyfast.MLP(3, [4], device="cuda")))
+def test_cuda_device_without_cuda_is_a_clear_error(ctor):
+    with pytest.raises(ValueError, match="device='cuda'"):
+        ctor()
