@@ -27,6 +27,9 @@ from lazyfast import diagnostics, distributed, solvers, train
 from lazyfast.lazy import FrozenPatternNet, LazyModel, Linearized, scaled_loss, square_loss
 from lazyfast.solvers import KernelGradientFlow, kernel_gradient_flow, kernel_regression_cg
 from lazyfast.train import CheckpointError, TrainConfig
+from lazyfast import selfcheck
+from lazyfast.explain import Explanation, explain
+from lazyfast.selfcheck import SelfCheckError
 
 
 __all__ = [
@@ -34,5 +37,6 @@ __all__ = [
     "TwoLayer", "MLP", "vgg11", "resnet18",
     "LazyModel", "Linearized", "FrozenPatternNet", "scaled_loss", "square_loss",
     "KernelGradientFlow", "kernel_gradient_flow", "kernel_regression_cg", "TrainConfig", "CheckpointError",
+    "explain", "Explanation", "selfcheck", "SelfCheckError",
     "reference", "kernels", "mlp", "two_layer", "structured", "generic", "precision", "diagnostics", "distributed", "solvers", "train", "__version__",
 ]

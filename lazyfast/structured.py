@@ -257,6 +257,7 @@ class Plan:
     n_params: int
     shadows: list = field(default_factory=list)  # (MultiheadAttention, its _InProj) pairs
     revisions: list = field(default_factory=list)  # what real calls changed (PlanMismatch reasons)
+    reasons: dict = field(default_factory=dict)  # remainder parameter name -> why no rule takes it
 
 
 class _Brackets:
@@ -491,17 +492,30 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     name_of = {id(p): n for n, p in trainable.items()}
     cands = []
     shadows = [(m, _InProj(m)) for m in model.modules() if _attention_rule_applies(m)]
+    reasons: Dict[str, str] = {}
+
+    def why(p, text):
+        if p is not None and id(p) in name_of:
+            reasons.setdefault(name_of[id(p)], text)
+
     for m in list(model.modules()) + [proj for _, proj in shadows]:
         kind = "linear" if isinstance(m, _InProj) else rule_kind(m)
         if kind is None:
+            for p in m._parameters.values():
+                why(p, f"no rule for {type(m).__name__} (its class or forward is not one a rule covers)")
             continue
         w, b = _wb(m)
         others = [p for key, p in m._parameters.items() if key not in ("weight", "bias") and p is not None
                   and p.requires_grad]
         if others:
+            for p in m._parameters.values():
+                why(p, f"{type(m).__name__} holds parameters besides weight and bias")
             continue
         w_on = w is not None and w.requires_grad and owners[id(w)] == 1
         b_on = b is not None and b.requires_grad and owners[id(b)] == 1
+        for p, on in ((w, w_on), (b, b_on)):
+            if not on:
+                why(p, "shared by several modules (tied)")
         if w_on or b_on:
             cands.append(_Layer(m, kind, w_on, b_on, []))
     owner = {}
@@ -568,12 +582,17 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 L.in_shapes.append(s1[:bd] + s1[bd + 1:])
                 L.out_shapes.append(o1[:bd] + o1[bd + 1:])
         if not ok:
+            for p in _wb(L.module):
+                why(p, f"its {type(L.module).__name__} did not run in the probe, or its batch axis could not be "
+                       "found (calls of different shapes or counts)")
             continue
         m = L.module
         if L.w_on and name_of[id(_wb(m)[0])] in foreign:
             L.w_on = False
+            why(_wb(m)[0], "used outside its layer's own forward")
         if L.b_on and name_of[id(_wb(m)[1])] in foreign:
             L.b_on = False
+            why(_wb(m)[1], "used outside its layer's own forward")
         if not (L.w_on or L.b_on):
             continue
         L.calls = len(one)
@@ -591,7 +610,8 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     else:  # only the rule layers' products matter (and counting is not free)
         flops = sum(_layer_flops(L) for L in layers)
     return Plan(layers, remainder, k, float(max(flops, 2 * sum(p.numel() for p in named.values()))),
-                max(leaf_numel[0] // 2, int(x[:1].numel())), sum(p.numel() for p in trainable.values()), shadows)
+                max(leaf_numel[0] // 2, int(x[:1].numel())), sum(p.numel() for p in trainable.values()), shadows,
+                reasons={n: reasons.get(n, "no rule covers it (a raw parameter)") for n in remainder})
 
 
 def module_name(model: nn.Module, m: nn.Module) -> str:
@@ -800,6 +820,11 @@ def revise_plan(plan: Plan, mm: PlanMismatch) -> Plan:
         L.clone_in = [c or (key, i) in mm.clone_in for i, c in enumerate(L.clone_in)]
         L.clone_out = [c or (key, i) in mm.clone_out for i, c in enumerate(L.clone_out)]
         layers.append(L)
+    plan.reasons = dict(plan.reasons)
+    for name in remainder:
+        plan.reasons.setdefault(name, "moved by a real call: " + (
+            "used outside its layer's own forward" if name in mm.foreign else
+            "its layer ran a different number of times or on other shapes than planned"))
     plan.layers, plan.remainder = layers, remainder
     plan.revisions = plan.revisions + [mm.reason]
     return plan

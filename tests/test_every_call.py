@@ -558,3 +558,94 @@ def test_self_check_leaves_rng_and_model_unchanged():
 def test_cuda_device_without_cuda_is_a_clear_error(ctor):
     with pytest.raises(ValueError, match="device='cuda'"):
         ctor()
+
+
+class BranchInLaterChunk(nn.Module):
+    """An in-place change of a Linear's output that runs only for a chunk holding a sample with
+    x[:, 1] > 2 (per sample, so the function is each sample's own): with small chunks the probe
+    and the first chunks agree with the plan and a later one does not; the kernel restarts with
+    the output cloned."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        mask = x[:, 1] > 2.0
+        if bool(mask.any()):
+            h[mask] *= 2.0
+        return self.out(torch.tanh(h))
+
+
+class CallsForwardDirectly(nn.Module):
+    """A rule layer's forward called directly (bypassing __call__ and its hooks) and again normally."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc.forward(x)) + torch.sin(self.fc(x)))
+
+
+@pytest.mark.parametrize("mode", ("trace", "full"))
+@pytest.mark.parametrize("same", (True, False))
+def test_mismatch_in_a_later_chunk_restarts_exactly(mode, same):
+    torch.manual_seed(0)
+    m = BranchInLaterChunk().double()
+    x1 = X(9)
+    x1[:, 1] = x1[:, 1].clamp(max=1.0)
+    x1[7, 1] = 3.0  # only sample 7 (the last chunks) uses fc.weight directly
+    x2 = None if same else X(5, seed=3)
+    info = {}
+    K = structured.structured_ntk(m, x1, x2, mode=mode, chunk_size=2, info=info)
+    if same:
+        ref = batch_oracle(m, x1, mode)
+    else:
+        full = batch_oracle(m, torch.cat([x1, x2]), mode)
+        ref = full[:9, 9:]
+    assert rel(K, ref) < 1e-10
+    assert info["revisions"] and "changed in place" in info["revisions"][0]
+
+
+def test_direct_forward_call_is_exact():
+    torch.manual_seed(0)
+    m = CallsForwardDirectly().double()
+    x = X()
+    for impl in IMPLS:
+        assert rel(lazyfast.empirical_ntk(m, x, implementation=impl), batch_oracle(m, x)) < 1e-10
+
+
+def test_output_hook_that_changes_the_output_in_place_is_exact():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    m[0].register_forward_hook(lambda mod, a, out: out.mul_(1.5).add_(mod.bias))
+    x = X()
+    for impl in IMPLS:
+        assert rel(lazyfast.empirical_ntk(m, x, implementation=impl), batch_oracle(m, x)) < 1e-10
+
+
+def test_explain_names_every_parameter_path_and_reason():
+    torch.manual_seed(0)
+    m = DirectUseBehindBranch().double()
+
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    r = Raw().double()
+    e = lazyfast.explain(r, X())
+    paths = {p["name"]: p for p in e.parameters}
+    assert paths["inner.0.weight"]["path"] == "rule" and paths["inner.0.weight"]["order"] in ("jacobian", "structured")
+    assert paths["scale"]["path"] == "remainder" and "no rule for Raw" in paths["scale"]["reason"]
+    assert e.implementation in ("structured", "generic") and e.k == 2
+    assert 0 < e.rule_fraction < 1 and "remainder (generic path)" in str(e)
+    e2 = lazyfast.explain(m, X())
+    assert all(p["path"] == "rule" for p in e2.parameters) and e2.implementation == "structured"
+    assert lazyfast.explain(lazyfast.TwoLayer(3, 8, dtype=D), X()).implementation == "fused"
