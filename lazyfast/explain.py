@@ -52,7 +52,7 @@ class Explanation:
         lines.append(f"{'parameter':<{w}}  {'numbers':>9}  path")
         for p in self.parameters:
             if p["path"] == "rule":
-                what = f"rule {p['rule']} ({p['layer']}), order {p['order']}"
+                what = f"rule {p['rule']} [{p['layer']}], order {p['order']}"
             else:
                 what = f"remainder (generic path): {p['reason']}"
             lines.append(f"{p['name']:<{w}}  {p['numel']:>9}  {what}")
@@ -95,9 +95,12 @@ def explain(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = Non
         sched = dict(chunk=c, panel=panel, factor_numbers_per_sample=held, transient_numbers_per_sample=trans)
     by_name = {}
     for L in plan.layers:
-        label = structured.module_name(model, L.module)
+        if L.site is not None:  # an operator rule: the op, wherever it is called
+            label, rule = f"op {L.site[0]}", f"operator {L.site[0]}"
+        else:
+            label, rule = structured.module_name(model, L.module), f"{L.kind} ({type(L.module).__name__})"
         for name in L.names:
-            by_name[name] = dict(layer=label, rule=f"{L.kind} ({type(L.module).__name__})", order=L.method)
+            by_name[name] = dict(layer=label, rule=rule, order=L.method)
     params = []
     for n, p in named:
         if n in by_name:

@@ -243,6 +243,8 @@ class _Layer:
     out_shapes: List[tuple] = field(default_factory=list)
     method: str = "jacobian"
     gamma: float = 1.0
+    site: Optional[tuple] = None  # an operator rule's (kind, id(weight), id(bias)); None: a module rule
+    folds: List[int] = field(default_factory=list)  # per call: rows per sample when the batch is folded
 
 
 @dataclass
@@ -382,7 +384,67 @@ class _Shadows:
 def _wb(m):
     if isinstance(m, _InProj):
         return m.weight, m.bias
+    if isinstance(m, _LinearT):
+        return m.params
     return m._parameters.get("weight"), m._parameters.get("bias")
+
+
+# ----------------------------------------------------------------------------- operator-rule shells
+class _LinearT(nn.Module):
+    """``addmm(b, x, W)`` with W (in, out) (Hugging Face's Conv1D) seen as a linear layer: ``weight``
+    is Wᵀ (out, in), a view, for the shape-based cost model; ``params`` the real parameters."""
+
+    def __init__(self, W, b):
+        super().__init__()
+        object.__setattr__(self, "params", (W, b))
+
+    @property
+    def weight(self):
+        return self.params[0].T
+
+    @property
+    def bias(self):
+        return self.params[1]
+
+
+class _ScaleShift(nn.Module):
+    """x·γ (``weight``) or x + β (``bias``), γ / β broadcast into x."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self._parameters["weight"] = w
+        self._parameters["bias"] = b
+
+
+def _op_shell(kind: str, w, b, meta: dict) -> nn.Module:
+    """A module-shaped holder of an operator rule's parameters and arguments, so the module rules'
+    factor code serves it (it shares the parameters; it is never called)."""
+    if kind == "linear_t":
+        return _LinearT(w, b)
+    if kind in ("scale", "shift"):
+        return _ScaleShift(w, b)
+    cls = {"layer_norm": nn.LayerNorm, "group_norm": nn.GroupNorm, "batch_norm": nn.BatchNorm2d}[kind]
+    sh = cls.__new__(cls)
+    nn.Module.__init__(sh)
+    sh._parameters["weight"] = w
+    sh._parameters["bias"] = b
+    sh.eps = meta["eps"]
+    if kind == "layer_norm":
+        sh.normalized_shape = tuple(meta["normalized_shape"])
+        sh.elementwise_affine = True
+    elif kind == "group_norm":
+        sh.num_groups = meta["num_groups"]
+        sh.affine = True
+    else:
+        sh._buffers["running_mean"] = meta["running_mean"]
+        sh._buffers["running_var"] = meta["running_var"]
+        sh.momentum, sh.track_running_stats, sh.affine = 0.0, True, True
+    sh.training = False
+    return sh
+
+
+_OP_KIND = {"layer_norm": "norm", "group_norm": "norm", "batch_norm": "norm", "linear_t": "linear",
+            "scale": "scale", "shift": "shift"}
 
 
 _SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
@@ -526,6 +588,17 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     records: Dict[int, list] = {id(L.module): [] for L in cands}
     stack: list = []
     leaf_numel = [0]
+    # parameters no module rule takes may be taken by an operator rule (lazyfast/_uses.py, match_op)
+    site_params = {id(p) for p in trainable.values() if id(p) not in owner and owners.get(id(p), 0) <= 1}
+    site_recs: Dict[tuple, list] = {}
+    site_meta: Dict[tuple, dict] = {}
+    site_foreign, bad_keys = set(), set()
+
+    def record_site(key, inp, out, meta):
+        site_meta.setdefault(key, meta)
+        site_recs.setdefault(key, []).append(
+            (inp, inp._version, tuple(inp.shape), out, out._version, tuple(out.shape))
+            if isinstance(out, torch.Tensor) else None)
 
     def record(m, inp, out):
         if isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor):
@@ -538,6 +611,7 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
             leaf_numel[0] += out.numel()
 
     shapes = {}
+    site_order: list = []
     foreign, nograd = set(), set()
     k = 1
     flops = 0.0
@@ -545,12 +619,13 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
         for nb in (1, 2):
             for r in records.values():
                 r.clear()
+            site_recs.clear()
             handles = []
             try:
                 if nb == 2:
                     handles += [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
                 xb = _batch_like(x, nb)
-                uses = ParamUses(model, owner, stack)
+                uses = ParamUses(model, owner, stack, site_params=site_params, record_site=record_site)
                 with _Shadows(shadows), _Brackets([L.module for L in cands], stack, record), uses:
                     out = model_output(run_forward(model, xb, shown=x), nb)
                 k = max(1, out.numel() // nb)
@@ -559,11 +634,30 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                     h.remove()
             if uses.aliased:
                 raise ValueError(alias_message(sorted(uses.aliased)[0]))
+            site_foreign |= uses.site_foreign
+            bad_keys |= uses.bad_keys
+            if nb == 1:
+                site_order = list(site_recs)
+            elif list(site_recs) != site_order:
+                bad_keys |= set(site_recs) ^ set(site_order)
             shapes[nb] = {key: [None if t is None else (t[1] != t[0]._version, t[2], t[4] != t[3]._version, t[5])
-                                for t in r] for key, r in records.items()}
+                                for t in r] for key, r in list(records.items()) + list(site_recs.items())}
             foreign |= uses.foreign
             nograd |= {key for key, r in records.items() if any(t is not None and not t[3].requires_grad for t in r)}
             del out
+    by_id = {id(p): p for p in trainable.values()}
+    for key in site_order:
+        kind, wid, bid = key
+        ids = [i for i in (wid, bid) if i is not None]
+        if key in bad_keys or any(i in site_foreign for i in ids) or key not in shapes[2]:
+            for i in ids:
+                reasons[name_of[i]] = f"an operator rule ({kind}) would take it, but it is used elsewhere too"
+            continue
+        shell = _op_shell(kind, by_id.get(wid), by_id.get(bid), site_meta[key])
+        L = _Layer(shell, _OP_KIND[kind], wid is not None, bid is not None, [], site=key)
+        for nb in (1, 2):
+            shapes[nb][id(shell)] = shapes[nb].pop(key)
+        cands.append(L)
     layers, covered = [], set()
     for L in cands:
         if id(L.module) in nograd:
@@ -573,9 +667,16 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
         if ok:
             for (_, s1, _, o1), (ci, s2, co, o2) in zip(one, two):
                 bd = _batch_dim(s1, s2, o1, o2, L)
+                fold = 1
+                if bd is None and L.site is not None and L.kind == "linear" and len(s1) == 2 and len(o1) == 2 \
+                        and s2[0] == 2 * s1[0] and o2[0] == 2 * o1[0] == 2 * s1[0] and s1[1:] == s2[1:]:
+                    # the batch folded into the rows, (n·F, in) (x.view(-1, d) before an addmm)
+                    bd, fold = 0, s1[0]
+                    s1, o1 = (1,) + s1, (1,) + o1
                 if bd is None:
                     ok = False
                     break
+                L.folds.append(fold)
                 L.bdims.append(bd)
                 L.clone_in.append(ci)
                 L.clone_out.append(co)
@@ -650,6 +751,8 @@ def _batch_dim(s1, s2, o1, o2, L) -> Optional[int]:
     if len(din) != 1 or din != dout or s1[din[0]] != 1 or s2[din[0]] != 2 or o1[dout[0]] != 1:
         return None
     d = din[0]
+    if L.kind in ("scale", "shift") and d != 0:
+        return None
     if L.kind in ("conv", "norm") and not isinstance(L.module, nn.LayerNorm) and d != 0:
         return None
     if L.kind == "linear" and d == len(s1) - 1:
@@ -699,14 +802,18 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
     stack: list = []
     uses = None
     verify = _VERIFY if verify is None else verify
-    if verify:
+    sites = {L.site: L.module for L in layers if L.site is not None}
+    if verify or sites:
         owner = {}
         for L in layers:
             for p, on in zip(_wb(L.module), (L.w_on, L.b_on)):
                 if on:
                     owner[id(p)] = L.module
-        uses = ParamUses(model, owner, stack)
-    with torch.enable_grad(), _Shadows(plan.shadows), _Brackets([L.module for L in layers], stack, record):
+        planned = {i: key for key in sites for i in key[1:] if i is not None}
+        uses = ParamUses(model, owner if verify else {}, stack, sites=planned,
+                         record_site=lambda key, inp, out, meta: record(sites[key], inp, out))
+    modules = [L.module for L in layers if L.site is None]
+    with torch.enable_grad(), _Shadows(plan.shadows), _Brackets(modules, stack, record):
         if uses is not None:
             with uses:
                 raw = run_forward(model, x)
@@ -715,6 +822,8 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
     out = model_output(raw, n)
     if verify:
         _verify_capture(model, plan, n, recs, uses, out)
+    elif uses is not None and uses.aliased:
+        raise ValueError(alias_message(sorted(uses.aliased)[0]))
     out = out.reshape(n, plan.k)
     n, k = x.shape[0], plan.k
     targets, index = [], []
@@ -748,7 +857,15 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
     for (L, r), g in zip(index, grads):
         o = r[1]
         g = torch.zeros((k,) + tuple(o.shape), dtype=o.dtype, device=o.device) if g is None else g.detach()
-        bd = L.bdims[len(caps[id(L.module)])]
+        c = len(caps[id(L.module)])
+        bd = L.bdims[c]
+        fold = L.folds[c] if c < len(L.folds) else 1
+        if fold > 1:  # (n·F, ...) rows → (n, F, ...)
+            u = r[0].reshape((n, fold) + tuple(r[0].shape[1:]))
+            g = g.reshape((k, n, fold) + tuple(g.shape[2:]))
+            caps[id(L.module)].append((u, g))
+            r.clear()
+            continue
         u = r[0] if bd == 0 else r[0].movedim(bd, 0)
         caps[id(L.module)].append((u, g if bd == 0 else g.movedim(bd + 1, 1)))
         r.clear()
@@ -771,10 +888,16 @@ def _verify_capture(model, plan: Plan, n: int, recs, uses, out) -> None:
         for c, r in enumerate(rs):
             u, o, inp, iv, ov = r
             bd = L.bdims[c]
-            if (inp.dim() != len(L.in_shapes[c]) + 1 or o.dim() != len(L.out_shapes[c]) + 1
-                    or inp.shape[bd] != n or o.shape[bd] != n
-                    or tuple(inp.shape[:bd] + inp.shape[bd + 1:]) != L.in_shapes[c]
-                    or tuple(o.shape[:bd] + o.shape[bd + 1:]) != L.out_shapes[c]):
+            fold = L.folds[c] if c < len(L.folds) else 1
+            if fold > 1:
+                bad = (tuple(inp.shape) != (n * fold,) + tuple(L.in_shapes[c][1:])
+                       or tuple(o.shape) != (n * fold,) + tuple(L.out_shapes[c][1:]))
+            else:
+                bad = (inp.dim() != len(L.in_shapes[c]) + 1 or o.dim() != len(L.out_shapes[c]) + 1
+                       or inp.shape[bd] != n or o.shape[bd] != n
+                       or tuple(inp.shape[:bd] + inp.shape[bd + 1:]) != L.in_shapes[c]
+                       or tuple(o.shape[:bd] + o.shape[bd + 1:]) != L.out_shapes[c])
+            if bad:
                 drop.add(id(L.module))
                 break
             if inp._version != iv and not L.clone_in[c]:
@@ -903,6 +1026,27 @@ def _norm_jac(L: _Layer, cap):
     return [t.transpose(0, 1).reshape(-1, t.shape[2]) for t in (jw, jb) if t is not None]
 
 
+def _scale_shift_jac(L: _Layer, cap):
+    """Per-example gradients of γ in x·γ (u = x) or β in x + β, γ / β broadcast into the
+    per-sample x: [(n·k, P)], summed over the broadcast positions and over the calls."""
+    p = L.module.weight if L.kind == "scale" else L.module.bias
+    acc = None
+    for u, d in cap:
+        k, n = d.shape[:2]
+        per = d.shape[2:]
+        pshape = tuple(p.shape)
+        while len(pshape) > len(per):  # leading 1s of a parameter shaped like a whole batch (1, C, 1, 1)
+            pshape = pshape[1:]
+        pshape = (1,) * (len(per) - len(pshape)) + pshape
+        t = d * u.unsqueeze(0) if L.kind == "scale" else d
+        dims = [2 + i for i, (a, b) in enumerate(zip(pshape, per)) if a == 1 and b != 1]
+        if dims:
+            t = t.sum(dims, keepdim=True)
+        t = t.reshape(k, n, -1)
+        acc = t if acc is None else acc + t
+    return [acc.transpose(0, 1).reshape(-1, acc.shape[2])]
+
+
 def _lin_jac(L: _Layer, u, d):
     """Per-example gradient blocks of a linear/conv layer: [(n·k, P_weight), (n·k, P_bias)]."""
     k, n, g, P, o = d.shape
@@ -962,6 +1106,8 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
         cap = caps.pop(id(L.module))
         if L.kind == "norm":
             f.jac.extend(_norm_jac(L, cap))
+        elif L.kind in ("scale", "shift"):
+            f.jac.extend(_scale_shift_jac(L, cap))
         elif L.kind == "embedding":
             idx = torch.cat([u.reshape(u.shape[0], -1) for u, _ in cap], dim=1)
             d = torch.cat([dd.reshape(dd.shape[0], dd.shape[1], -1, dd.shape[-1]) for _, dd in cap], dim=2)
@@ -1095,7 +1241,7 @@ def _factor_numel(plan: Plan) -> Tuple[int, int]:
         trans += ins + k * outs
         if L.kind == "conv" and L.w_on:
             trans += L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
-        if L.kind == "norm" or (L.kind in ("linear", "conv") and (L.method == "jacobian" or not L.w_on)
+        if L.kind in ("norm", "scale", "shift") or (L.kind in ("linear", "conv") and (L.method == "jacobian" or not L.w_on)
                                 and not _is_hadamard(L)):
             held += k * sum(p.numel() for p in (L.module.weight, L.module.bias) if p is not None)
         elif L.kind == "conv":
@@ -1121,7 +1267,7 @@ def choose_methods(plan: Plan, n1: int, n2: int, mode: str, method: str = "auto"
 
 def _fixed_order(L: _Layer, method: str) -> Optional[str]:
     """The contraction order of a layer whose order is not the FLOP model's to choose (None: it is)."""
-    if L.kind == "norm" or (L.kind in ("linear", "conv") and not L.w_on):
+    if L.kind in ("norm", "scale", "shift") or (L.kind in ("linear", "conv") and not L.w_on):
         return "jacobian"
     if L.kind == "embedding":
         return method  # chosen per chunk pair by _add_embedding when "auto"
@@ -1138,7 +1284,7 @@ def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
     for L in plan.layers:
         if L.kind in ("linear", "conv") and L.w_on and not _is_hadamard(L):
             total += min(_costs(L, n1, n2, k, mode))
-        elif L.kind in ("linear", "conv", "norm"):
+        elif L.kind in ("linear", "conv", "norm", "scale", "shift"):
             p = sum(t.numel() for t in (L.module.weight, L.module.bias) if t is not None)
             total += 2.0 * n1 * n2 * k * (k if mode == "full" else 1) * p
     return total

@@ -637,7 +637,7 @@ def test_explain_names_every_parameter_path_and_reason():
             self.scale = nn.Parameter(torch.ones(2))
 
         def forward(self, x):
-            return self.inner(x) * self.scale
+            return self.inner(x) * self.scale.exp()  # exp(scale): no operator rule's slot
 
     r = Raw().double()
     e = lazyfast.explain(r, X())

@@ -141,7 +141,8 @@ def test_weight_sharing_frozen_and_raw_parameter():
 
         def forward(self, x):
             h = torch.tanh(self.lin(x))
-            h = torch.tanh(self.lin(h) * self.scale)  # applied twice per forward
+            # applied twice per forward; sin(scale) is no operator rule's slot: the generic remainder
+            h = torch.tanh(self.lin(h) * torch.sin(self.scale))
             return self.head(self.frozen(h))
 
     m = Shared().double()

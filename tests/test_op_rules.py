@@ -1,0 +1,180 @@
+"""Operator rules (docs/engine.md, "Operator rules"): parameters that no module rule takes but that
+the forward uses only as the weight / bias of a recognized op (F.layer_norm / group_norm /
+batch_norm in eval, x·γ, x + β, addmm with an (in, out) weight) take the structured path, whatever
+module calls the op (timm-style LayerNorm2d, BatchNormAct, layer scale, Hugging Face Conv1D).
+Exact against autograd through the real model, float64 ≤ 1e-10, trace and full, x2 given or not.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lazyfast
+from lazyfast import structured
+
+from test_every_call import batch_oracle, rel
+
+D = torch.float64
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: permute, F.layer_norm, permute back."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm-style BatchNorm + activation in one module (its own forward)."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                   self.eps))
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.norm = LayerNorm2d(c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.bn = BatchNormAct2d(c)
+        self.pw = nn.Linear(c, 2 * c)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 2 * c))
+        self.gn_w = nn.Parameter(torch.rand(2 * c) + 0.5)
+        self.gn_b = nn.Parameter(torch.randn(2 * c) * 0.1)
+        self.head = nn.Linear(2 * c, 3)
+
+    def forward(self, x):
+        h = self.norm(self.stem(x))
+        h = self.bn(self.dw(h))
+        h = self.pw(h.permute(0, 2, 3, 1)) * self.gamma  # layer scale, channels last
+        h = F.group_norm(h.permute(0, 3, 1, 2), 3, self.gn_w, self.gn_b, 1e-5)
+        return self.head(torch.tanh(h).mean((2, 3)))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: addmm with an (in, out) weight on the flattened rows."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPTish(nn.Module):
+    def __init__(self, d=4, L=5):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, L, d) * 0.1)  # x + pos: a shift rule
+        self.c_fc = Conv1D(2 * d, d)
+        self.c_proj = Conv1D(d, 2 * d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = x + self.pos
+        h = h + self.c_proj(F.gelu(self.c_fc(h)))
+        return self.head(self.ln(h)[:, -1])
+
+
+class ScaleTwice(nn.Module):
+    """One γ used by two multiplications (weight sharing of an operator rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.g = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x) * self.g)
+        return self.b(h * self.g)
+
+
+class ScaleAlsoElsewhere(nn.Module):
+    """γ used by a recognized op and by another one: no operator rule (the remainder), still exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.g = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x) * self.g) + self.g.exp())
+
+
+def _init_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            with torch.no_grad():
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m
+
+
+CASES = {
+    "convnextish": (lambda: _init_bn(ConvNeXtish()).double().eval(), lambda n, s: torch.randn(
+        n, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(s))),
+    "gptish": (lambda: GPTish().double(), lambda n, s: torch.randn(n, 5, 4, dtype=D,
+                                                                     generator=torch.Generator().manual_seed(s))),
+    "scale_twice": (lambda: ScaleTwice().double(), lambda n, s: torch.randn(n, 3, dtype=D,
+                                                                             generator=torch.Generator().manual_seed(s))),
+    "scale_elsewhere": (lambda: ScaleAlsoElsewhere().double(), lambda n, s: torch.randn(
+        n, 3, dtype=D, generator=torch.Generator().manual_seed(s))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("mode", ("trace", "full"))
+@pytest.mark.parametrize("same", (True, False))
+def test_operator_rules_exact(case, mode, same):
+    torch.manual_seed(0)
+    mk, xs = CASES[case]
+    m = mk()
+    x1 = xs(5, 1)
+    x2 = None if same else xs(3, 2)
+    K = structured.structured_ntk(m, x1, x2, mode=mode, chunk_size=2)
+    if same:
+        ref = batch_oracle(m, x1, mode)
+    else:
+        ref = batch_oracle(m, torch.cat([x1, x2]), mode)[:5, 5:]
+    assert rel(K, ref) < 1e-10
+
+
+@pytest.mark.parametrize("case,expected", (("convnextish", 1.0), ("gptish", 1.0), ("scale_twice", 1.0)))
+def test_operator_rules_take_the_parameters(case, expected):
+    torch.manual_seed(0)
+    mk, xs = CASES[case]
+    m = mk()
+    e = lazyfast.explain(m, xs(4, 1))
+    assert e.rule_fraction == expected, str(e)
+    assert e.implementation == "structured"
+
+
+def test_parameter_also_used_elsewhere_stays_in_the_remainder():
+    torch.manual_seed(0)
+    m = ScaleAlsoElsewhere().double()
+    e = lazyfast.explain(m, torch.randn(4, 3, dtype=D))
+    g = next(p for p in e.parameters if p["name"] == "g")
+    assert g["path"] == "remainder" and "used elsewhere" in g["reason"]
+
+
+def test_operator_rule_float32_close_to_float64():
+    torch.manual_seed(0)
+    mk, xs = CASES["convnextish"]
+    m64 = mk()
+    x = xs(6, 3)
+    K64 = lazyfast.empirical_ntk(m64, x)
+    m32 = mk().float()
+    m32.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in m64.state_dict().items()})
+    K32 = lazyfast.empirical_ntk(m32, x.float())
+    assert rel(K32.double(), K64) < 1e-5
