@@ -30,6 +30,7 @@ from lazyfast.train import CheckpointError, TrainConfig
 from lazyfast import selfcheck
 from lazyfast.explain import Explanation, explain
 from lazyfast.selfcheck import SelfCheckError
+from lazyfast.rules import register_rule, registered_rules, unregister_rule
 
 
 __all__ = [
@@ -37,6 +38,6 @@ __all__ = [
     "TwoLayer", "MLP", "vgg11", "resnet18",
     "LazyModel", "Linearized", "FrozenPatternNet", "scaled_loss", "square_loss",
     "KernelGradientFlow", "kernel_gradient_flow", "kernel_regression_cg", "TrainConfig", "CheckpointError",
-    "explain", "Explanation", "selfcheck", "SelfCheckError",
+    "explain", "Explanation", "selfcheck", "SelfCheckError", "register_rule", "unregister_rule", "registered_rules",
     "reference", "kernels", "mlp", "two_layer", "structured", "generic", "precision", "diagnostics", "distributed", "solvers", "train", "__version__",
 ]

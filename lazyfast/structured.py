@@ -37,6 +37,7 @@ from torch import nn
 
 from lazyfast._outputs import ModelForwardError, model_output, run_forward  # noqa: F401 (re-exported)
 from lazyfast._uses import ParamUses, alias_message
+from lazyfast.rules import _RULES, rule_for
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 METHODS = ("auto", "jacobian", "structured")
@@ -209,7 +210,10 @@ def _plain_forward(m: nn.Module, base) -> bool:
 def rule_kind(m: nn.Module) -> Optional[str]:
     """'linear' | 'conv' | 'embedding' | 'norm' for a module with an exact rule, else None."""
     from lazyfast.models import _Dense
+    from torch.nn.utils import parametrize
 
+    if rule_for(m) is not None:
+        return None if parametrize.is_parametrized(m) else "custom"
     for base, kind in ((nn.Linear, "linear"), (_Dense, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
                        (nn.Conv3d, "conv"), (nn.Embedding, "embedding")):
         if isinstance(m, base):
@@ -386,6 +390,10 @@ def _wb(m):
         return m.weight, m.bias
     if isinstance(m, _LinearT):
         return m.params
+    rule = rule_for(m) if _RULES else None
+    if rule is not None:
+        ps = [m._parameters.get(n) for n in rule.params]
+        return (ps + [None])[:2] if len(ps) == 1 else tuple(ps)
     return m._parameters.get("weight"), m._parameters.get("bias")
 
 
@@ -567,7 +575,8 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 why(p, f"no rule for {type(m).__name__} (its class or forward is not one a rule covers)")
             continue
         w, b = _wb(m)
-        others = [p for key, p in m._parameters.items() if key not in ("weight", "bias") and p is not None
+        slots = rule_for(m).params if kind == "custom" else ("weight", "bias")
+        others = [p for key, p in m._parameters.items() if key not in slots and p is not None
                   and p.requires_grad]
         if others:
             for p in m._parameters.values():
@@ -734,6 +743,12 @@ def no_grad_message(model, m) -> str:
 
 def _layer_flops(L: _Layer) -> float:
     """Forward FLOPs of a rule layer on one sample (all its calls)."""
+    if L.kind == "custom":
+        rule = rule_for(L.module)
+        if rule is not None and rule.flops is not None:
+            return float(rule.flops(L.module, 1, 1))
+        P = sum(p.numel() for p in _wb(L.module) if p is not None)
+        return 2.0 * P * sum(max(1, math.prod(s[:-1])) for s in L.out_shapes)
     w = L.module.weight
     if L.kind == "linear":
         return 2.0 * w.numel() * sum(math.prod(s[:-1]) for s in L.out_shapes)
@@ -751,7 +766,7 @@ def _batch_dim(s1, s2, o1, o2, L) -> Optional[int]:
     if len(din) != 1 or din != dout or s1[din[0]] != 1 or s2[din[0]] != 2 or o1[dout[0]] != 1:
         return None
     d = din[0]
-    if L.kind in ("scale", "shift") and d != 0:
+    if L.kind in ("scale", "shift", "custom") and d != 0:
         return None
     if L.kind in ("conv", "norm") and not isinstance(L.module, nn.LayerNorm) and d != 0:
         return None
@@ -1026,6 +1041,28 @@ def _norm_jac(L: _Layer, cap):
     return [t.transpose(0, 1).reshape(-1, t.shape[2]) for t in (jw, jb) if t is not None]
 
 
+def _custom_jac(L: _Layer, cap):
+    """A registered rule's per-example gradients (lazyfast/rules.py): [(n·k, P)] per parameter on."""
+    rule = rule_for(L.module)
+    grads = rule.per_example_gradients(L.module, cap)
+    ps = [L.module._parameters.get(n) for n in rule.params]
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(ps):
+        raise ValueError(f"the rule for {type(L.module).__name__} returned {type(grads).__name__} "
+                         f"{len(grads) if isinstance(grads, (list, tuple)) else ''}: it must return one tensor "
+                         f"(k, n, *param.shape) per parameter in {rule.params}")
+    k, n = cap[0][1].shape[:2]
+    out = []
+    for name, p, g, on in zip(rule.params, ps, grads, (L.w_on, L.b_on)):
+        if not on:
+            continue
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (k, n) + tuple(p.shape):
+            raise ValueError(f"the rule for {type(L.module).__name__} returned for {name!r} "
+                             f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}, expected "
+                             f"(k, n, *param.shape) = {(k, n) + tuple(p.shape)}")
+        out.append(g.detach().to(p.dtype).transpose(0, 1).reshape(n * k, -1))
+    return out
+
+
 def _scale_shift_jac(L: _Layer, cap):
     """Per-example gradients of γ in x·γ (u = x) or β in x + β, γ / β broadcast into the
     per-sample x: [(n·k, P)], summed over the broadcast positions and over the calls."""
@@ -1108,6 +1145,8 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
             f.jac.extend(_norm_jac(L, cap))
         elif L.kind in ("scale", "shift"):
             f.jac.extend(_scale_shift_jac(L, cap))
+        elif L.kind == "custom":
+            f.jac.extend(_custom_jac(L, cap))
         elif L.kind == "embedding":
             idx = torch.cat([u.reshape(u.shape[0], -1) for u, _ in cap], dim=1)
             d = torch.cat([dd.reshape(dd.shape[0], dd.shape[1], -1, dd.shape[-1]) for _, dd in cap], dim=2)
@@ -1241,9 +1280,9 @@ def _factor_numel(plan: Plan) -> Tuple[int, int]:
         trans += ins + k * outs
         if L.kind == "conv" and L.w_on:
             trans += L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
-        if L.kind in ("norm", "scale", "shift") or (L.kind in ("linear", "conv") and (L.method == "jacobian" or not L.w_on)
+        if L.kind in ("norm", "scale", "shift", "custom") or (L.kind in ("linear", "conv") and (L.method == "jacobian" or not L.w_on)
                                 and not _is_hadamard(L)):
-            held += k * sum(p.numel() for p in (L.module.weight, L.module.bias) if p is not None)
+            held += k * sum(p.numel() for p in _wb(L.module) if p is not None)
         elif L.kind == "conv":
             held += k * outs + L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
         else:
@@ -1267,7 +1306,7 @@ def choose_methods(plan: Plan, n1: int, n2: int, mode: str, method: str = "auto"
 
 def _fixed_order(L: _Layer, method: str) -> Optional[str]:
     """The contraction order of a layer whose order is not the FLOP model's to choose (None: it is)."""
-    if L.kind in ("norm", "scale", "shift") or (L.kind in ("linear", "conv") and not L.w_on):
+    if L.kind in ("norm", "scale", "shift", "custom") or (L.kind in ("linear", "conv") and not L.w_on):
         return "jacobian"
     if L.kind == "embedding":
         return method  # chosen per chunk pair by _add_embedding when "auto"
@@ -1284,8 +1323,8 @@ def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
     for L in plan.layers:
         if L.kind in ("linear", "conv") and L.w_on and not _is_hadamard(L):
             total += min(_costs(L, n1, n2, k, mode))
-        elif L.kind in ("linear", "conv", "norm", "scale", "shift"):
-            p = sum(t.numel() for t in (L.module.weight, L.module.bias) if t is not None)
+        elif L.kind in ("linear", "conv", "norm", "scale", "shift", "custom"):
+            p = sum(t.numel() for t in _wb(L.module) if t is not None)
             total += 2.0 * n1 * n2 * k * (k if mode == "full" else 1) * p
     return total
 
