@@ -46,25 +46,28 @@ def X(n=6, d=3, seed=0):
 
 
 # ----------------------------------------------------------------------------- the seven silent cases
-class PreHookUsesWeight(nn.Module):
-    """1: a forward pre-hook that reads the layer's own weight (outside the layer's own forward)."""
+class _FcOut(nn.Module):
+    """fc: Linear(3, 4), out: Linear(4, 2): the layers of the small test models below."""
 
     def __init__(self):
         super().__init__()
         self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+
+class PreHookUsesWeight(_FcOut):
+    """1: a forward pre-hook that reads the layer's own weight (outside the layer's own forward)."""
+
+    def __init__(self):
+        super().__init__()
         self.fc.register_forward_pre_hook(lambda m, a: (a[0] * m.weight.sum(),))
 
     def forward(self, x):
         return self.out(torch.tanh(self.fc(x)))
 
 
-class InPlaceForSome(nn.Module):
+class InPlaceForSome(_FcOut):
     """2: an in-place op on a Linear output that runs only for some inputs: copies of x[0] (the
     probe) do not trigger it, the real batch does."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
 
     def forward(self, x):
         h = self.fc(x)
@@ -73,12 +76,8 @@ class InPlaceForSome(nn.Module):
         return self.out(torch.tanh(h))
 
 
-class DirectUseBehindBranch(nn.Module):
+class DirectUseBehindBranch(_FcOut):
     """3: a direct use of a covered weight behind a branch on batch values."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
 
     def forward(self, x):
         h = self.fc(x)
@@ -107,12 +106,11 @@ class StaleBranch(nn.Module):
         return self.out(torch.tanh(h))
 
 
-class ListAlias(nn.Module):
+class ListAlias(_FcOut):
     """5a: a parameter reached through a Python list made in __init__."""
 
     def __init__(self):
         super().__init__()
-        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
         self.ws = [self.fc.weight]
 
     def forward(self, x):
@@ -560,15 +558,11 @@ def test_cuda_device_without_cuda_is_a_clear_error(ctor):
         ctor()
 
 
-class BranchInLaterChunk(nn.Module):
+class BranchInLaterChunk(_FcOut):
     """An in-place change of a Linear's output that runs only for a chunk holding a sample with
     x[:, 1] > 2 (per sample, so the function is each sample's own): with small chunks the probe
     and the first chunks agree with the plan and a later one does not; the kernel restarts with
     the output cloned."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
 
     def forward(self, x):
         h = self.fc(x)
@@ -578,12 +572,8 @@ class BranchInLaterChunk(nn.Module):
         return self.out(torch.tanh(h))
 
 
-class CallsForwardDirectly(nn.Module):
+class CallsForwardDirectly(_FcOut):
     """A rule layer's forward called directly (bypassing __call__ and its hooks) and again normally."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
 
     def forward(self, x):
         return self.out(torch.tanh(self.fc.forward(x)) + torch.sin(self.fc(x)))
