@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lazyfast import ntk as _ntk
+from lazyfast._outputs import run_forward
 from lazyfast._validation import (check_alpha, check_bool, check_input, check_int, check_module,
                                   model_param_info)
 
@@ -224,6 +225,18 @@ class _CachedLinearization:
         return [torch.zeros_like(w) if g is None else g for w, g in zip(self.w0, grads)]
 
 
+def _math_attention():
+    """The tangent pass runs scaled_dot_product_attention by its math (composite) backend, which has
+    forward-mode AD; the fused CPU/flash kernels have none (the primal keeps them)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class _LinearizedFunction(torch.autograd.Function):
     """out = J(w0, x)·(w − w0), backward = J(w0, x)ᵀ·grad (exact VJP at w0).
 
@@ -238,9 +251,17 @@ class _LinearizedFunction(torch.autograd.Function):
         initial = lin._initial
         deltas = [p - initial[name] for name, p in zip(names, params)]
         if cached is not None:
-            out = cached.jvp(deltas)
-        else:
-            with _trainable(lin.model0, names):
+            try:
+                out = cached.jvp(deltas)
+            except (RuntimeError, NotImplementedError) as e:
+                # the double-VJP needs the derivative of every backward op (aten::hardsigmoid_backward
+                # has none): this batch takes the JVP path, exactly, and is not cached again
+                if "not implemented" not in str(e):
+                    raise
+                lin._uncacheable(x)
+                cached = None
+        if cached is None:
+            with _trainable(lin.model0, names), _math_attention():
                 out = _ntk.jvp(lin.model0, x, {n: d.unsqueeze(0) for n, d in zip(names, deltas)})[0]  # T = 1
         ctx.lin, ctx.cached = lin, cached
         ctx.save_for_backward(x)
@@ -260,6 +281,9 @@ class _LinearizedFunction(torch.autograd.Function):
                 gd = _ntk.vjp(lin.model0, x, grad_out.contiguous())
             grads = [gd[name] for name in lin._names]
         return (None, None, None) + tuple(g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads))
+
+
+_NO_LINEARIZATION = object()  # a batch whose linearization cannot be cached (see Linearized._uncacheable)
 
 
 class _CacheEntry:
@@ -372,6 +396,13 @@ class Linearized(nn.Module):
         """Drops the cached primals and linearizations."""
         self._cache = []
 
+    def _uncacheable(self, x: torch.Tensor) -> None:
+        """This batch's cached linearization cannot run (an op without a double derivative): the
+        batch keeps its primal and takes the JVP path from now on."""
+        for e in self._cache:
+            if e.x is x:
+                e.linearization = _NO_LINEARIZATION
+
     def _entry(self, x: torch.Tensor) -> Optional[_CacheEntry]:
         key = (x._version, self._w0_version())
         for i, e in enumerate(self._cache):
@@ -383,7 +414,7 @@ class Linearized(nn.Module):
         if not self.cache_size or torch.is_inference_mode_enabled():
             return None  # (inference tensors must not outlive the inference_mode block in the cache)
         with torch.no_grad():
-            primal = _as_rows(self.model0(x), x.shape[0])
+            primal = _as_rows(run_forward(self.model0, x), x.shape[0])
         e = _CacheEntry(x, key, primal)
         self._cache = [e] + self._cache[: self.cache_size - 1]
         return e
@@ -394,7 +425,7 @@ class Linearized(nn.Module):
         if e is not None:
             return e.primal
         with torch.no_grad():
-            return _as_rows(self.model0(x), x.shape[0])
+            return _as_rows(run_forward(self.model0, x), x.shape[0])
 
     def _fused_serves(self) -> bool:
         """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
@@ -414,6 +445,8 @@ class Linearized(nn.Module):
             return None  # under torch.inference_mode no autograd graph can be built: one JVP
         if self.implementation == "auto" and self._fused_serves():
             return None  # the fused JVP + VJP cost less than a standard step: nothing to cache
+        if e.linearization is _NO_LINEARIZATION:
+            return None
         if e.linearization is None and (self.implementation == "cached" or e.hits >= 1):
             e.linearization = _CachedLinearization(self.model0, self._names, e.x)
         return e.linearization
@@ -429,7 +462,7 @@ class Linearized(nn.Module):
 
     def tangent(self, x: torch.Tensor) -> torch.Tensor:
         """J(w0, x)(w − w0), (n, k): the linearized model minus its value at w0."""
-        check_input(x, "x", self.model0)
+        check_input(x, "x", self.model0, allow_integer=True)
         e = self._entry(x)
         if x.shape[0] == 0:
             primal = e.primal if e is not None else self.primal(x)
@@ -438,7 +471,7 @@ class Linearized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h̄(w, x) = f(w0, x) + J(w0, x)(w − w0): (n, ...) → (n, k)."""
-        check_input(x, "x", self.model0)
+        check_input(x, "x", self.model0, allow_integer=True)
         e = self._entry(x)
         primal = e.primal if e is not None else self.primal(x)
         if x.shape[0] == 0:  # no samples: (0, k), still connected to the parameters (zero gradients)
