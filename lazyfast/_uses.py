@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lazyfast._validation import _functorch_wrapped
+
 # Tensor attributes / methods that read metadata only (no values, no view of the storage).
 _META = frozenset({
     "dtype", "shape", "device", "requires_grad", "is_cuda", "is_cpu", "ndim", "is_leaf", "layout", "names",
@@ -51,17 +53,10 @@ def _tensors(obj, depth: int = 2) -> Iterable[torch.Tensor]:
             yield from _tensors(e, depth - 1)
 
 
-def _wrapped(t: torch.Tensor) -> bool:
-    try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
 def storage_key(t: torch.Tensor) -> Optional[tuple]:
     """(device, storage address) of a plain strided tensor with storage, else None."""
     try:
-        if t.layout != torch.strided or t.is_meta or _wrapped(t):
+        if t.layout != torch.strided or t.is_meta or _functorch_wrapped(t):
             return None
         ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):

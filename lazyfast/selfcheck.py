@@ -47,8 +47,8 @@ class SelfCheckError(RuntimeError):
 
 # Cost of the check's per-parameter work (forming J_Sᵀv for each direction, the dot products),
 # in FLOP-equivalents per parameter and direction: memory-bound at a few samples, so far dearer
-# per FLOP than the call's large GEMMs (calibrated on the MLP row of
-# benchmarks/results/selfcheck_cpu.md: 7 ms of check against a 22 ms call).
+# per FLOP than the call's large GEMMs (calibrated on the MLP row, whose check costs about a fifth
+# of the call: benchmarks/results/selfcheck_cpu.md; the estimate is conservative on every row there).
 PER_PARAM_COST = 400.0
 
 

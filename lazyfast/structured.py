@@ -393,7 +393,7 @@ def _wb(m):
     rule = rule_for(m) if _RULES else None
     if rule is not None:
         ps = [m._parameters.get(n) for n in rule.params]
-        return (ps + [None])[:2] if len(ps) == 1 else tuple(ps)
+        return tuple(ps + [None] * (2 - len(ps)))
     return m._parameters.get("weight"), m._parameters.get("bias")
 
 
