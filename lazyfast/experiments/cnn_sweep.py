@@ -72,6 +72,9 @@ class Config(common.ExperimentConfig):
     alphas: List[float] = field(default_factory=lambda: [0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 100.0, 1e3, 1e4, 1e5,
                                                          1e6, 1e7])
     lrs: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.01, 0.001])  # the authors' η0 grid
+    # per arch: its own α / η0 grid instead of ``alphas`` / ``lrs`` (None: the shared grid)
+    arch_alphas: Optional[List[Optional[List[float]]]] = None
+    arch_lrs: Optional[List[Optional[List[float]]]] = None
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     batch_size: int = 128
     momentum: float = 0.9
@@ -119,8 +122,12 @@ class Config(common.ExperimentConfig):
 
     def arch_settings(self) -> List[dict]:
         subsets = self.subsets if self.subsets is not None else [None] * len(self.archs)
-        return [{"arch": a, "divisor": d, "gain": g, "epochs": e, "subset": k}
-                for a, d, g, e, k in zip(self.archs, self.divisors, self.gains, self.epochs, subsets)]
+        alphas = self.arch_alphas if self.arch_alphas is not None else [None] * len(self.archs)
+        lrs = self.arch_lrs if self.arch_lrs is not None else [None] * len(self.archs)
+        return [{"arch": a, "divisor": d, "gain": g, "epochs": e, "subset": k,
+                 "alphas": list(self.alphas if al is None else al), "lrs": list(self.lrs if lr is None else lr)}
+                for a, d, g, e, k, al, lr in zip(self.archs, self.divisors, self.gains, self.epochs, subsets,
+                                                 alphas, lrs)]
 
     def validate(self) -> None:
         if not isinstance(self.archs, (list, tuple)) or not self.archs:
@@ -150,12 +157,33 @@ class Config(common.ExperimentConfig):
                     if self.n_train is not None and k > self.n_train:
                         raise ValueError(f"subsets[{i}]={k} exceeds n_train={self.n_train}")
         common.check_positive_list(self.gains, "gains")
-        common.check_positive_list(self.alphas, "alphas")
-        common.check_positive_list(self.lrs, "lrs")
-        if len(set(self.alphas)) != len(self.alphas) or list(self.alphas) != sorted(self.alphas):
-            raise ValueError(f"alphas must be increasing without repeats, got {self.alphas!r}")
-        if len(set(self.lrs)) != len(self.lrs):
-            raise ValueError(f"lrs must not repeat a value, got {self.lrs!r}")
+        common.check_positive(self.plateau_from_alpha, "plateau_from_alpha")
+        for name in ("arch_alphas", "arch_lrs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (list, tuple)) or len(v) != len(self.archs)):
+                raise ValueError(f"{name} must be None or a list with one entry (a list or None) per arch "
+                                 f"({len(self.archs)}), got {v!r}")
+        grids = [("alphas", self.alphas, "lrs", self.lrs)]
+        for i in range(len(self.archs)):
+            if self.arch_alphas is not None and self.arch_alphas[i] is not None:
+                grids.append((f"arch_alphas[{i}]", self.arch_alphas[i], None, None))
+            if self.arch_lrs is not None and self.arch_lrs[i] is not None:
+                grids.append((None, None, f"arch_lrs[{i}]", self.arch_lrs[i]))
+        for an, av, ln, lv in grids:
+            if an is not None:
+                common.check_positive_list(av, an)
+                if len(set(av)) != len(av) or list(av) != sorted(av):
+                    raise ValueError(f"{an} must be increasing without repeats, got {av!r}")
+                if not any(a >= self.plateau_from_alpha for a in av):
+                    raise ValueError(f"plateau_from_alpha={self.plateau_from_alpha!r} is above every alpha of "
+                                     f"{an} (max {max(av)!r}): the large-α plateau would be empty")
+                if not any(a < self.plateau_from_alpha for a in av):
+                    raise ValueError(f"every alpha of {an} is >= plateau_from_alpha={self.plateau_from_alpha!r}: "
+                                     "there is no non-lazy α to compare the plateau with")
+            if ln is not None:
+                common.check_positive_list(lv, ln)
+                if len(set(lv)) != len(lv):
+                    raise ValueError(f"{ln} must not repeat a value, got {lv!r}")
         if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
             raise ValueError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
         for i, s in enumerate(self.seeds):
@@ -176,13 +204,6 @@ class Config(common.ExperimentConfig):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         if not (isinstance(self.float64_from_alpha, (int, float)) and self.float64_from_alpha >= 0):
             raise ValueError(f"float64_from_alpha must be a number >= 0, got {self.float64_from_alpha!r}")
-        common.check_positive(self.plateau_from_alpha, "plateau_from_alpha")
-        if not any(a >= self.plateau_from_alpha for a in self.alphas):
-            raise ValueError(f"plateau_from_alpha={self.plateau_from_alpha!r} is above every alpha "
-                             f"(max {max(self.alphas)!r}): the large-α plateau would be empty")
-        if not any(a < self.plateau_from_alpha for a in self.alphas):
-            raise ValueError(f"every alpha is >= plateau_from_alpha={self.plateau_from_alpha!r}: there is no "
-                             "non-lazy α to compare the plateau with")
         for name in ("margin_points", "margin_stds"):
             common.check_positive(getattr(self, name), name)
         if not (isinstance(self.stability_min, (int, float)) and 0 < self.stability_min <= 100):
@@ -201,12 +222,20 @@ CPU_PRESET = dict(
     alphas=[0.1, 1.0, 10.0, 100.0, 1e3, 1e4], lrs=[1.0, 0.1, 0.01, 0.001], seeds=[0, 1, 2],
     augment=False, dtype="float32", float64_from_alpha=1e4, plateau_from_alpha=1e3,
 )
-CPU_VGG = dict(archs=["vgg11"], divisors=[8], gains=[math.sqrt(2.0)], epochs=[12], subsets=[None])
-CPU_RESNET = dict(archs=["resnet18"], divisors=[8], gains=[1.0], epochs=[4], subsets=[2500])
+CPU_VGG = dict(archs=["vgg11"], divisors=[8], gains=[math.sqrt(2.0)], epochs=[12], subsets=[None],
+               arch_alphas=[None], arch_lrs=[None])
+# ResNet-18 (protocol fixed by the pilot runs of docs/figures/cnn-resnet-pilot.jsonl, see docs/REPRODUCTION.md):
+# all 8000 training images and 24 epochs (the first ResNet protocol, 2500 images x 4 epochs, left the
+# non-lazy network at ~60 % train accuracy); alpha = 100 and 1e4 dropped where the curve is flat (the
+# largest alpha, 1e3, stays float32: float64_from_alpha = 1e4); eta0 in {0.1, 0.01} (the pilot: 1 diverges
+# and 0.1 collapses at alpha = 0.1, 0.01 learns too slowly at alpha = 1, 0.001 slower still).
+CPU_RESNET = dict(archs=["resnet18"], divisors=[8], gains=[1.0], epochs=[24], subsets=[None],
+                  arch_alphas=[[0.1, 1.0, 10.0, 1e3]], arch_lrs=[[0.1, 0.01]])
 
 
 def _join(*parts: dict) -> dict:
-    return {k: [v for p in parts for v in p[k]] for k in ("archs", "divisors", "gains", "epochs", "subsets")}
+    return {k: [v for p in parts for v in p[k]]
+            for k in ("archs", "divisors", "gains", "epochs", "subsets", "arch_alphas", "arch_lrs")}
 
 
 def make_config(preset: str = "cpu", **overrides) -> Config:
@@ -504,7 +533,8 @@ def train_run(cfg: Config, arch_index: int, seed: int, kind: str, alpha: float, 
 def fingerprint(cfg: Config) -> str:
     """Hash of the settings that determine a run (not the grids, which only say which runs exist,
     nor the criterion, progress or evaluation batch size)."""
-    exclude = ("alphas", "lrs", "seeds", "archs", "divisors", "gains", "epochs", "subsets", "linearized",
+    exclude = ("alphas", "lrs", "arch_alphas", "arch_lrs", "seeds", "archs", "divisors", "gains", "epochs",
+               "subsets", "linearized",
                "show_progress",
                "eval_batch_size", "plateau_from_alpha", "margin_points", "margin_stds", "stability_min", "seed")
     return common.fingerprint(cfg, exclude=exclude)
@@ -519,11 +549,11 @@ def run_keys(cfg: Config) -> List[Tuple[str, tuple]]:
         if a["subset"] is not None:
             tag += f"/subset={a['subset']}"
         for seed in cfg.seeds:
-            for alpha in cfg.alphas:
-                for lr in cfg.lrs:
+            for alpha in a["alphas"]:
+                for lr in a["lrs"]:
                     out.append((f"{tag}/seed={seed}/alpha={alpha!r}/lr={lr!r}", (ai, seed, "network", alpha, lr)))
             if cfg.linearized:
-                for lr in cfg.lrs:
+                for lr in a["lrs"]:
                     out.append((f"{tag}/seed={seed}/linearized/lr={lr!r}", (ai, seed, "linearized", 1.0, lr)))
     return out
 
@@ -582,17 +612,17 @@ def estimate_seconds(cfg: Config, timings: Dict[str, dict]) -> dict:
         evals = cfg.n_val + min(cfg.n_train_eval, n_train)
         n_test = cfg.n_test
         net = 0.0
-        for alpha in cfg.alphas:
+        for alpha in a["alphas"]:
             dt = str(run_dtype(cfg, "network", alpha))[6:]
             one = steps * t[f"step_{dt}"] + evals * t[f"eval_{dt}"] + n_test * t[f"final_{dt}"]
-            net += one * len(cfg.lrs) * len(cfg.seeds)
+            net += one * len(a["lrs"]) * len(cfg.seeds)
         lin = 0.0
         if cfg.linearized:
             one = steps * t["step_linearized"] + (evals + n_test) * t["eval_linearized"]
-            lin = one * len(cfg.lrs) * len(cfg.seeds)
+            lin = one * len(a["lrs"]) * len(cfg.seeds)
         per_arch[a["arch"]] = {"network_seconds": net, "linearized_seconds": lin, "steps_per_run": steps,
-                               "runs": len(cfg.alphas) * len(cfg.lrs) * len(cfg.seeds)
-                               + (len(cfg.lrs) * len(cfg.seeds) if cfg.linearized else 0),
+                               "runs": len(a["alphas"]) * len(a["lrs"]) * len(cfg.seeds)
+                               + (len(a["lrs"]) * len(cfg.seeds) if cfg.linearized else 0),
                                "dtype_base": base}
     total = sum(v["network_seconds"] + v["linearized_seconds"] for v in per_arch.values())
     return {"archs": per_arch, "total_seconds": total}
@@ -630,9 +660,9 @@ def summarize(cfg: Config, runs: List[dict], n_test: int) -> dict:
     for a in cfg.arch_settings():
         mine = [r for r in runs if r["arch"] == a["arch"]]
         per_alpha = []
-        for alpha in cfg.alphas:
+        for alpha in a["alphas"]:
             cands = {lr: [r for r in mine if r["kind"] == "network" and r["alpha"] == alpha and r["lr"] == lr]
-                     for lr in cfg.lrs}
+                     for lr in a["lrs"]}
             lr = _select(cands)
             rs = cands[lr] if lr is not None else []
             row = {"alpha": alpha, "best_lr": lr, "n_seeds": len([r for r in rs if not r["diverged"]]),
@@ -657,7 +687,7 @@ def summarize(cfg: Config, runs: List[dict], n_test: int) -> dict:
         lin = None
         lin_runs = [r for r in mine if r["kind"] == "linearized"]
         if lin_runs:
-            cands = {lr: [r for r in lin_runs if r["lr"] == lr] for lr in cfg.lrs}
+            cands = {lr: [r for r in lin_runs if r["lr"] == lr] for lr in a["lrs"]}
             lr = _select(cands)
             rs = cands[lr] if lr is not None else []
             lin = {"best_lr": lr, "n_seeds": len([r for r in rs if not r["diverged"]])}
@@ -691,7 +721,6 @@ CRITERION = (
 def verdict(cfg: Config, summary: dict) -> dict:
     """The criterion of :data:`CRITERION`, computed from the summary (None where a value is missing)."""
     res = {"criterion": CRITERION, "archs": {}}
-    alphas = list(cfg.alphas)
     for arch, s in summary["archs"].items():
         rows = s["per_alpha"]
         resolution = 100.0 / summary["n_test"]  # one test image, in points
