@@ -9,7 +9,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lazyfast-deps
 DEPS   := torch==2.13.0 "setuptools>=77" wheel build ninja numpy scipy tqdm matplotlib scikit-learn \
-          pytest pytest-benchmark hypothesis expecttest
+          pytest pytest-benchmark hypothesis expecttest \
+          torchvision==0.28.0 timm==1.0.31 transformers==5.25.0
 OUT    ?= out/demo
 
 .PHONY: venv build demo test test-python native-test cuda-link-check package-check bench-quick bench clean

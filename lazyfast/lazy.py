@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lazyfast import ntk as _ntk
-from lazyfast._outputs import run_forward
+from lazyfast._outputs import ModelForwardError, model_output, run_forward, with_output
 from lazyfast._validation import (check_alpha, check_bool, check_input, check_int, check_module,
                                   model_param_info)
 
@@ -179,7 +179,7 @@ def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, lo
 
 
 # ----------------------------------------------------------------------------- linearized model
-LINEARIZED_IMPLEMENTATIONS = ("auto", "cached", "ntk")
+LINEARIZED_IMPLEMENTATIONS = ("auto", "dual", "cached", "ntk")
 
 
 class _CachedLinearization:
@@ -237,19 +237,92 @@ def _math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+class _CompositeActivations(torch.overrides.TorchFunctionMode):
+    """Inside the dual pass, the two activations whose forward-mode formula has no derivative of its
+    own (aten::hardsigmoid_backward, aten::glu_jvp: the backward of the tangent would fail; found by
+    trying every common layer op, tests/test_linearized_models.py) run through ops whose every
+    derivative exists, with the same value: ``F.hardsigmoid`` as hardsigmoid(x̄) + (x − x̄)·s, x̄ = x
+    detached and s = aten::hardsigmoid_backward(1, x̄) (torch's own slope, so the tangent t·s is
+    autograd's); ``F.glu`` as glu(x̄) + (a·sigmoid(b) at x − the same at x̄)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x = args[0] if args else kwargs["input"]
+            xp = x.detach()
+            slope = torch.ops.aten.hardsigmoid_backward(torch.ones_like(xp), xp)
+            return F.hardsigmoid(xp) + (x - xp) * slope
+        if func is F.glu:
+            x = args[0] if args else kwargs["input"]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+            xp = x.detach()
+
+            def composite(z):
+                a, b = z.chunk(2, dim)
+                return a * torch.sigmoid(b)
+
+            # F.glu's value; the tangent of a·sigmoid(b) (its primal part cancels exactly)
+            return F.glu(xp, dim) + (composite(x) - composite(xp))
+        return func(*args, **kwargs)
+
+
+class _DualPass:
+    """f(w0, x) and J(w0, x)·δ from ONE forward pass of the network at w0 whose parameters are
+    forward-mode dual numbers (w0, δ): every op propagates its tangent next to its value (a layer
+    computes W0·t + δW·a beside W0·a; an elementwise op its derivative times t), so the tangent costs
+    about one extra forward, and the primal comes with it. The tangent's autograd graph (built with δ
+    as the leaf; w0 needs no gradient) is the linearized network: its backward, J(w0, x)ᵀ·r, is one
+    ordinary backward pass through it, using the activations of this same forward. Attention runs by
+    its math backend here (the fused kernels have no forward-mode formula); hardsigmoid by an equivalent
+    composite (:class:`_CompositeActivations`)."""
+
+    def __init__(self, lin: "Linearized", x: torch.Tensor, deltas: List[torch.Tensor], graph: bool = True):
+        import torch.autograd.forward_ad as fwad
+
+        initial = lin._initial
+        self.leaves = [d.detach().requires_grad_(graph) for d in deltas]
+        with torch.set_grad_enabled(graph), fwad.dual_level(), _math_attention(), _CompositeActivations():
+            duals = {n: fwad.make_dual(initial[n], t) for n, t in zip(lin._names, self.leaves)}
+            out = run_forward(lambda inp: functional_call(lin.model0, duals, (inp,), strict=False), x)
+            out = model_output(out, x.shape[0])
+            primal, tangent = fwad.unpack_dual(out)
+        self.primal = _as_rows(primal.detach(), x.shape[0])
+        self.tangent = None if tangent is None else _as_rows(tangent, x.shape[0])
+
+    def vjp(self, r: torch.Tensor) -> Optional[List[torch.Tensor]]:
+        if self.tangent is None or not self.tangent.requires_grad:
+            return [torch.zeros_like(w) for w in self.leaves]
+        grads = torch.autograd.grad(self.tangent, self.leaves, grad_outputs=r, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(self.leaves, grads)]
+
+
+def _not_implemented(e: BaseException) -> bool:
+    return isinstance(e, NotImplementedError) or "not implemented" in str(e) or "forward AD" in str(e)
+
+
 class _LinearizedFunction(torch.autograd.Function):
     """out = J(w0, x)·(w − w0), backward = J(w0, x)ᵀ·grad (exact VJP at w0).
 
-    ``cached`` is a :class:`_CachedLinearization` of this batch, or None to go through the
-    public :func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp` (fused kernels where compiled).
+    ``cached`` is a :class:`_CachedLinearization` of this batch, the string ``"dual"`` for one
+    :class:`_DualPass` (primal and tangent in one forward; its second output is the primal), or
+    None to go through the public :func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp` (fused
+    kernels where compiled).
     """
 
     @staticmethod
-    def forward(ctx, lin: "Linearized", x: torch.Tensor, cached: Optional[_CachedLinearization],
-                *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, lin: "Linearized", x: torch.Tensor, cached, *params: torch.Tensor):
         names = lin._names
         initial = lin._initial
         deltas = [p - initial[name] for name, p in zip(names, params)]
+        ctx.dual = None
+        if isinstance(cached, _DualPass):  # computed by the caller (forward-mode AD is off in here)
+            ctx.dual, cached = cached, None
+            ctx.lin, ctx.cached = lin, None
+            ctx.save_for_backward(x)
+            t, primal = ctx.dual.tangent, ctx.dual.primal
+            out = torch.zeros_like(primal) if t is None else t.detach()
+            ctx.mark_non_differentiable(primal)
+            return out, primal
         if cached is not None:
             try:
                 out = cached.jvp(deltas)
@@ -261,19 +334,43 @@ class _LinearizedFunction(torch.autograd.Function):
                 lin._uncacheable(x)
                 cached = None
         if cached is None:
-            with _trainable(lin.model0, names), _math_attention():
-                out = _ntk.jvp(lin.model0, x, {n: d.unsqueeze(0) for n, d in zip(names, deltas)})[0]  # T = 1
+            try:
+                with _trainable(lin.model0, names), _math_attention():
+                    out = _ntk.jvp(lin.model0, x, {n: d.unsqueeze(0) for n, d in zip(names, deltas)})[0]  # T = 1
+            except (RuntimeError, NotImplementedError) as e:
+                if not _not_implemented(e):
+                    raise
+                raise RuntimeError(
+                    "Linearized: the model uses an op that has neither a forward-mode derivative (dual and JVP "
+                    f"paths) nor a double derivative (cached path): {str(e).strip().splitlines()[0]}. Replace "
+                    "that op by its composite definition, or register its derivative with torch.library") from e
         ctx.lin, ctx.cached = lin, cached
         ctx.save_for_backward(x)
-        return out
+        empty = out.new_empty(0)  # the second output: no primal on this path
+        ctx.mark_non_differentiable(empty)
+        return out, empty
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_primal=None):
         (x,) = ctx.saved_tensors
         lin, cached = ctx.lin, ctx.cached
         if ctx.needs_input_grad[1]:
             raise RuntimeError("Linearized does not differentiate with respect to its input x; "
                                "pass x with requires_grad=False")
+        grads = None
+        if ctx.dual is not None:
+            try:
+                grads = ctx.dual.vjp(grad_out.contiguous())
+            except (RuntimeError, NotImplementedError) as e:
+                # a forward-mode formula without a derivative of its own: this step's VJP is recomputed
+                # by the VJP path (exact), and the model takes the JVP/VJP path from now on
+                if not _not_implemented(e):
+                    raise
+                lin._dual_ok = False
+            ctx.dual = None
+            if grads is not None:
+                return (None, None, None) + tuple(g if ctx.needs_input_grad[3 + i] else None
+                                                  for i, g in enumerate(grads))
         if cached is not None:
             grads = cached.vjp(grad_out.contiguous())
         else:
@@ -298,9 +395,19 @@ class Linearized(nn.Module):
 
     ``self.model`` holds the trainable parameters w (a deep copy of ``model``, starting
     at w0); ``self.model0`` is a frozen copy at w0 (its parameters do not require grad).
-    The output is exact and the gradients are exact VJPs at w0. Two ways to compute them
+    The output is exact and the gradients are exact VJPs at w0. Ways to compute them
     (``implementation``):
 
+    * ``"dual"`` — one forward pass of the network at w0 with forward-mode dual parameters
+      (w0, w − w0) gives f(w0, x) and J(w0, x)(w − w0) together (:class:`_DualPass`); the
+      backward is one ordinary backward pass through that pass's tangent graph, with the
+      activations it already holds. A step costs one forward with its tangent (about 3
+      products per layer: W0·a, W0·t, ΔW·a) and one backward (2), against 1 + 2 for a
+      standard step: about 5/3 of a standard step where products dominate (measured in
+      ``benchmarks/results/linearized_models_cpu.json``). Attention runs by SDPA's math
+      backend in this pass; hardsigmoid and GLU by equivalent composites. A model with an
+      op that has no forward-mode formula takes, for that call, the double-VJP of
+      ``"cached"`` (reverse mode only), and the other paths from then on.
     * ``"ntk"`` — every call does one JVP at w0 with the single tangent w − w0 and its
       backward one VJP at w0, through the public :func:`lazyfast.ntk.jvp` /
       :func:`lazyfast.ntk.vjp`: fused kernels serve ``TwoLayer`` (and MLPs) wherever they
@@ -314,7 +421,7 @@ class Linearized(nn.Module):
       (their fused JVP + VJP cost less than a standard training step at n = 4096,
       m = 65536: measured in ``benchmarks/results/engine_cpu.json``, ``python benchmarks/engine_cpu.py``);
       otherwise ``"cached"`` from the second time a batch is seen (full-batch training, a
-      fixed evaluation set) and ``"ntk"`` for batches seen once (mini-batch SGD), so caching
+      fixed evaluation set) and ``"dual"`` for batches seen once (mini-batch SGD), so caching
       never costs work that is thrown away.
 
     The primal f(w0, x) is cached for the last ``cache_size`` input tensors, matched by
@@ -332,16 +439,20 @@ class Linearized(nn.Module):
 
     Args:
         model: a network mapping (n, ...) → (n, k); not modified.
-        implementation: ``"auto"``, ``"cached"`` or ``"ntk"`` (see above).
+        implementation: ``"auto"``, ``"dual"``, ``"cached"`` or ``"ntk"`` (see above).
+        output_fn: for a model whose output is a tuple, dict or ModelOutput, which tensor
+            is the output (a key or attribute such as ``"logits"``, an index, or a callable),
+            as in :func:`lazyfast.empirical_ntk`.
         cache_size: how many input batches keep their primal (and, for ``"cached"``/
             ``"auto"``, their linearization) cached; 0 disables caching.
 
     Shapes: input (n, ...) → output (n, k).
     """
 
-    def __init__(self, model: nn.Module, *, implementation: str = "auto", cache_size: int = 2):
+    def __init__(self, model: nn.Module, *, implementation: str = "auto", cache_size: int = 2, output_fn=None):
         super().__init__()
         check_module(model)
+        model = with_output(model, output_fn)  # a tuple / dict / ModelOutput seen through output_fn
         if implementation not in LINEARIZED_IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {LINEARIZED_IMPLEMENTATIONS}, got {implementation!r}")
         check_int(cache_size, "cache_size", minimum=0)
@@ -361,6 +472,7 @@ class Linearized(nn.Module):
         # Frozen copy at w0; only the parameters in ``_names`` are ever toggled on for the
         # JVP/VJP, so parameters frozen in ``model`` stay constants of the linearization.
         self.model0 = frozen_copy(model)
+        self._dual_ok = True  # False once an op without a forward-mode formula was met (JVP/VJP path)
         self.cache_size = cache_size
         self._cache: List[_CacheEntry] = []
         for attr in ("in_features", "out_features", "symmetric"):
@@ -403,29 +515,36 @@ class Linearized(nn.Module):
             if e.x is x:
                 e.linearization = _NO_LINEARIZATION
 
-    def _entry(self, x: torch.Tensor) -> Optional[_CacheEntry]:
+    def _entry(self, x: torch.Tensor, primal: bool = True) -> Optional[_CacheEntry]:
+        """The cache entry of batch ``x`` (found, or made; None when nothing is cached). With
+        ``primal=False`` a new entry's f(w0, x) is left to the call (the dual pass computes it)."""
+        if x.is_inference():
+            return None  # an inference tensor has no version counter to key the cache on
         key = (x._version, self._w0_version())
         for i, e in enumerate(self._cache):
             if e.x is x and e.key == key:
                 e.hits += 1
                 if i:  # most recently used first
                     self._cache.insert(0, self._cache.pop(i))
+                if primal and e.primal is None:
+                    e.primal = self._primal(x)
                 return e
         if not self.cache_size or torch.is_inference_mode_enabled():
             return None  # (inference tensors must not outlive the inference_mode block in the cache)
-        with torch.no_grad():
-            primal = _as_rows(run_forward(self.model0, x), x.shape[0])
-        e = _CacheEntry(x, key, primal)
+        e = _CacheEntry(x, key, self._primal(x) if primal else None)
         self._cache = [e] + self._cache[: self.cache_size - 1]
         return e
+
+    def _primal(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _as_rows(model_output(run_forward(self.model0, x), x.shape[0]), x.shape[0])
 
     def primal(self, x: torch.Tensor) -> torch.Tensor:
         """f(w0, x), (n, k), cached for the last ``cache_size`` input tensors."""
         e = self._entry(x)
         if e is not None:
             return e.primal
-        with torch.no_grad():
-            return _as_rows(run_forward(self.model0, x), x.shape[0])
+        return self._primal(x)
 
     def _fused_serves(self) -> bool:
         """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
@@ -440,16 +559,26 @@ class Linearized(nn.Module):
         built = _ext.HAS_CPU_KERNELS if p.device.type == "cpu" else (p.device.type == "cuda" and _ext.HAS_CUDA_KERNELS)
         return built and p.dtype in (torch.float32, torch.float64)
 
-    def _linearization(self, e: Optional[_CacheEntry]) -> Optional[_CachedLinearization]:
-        if e is None or self.implementation == "ntk" or torch.is_inference_mode_enabled():
+    def _linearization(self, e: Optional[_CacheEntry], x: Optional[torch.Tensor] = None):
+        """How this call computes J(w0, x)·δ: a :class:`_CachedLinearization`, ``"dual"`` (one
+        :class:`_DualPass`) or None (the public JVP / VJP)."""
+        if self.implementation == "ntk" or torch.is_inference_mode_enabled():
             return None  # under torch.inference_mode no autograd graph can be built: one JVP
         if self.implementation == "auto" and self._fused_serves():
             return None  # the fused JVP + VJP cost less than a standard step: nothing to cache
-        if e.linearization is _NO_LINEARIZATION:
-            return None
-        if e.linearization is None and (self.implementation == "cached" or e.hits >= 1):
-            e.linearization = _CachedLinearization(self.model0, self._names, e.x)
-        return e.linearization
+        if self.implementation in ("auto", "cached") and e is not None and e.linearization is not _NO_LINEARIZATION:
+            if e.linearization is None and (self.implementation == "cached" or e.hits >= 1):
+                e.linearization = _CachedLinearization(self.model0, self._names, e.x)
+            if e.linearization is not None:
+                return e.linearization
+        if self.implementation in ("auto", "dual"):
+            if getattr(self, "_dual_ok", True):
+                return "dual"
+            if x is not None and e is None or (e is not None and e.linearization is not _NO_LINEARIZATION):
+                # a model with an op without a forward-mode formula: reverse mode only (the double-VJP),
+                # built for this call
+                return _CachedLinearization(self.model0, self._names, x if x is not None else e.x)
+        return None
 
     def _params(self) -> List[torch.Tensor]:
         params = [p for n, p in self.model.named_parameters() if p.requires_grad]
@@ -457,26 +586,58 @@ class Linearized(nn.Module):
             raise RuntimeError("the set of trainable parameters of Linearized.model changed after construction")
         return params
 
-    def _tangent(self, x: torch.Tensor, e: Optional[_CacheEntry]) -> torch.Tensor:
-        return _LinearizedFunction.apply(self, x, self._linearization(e), *self._params())
+    def _tangent(self, x: torch.Tensor, e: Optional[_CacheEntry]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(J(w0, x)(w − w0), f(w0, x) when this call's path computed it, else None)."""
+        how = self._linearization(e, x)
+        params = self._params()
+        if how == "dual":
+            how = self._dual_pass(x, params)
+        out, primal = _LinearizedFunction.apply(self, x, how, *params)
+        if primal.numel() == 0 and out.numel() != 0:
+            return out, None
+        if e is not None and e.primal is None:
+            e.primal = primal
+        return out, primal
+
+    def _dual_pass(self, x: torch.Tensor, params: List[torch.Tensor]):
+        """One :class:`_DualPass` (with its graph when a backward can come), or, for a model with an
+        op that has no forward-mode formula, a one-off :class:`_CachedLinearization` (reverse mode
+        only) and the non-dual paths from then on."""
+        initial = self._initial
+        with torch.no_grad():
+            deltas = [p - initial[name] for name, p in zip(self._names, params)]
+        graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        try:
+            return _DualPass(self, x, deltas, graph=graph)
+        except (RuntimeError, NotImplementedError, ModelForwardError) as e:
+            cause = e.__cause__ if isinstance(e, ModelForwardError) and e.__cause__ is not None else e
+            if not _not_implemented(cause):
+                raise
+            self._dual_ok = False
+            return _CachedLinearization(self.model0, self._names, x) if graph else None
 
     def tangent(self, x: torch.Tensor) -> torch.Tensor:
         """J(w0, x)(w − w0), (n, k): the linearized model minus its value at w0."""
         check_input(x, "x", self.model0, allow_integer=True)
-        e = self._entry(x)
+        e = self._entry(x, primal=False)
         if x.shape[0] == 0:
-            primal = e.primal if e is not None else self.primal(x)
+            primal = e.primal if e is not None and e.primal is not None else self._primal(x)
             return primal.new_zeros(primal.shape) + sum(p.sum() for p in self._params()) * 0
-        return self._tangent(x, e)
+        return self._tangent(x, e)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h̄(w, x) = f(w0, x) + J(w0, x)(w − w0): (n, ...) → (n, k)."""
         check_input(x, "x", self.model0, allow_integer=True)
-        e = self._entry(x)
-        primal = e.primal if e is not None else self.primal(x)
+        e = self._entry(x, primal=False)
         if x.shape[0] == 0:  # no samples: (0, k), still connected to the parameters (zero gradients)
+            primal = e.primal if e is not None and e.primal is not None else self._primal(x)
             return primal + sum(p.sum() for p in self._params()) * 0
-        return primal + self._tangent(x, e)
+        out, primal = self._tangent(x, e)
+        if primal is None:
+            primal = e.primal if e is not None and e.primal is not None else self._primal(x)
+            if e is not None:
+                e.primal = primal
+        return primal + out
 
     def extra_repr(self) -> str:
         return f"trainable={len(self._names)} tensors, implementation={self.implementation!r}, " \

@@ -34,7 +34,8 @@ from torch import nn
 
 __all__ = ["sequential_mlp", "as_lazyfast_mlp", "SharedLinear", "shared_linear", "torchvision_resnet18",
            "TransformerRegressor", "transformer", "token_transformer", "ConvNet3", "conv3", "vgg11", "resnet18",
-           "inputs", "MODELS", "build", "double"]
+           "inputs", "MODELS", "build", "double", "TIMM_MODELS", "HF_MODELS", "OPTIONAL", "timm_model", "hf_model",
+           "HFLogits", "import_timm", "import_transformers"]
 
 
 def _seeded(seed: int, fn: Callable[[], nn.Module]) -> nn.Module:
@@ -252,6 +253,101 @@ def resnet18(num_classes: int = 10, *, seed: int = 0, dtype=None):
     return _to(_seeded(seed, lambda: _resnet18(num_classes)), dtype)
 
 
+# ----------------------------------------------------------------------------- timm and Hugging Face
+# Optional dependencies (benchmarks and their tests only): `pip install timm transformers torchvision==0.28.0`
+# beside torch 2.13.0. Random init only (no weights are downloaded); every model in eval mode, small enough
+# for the torch.func baseline at n = 16-64 on a CPU.
+TIMM_MODELS = {
+    "timm_resnet10t": ("resnet10t", dict(), 64),
+    "timm_efficientnet_b0": ("efficientnet_b0", dict(), 64),
+    "timm_mobilenetv3": ("mobilenetv3_small_050", dict(), 64),
+    "timm_convnext_atto": ("convnext_atto", dict(), 64),
+    "timm_vit_tiny": ("vit_tiny_patch16_224", dict(img_size=64), 64),
+}
+HF_MODELS = ("hf_bert", "hf_distilbert", "hf_gpt2", "hf_vit")
+
+
+def _torchvision_schemas() -> None:
+    """torchvision 0.28 from PyPI registers fake kernels for ``torchvision::nms`` / ``qnms`` at import;
+    beside the CPU torch its compiled ops are not loaded, so the schemas are defined first (timm imports
+    torchvision; no torchvision op is used by these models)."""
+    for name in ("nms", "qnms"):
+        try:
+            torch.library.define(f"torchvision::{name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:  # already defined (torchvision's own extension, or an earlier call)
+            pass
+
+
+def import_timm():
+    """``timm``, importable beside the CPU torch (see :func:`_torchvision_schemas`); ImportError when absent."""
+    _torchvision_schemas()
+    import timm  # optional dependency
+
+    return timm
+
+
+def import_transformers():
+    """``transformers`` (ImportError when absent)."""
+    _torchvision_schemas()
+    import transformers  # optional dependency
+
+    return transformers
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face classifier seen as ``x → logits`` (its ModelOutput's ``logits``): the model is a
+    submodule, so parameter names are the model's with a ``model.`` prefix."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def timm_model(name: str, num_classes: int = 10, *, seed: int = 0, dtype=None) -> nn.Module:
+    """A timm model of :data:`TIMM_MODELS` (random init, eval mode)."""
+    timm = import_timm()
+    arch, kw, _ = TIMM_MODELS[name]
+    return _to(_seeded(seed, lambda: timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw).eval()),
+               dtype)
+
+
+def hf_model(name: str, num_classes: int = 10, *, seed: int = 0, dtype=None) -> nn.Module:
+    """A small random-init Hugging Face classifier (eval mode, SDPA attention, dropout off in eval),
+    returning logits: ``hf_bert`` / ``hf_distilbert`` / ``hf_gpt2`` (token ids (n, 32), vocab 1000; GPT-2
+    with tied embeddings) or ``hf_vit`` (images (n, 3, 32, 32), patch 8)."""
+    tr = import_transformers()
+    common = dict(num_labels=num_classes, attn_implementation="sdpa")  # every config
+
+    def make():
+        if name == "hf_bert":
+            cfg = tr.BertConfig(**common, vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=512, max_position_embeddings=64)
+            m = tr.BertForSequenceClassification(cfg)
+        elif name == "hf_distilbert":
+            cfg = tr.DistilBertConfig(**common, vocab_size=1000, dim=128, n_layers=2, n_heads=4, hidden_dim=512,
+                                      max_position_embeddings=64)
+            m = tr.DistilBertForSequenceClassification(cfg)
+        elif name == "hf_gpt2":
+            cfg = tr.GPT2Config(**common, vocab_size=1000, n_embd=128, n_layer=2, n_head=4, n_positions=64,
+                                bos_token_id=1, eos_token_id=1,
+                                tie_word_embeddings=True, pad_token_id=0)
+            m = tr.GPT2ForSequenceClassification(cfg)
+        elif name == "hf_vit":
+            cfg = tr.ViTConfig(**common, image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=512)
+            m = tr.ViTForImageClassification(cfg)
+        else:
+            raise ValueError(f"unknown Hugging Face model {name!r}; choose from {HF_MODELS}")
+        return HFLogits(m).eval()
+
+    if name not in HF_MODELS:
+        raise ValueError(f"unknown Hugging Face model {name!r}; choose from {HF_MODELS}")
+    return _to(_seeded(seed, make), dtype)
+
+
 # ----------------------------------------------------------------------------- registry
 # name → (constructor(**kw), input kind); input kinds: ("vec", d), ("img", C, H, W), ("seq", L, d), ("tok", L, vocab)
 MODELS: Dict[str, tuple] = {
@@ -275,6 +371,12 @@ MODELS: Dict[str, tuple] = {
     "tiny_transformer": (lambda **kw: transformer(16, 2, 1, 32, 1, **kw), ("seq", 6, 16)),
     "tiny_tokens": (lambda **kw: token_transformer(50, 16, 2, 1, 32, 1, **kw), ("tok", 6, 50)),
 }
+for _name, (_arch, _kw, _size) in TIMM_MODELS.items():
+    MODELS[_name] = ((lambda _n: lambda **kw: timm_model(_n, **kw))(_name), ("img", 3, _size, _size))
+for _name in HF_MODELS:
+    MODELS[_name] = ((lambda _n: lambda **kw: hf_model(_n, **kw))(_name),
+                     ("img", 3, 32, 32) if _name == "hf_vit" else ("tok", 32, 1000))
+OPTIONAL = tuple(TIMM_MODELS) + HF_MODELS  # need timm / transformers
 
 
 def build(name: str, *, seed: int = 0, dtype=None) -> nn.Module:

@@ -54,8 +54,24 @@ class Hard(nn.Module):
         return self.b(F.hardswish(self.a(x)) * F.hardsigmoid(self.a(x)))
 
 
+class GluConvBN(nn.Module):
+    """conv + BatchNorm (eval, non-trivial running statistics) + GLU + max-pool: the other op whose
+    forward-mode formula has no derivative (aten::glu_jvp)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.o = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(4 * 4 * 4, 3)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.glu(self.bn(self.c(x)), 1), 2)
+        return self.o(h.flatten(1))
+
+
 CASES = {
     "tokens": (Tokens, lambda: torch.randint(0, 20, (5, 4))),
+    "glu_conv_bn": (GluConvBN, lambda: torch.randn(5, 2, 8, 8, dtype=D)),
     "sdpa": (SDPA, lambda: torch.randn(5, 4, 8, dtype=D)),
     "encoder": (Encoder, lambda: torch.randn(5, 4, 8, dtype=D)),
     "hard": (Hard, lambda: torch.randn(5, 3, dtype=D)),
@@ -85,7 +101,7 @@ def grad_definition(model0, x, r):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("impl", ("auto", "ntk", "cached"))
+@pytest.mark.parametrize("impl", ("auto", "dual", "ntk", "cached"))
 def test_linearized_matches_its_definition_over_steps(case, impl):
     torch.manual_seed(0)
     cls, xs = CASES[case]
@@ -127,3 +143,186 @@ def test_linearized_float32_default_attention(cls):
     model0.load_state_dict(model.state_dict())
     ref = definition(model0, dict(lin.model.named_parameters()), x)
     assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
+
+
+def oracle(model0, w, x):
+    """Independent of forward mode: J(w0, x) by reverse mode (jacrev, one row per output), then
+    f(w0) + J·Δw and the gradient Jᵀ·2(f(w0) + J·Δw) of the sum of squares."""
+    from torch.func import jacrev
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    w0 = {n: p.detach() for n, p in model0.named_parameters()}
+    names = list(w0)
+    with sdpa_kernel([SDPBackend.MATH]), lazyfast.structured.no_fastpath():
+        J = jacrev(lambda p: functional_call(model0, p, (x,)))(w0)
+        f0 = functional_call(model0, w0, (x,))
+    Jm = torch.cat([J[n].reshape(f0.numel(), -1) for n in names], 1)
+    dw = torch.cat([(w[n] - w0[n]).detach().reshape(-1) for n in names])
+    out = f0 + (Jm @ dw).reshape(f0.shape)
+    g = torch.split(Jm.T @ (2 * out).reshape(-1), [w0[n].numel() for n in names])
+    return out, dict(zip(names, (gi.reshape(w0[n].shape) for gi, n in zip(g, names))))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dual_path_new_batch_every_step_matches_reverse_mode_oracle(case):
+    """Mini-batch SGD (a new batch each step): auto takes the dual pass, exact against a reverse-mode
+    oracle (no forward-mode AD in it), for 3 steps."""
+    torch.manual_seed(0)
+    cls, xs = CASES[case]
+    model = cls().double().eval()
+    lin = lazyfast.Linearized(model)
+    model0 = copy_of(cls, model)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.05)
+    for step in range(3):
+        x = xs()
+        assert lin._linearization(lin._entry(x, primal=False), x) == "dual"
+        out = lin(x)
+        w = dict(lin.model.named_parameters())
+        ref, g_ref = oracle(model0, w, x)
+        assert (out - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max())
+        loss = (out ** 2).sum()
+        g = torch.autograd.grad(loss, list(w.values()), retain_graph=True)
+        scale = max(1.0, max(float(b.abs().max()) for b in g_ref.values()))
+        for n, a in zip(w, g):
+            assert (a - g_ref[n]).abs().max() <= 1e-9 * scale, n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert lin._dual_ok
+
+
+def copy_of(cls, model):
+    m = cls().double().eval()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+class NoForwardAD(torch.autograd.Function):
+    """x ↦ x³ with a backward but no forward-mode formula (no jvp)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+class Cube(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(NoForwardAD.apply(self.a(x)))
+
+
+def test_op_without_forward_mode_falls_back_exactly():
+    """The dual pass meets an op without a forward-mode formula: that call takes the double-VJP
+    (reverse mode only), exactly, and the model the non-dual paths from then on."""
+    torch.manual_seed(0)
+    model = Cube().double()
+    lin = lazyfast.Linearized(model)
+    model0 = copy_of(Cube, model)
+    with torch.no_grad():
+        for p in lin.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(4, 3, dtype=D)
+    out = lin(x)
+    assert not lin._dual_ok
+    w = dict(lin.model.named_parameters())
+    # the oracle by hand (reverse mode, double-VJP-free): J from autograd.functional.jacobian
+    w0 = {n: p.detach() for n, p in model0.named_parameters()}
+    names = list(w0)
+
+    def f(*ps):
+        return functional_call(model0, dict(zip(names, ps)), (x,))
+
+    J = torch.autograd.functional.jacobian(f, tuple(w0[n] for n in names))
+    f0 = f(*(w0[n] for n in names))
+    ref = f0 + sum((J[i].reshape(f0.numel(), -1) @ (w[n] - w0[n]).detach().reshape(-1)).reshape(f0.shape)
+                   for i, n in enumerate(names))
+    assert (out - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max())
+    g = torch.autograd.grad((out ** 2).sum(), list(w.values()))
+    for i, (n, a) in enumerate(zip(names, g)):
+        b = (J[i].reshape(f0.numel(), -1).T @ (2 * ref).reshape(-1)).reshape(a.shape)
+        assert (a - b).abs().max() <= 1e-9 * max(1.0, b.abs().max())
+    x2 = torch.randn(4, 3, dtype=D)  # a new batch: the double-VJP for this call, still exact
+    assert isinstance(lin._linearization(lin._entry(x2, primal=False), x2), lazyfast.lazy._CachedLinearization)
+    out2 = lin(x2)
+    f02 = functional_call(model0, w0, (x2,))
+    J2 = torch.autograd.functional.jacobian(lambda *ps: functional_call(model0, dict(zip(names, ps)), (x2,)),
+                                            tuple(w0[n] for n in names))
+    ref2 = f02 + sum((J2[i].reshape(f02.numel(), -1) @ (w[n] - w0[n]).detach().reshape(-1)).reshape(f02.shape)
+                     for i, n in enumerate(names))
+    assert (out2 - ref2).abs().max() <= 1e-10 * max(1.0, ref2.abs().max())
+
+
+def test_dual_under_no_grad_and_inference_mode():
+    torch.manual_seed(0)
+    model = Hard().double()
+    lin = lazyfast.Linearized(model, implementation="dual")
+    with torch.no_grad():
+        for p in lin.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(4, 3, dtype=D)
+    ref = lin(x).detach()
+    with torch.no_grad():
+        a = lin(x)
+    with torch.inference_mode():
+        b = lin(x.clone())
+    assert not a.requires_grad and (a - ref).abs().max() <= 1e-12
+    assert (b - ref).abs().max() <= 1e-12
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return {"logits": self.a(x), "aux": x.sum()}
+
+
+def test_linearized_output_fn_selects_a_dict_output():
+    torch.manual_seed(0)
+    model = TupleOut().double()
+    lin = lazyfast.Linearized(model, output_fn="logits")
+    x = torch.randn(4, 3, dtype=D)
+    assert torch.allclose(lin(x), model(x)["logits"])
+    with pytest.raises(TypeError, match="output_fn"):
+        lazyfast.Linearized(model)(x)
+
+
+ZOO = ["timm_resnet10t", "timm_efficientnet_b0", "timm_mobilenetv3", "timm_vit_tiny", "hf_bert", "hf_vit", "hf_gpt2"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_linearized_on_timm_and_hugging_face_models(name):
+    """The issue's model families (random init, eval; attention by SDPA), float64: the dual pass equals
+    f(w0) + J(w0)Δw from a reverse-mode oracle, and its gradients Jᵀ(∂loss/∂out)."""
+    from lazyfast import zoo
+
+    try:
+        zoo.import_timm() if name.startswith("timm") else zoo.import_transformers()
+    except ImportError:
+        pytest.skip("timm / transformers not installed (optional bench dependencies)")
+    model = zoo.build(name, dtype=D)
+    x = zoo.inputs(name, 2, dtype=D)
+    lin = lazyfast.Linearized(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in lin.model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    out = lin(x)
+    w = dict(lin.model.named_parameters())
+    ref, g_ref = oracle(lin.model0, w, x)
+    assert (out - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max())
+    g = torch.autograd.grad((out ** 2).sum(), list(w.values()))
+    scale = max(float(b.abs().max()) for b in g_ref.values())
+    for n, a in zip(w, g):
+        assert (a - g_ref[n]).abs().max() <= 1e-9 * scale, n
+    assert lin._dual_ok

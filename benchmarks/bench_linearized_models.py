@@ -1,0 +1,244 @@
+"""A linearized training step on the models users bring, against a standard step (issue 20).
+
+For each model (timm and Hugging Face classifiers, random init, eval mode, float32) and a new batch
+every step (the normal case for SGD: each step's batch is a fresh tensor, so nothing is cached), one
+SGD step (momentum 0.9) on 0.5·mean‖out − onehot‖² is timed four ways:
+
+* ``standard``      — the network itself: forward, backward, update (the cost to stay near);
+* ``lazyfast``      — ``lazyfast.Linearized(model)`` (``implementation="auto"``: one dual forward at w0
+  gives f(w0, x) and J(w0, x)·(w − w0); the backward is one pass through its tangent graph);
+* ``torch_func``    — the linearization as tangent-space fine-tuning code writes it:
+  ``f0, t = torch.func.jvp(lambda p: functional_call(model0, p, (x,)), (w0,), (w − w0,))``,
+  ``loss(f0 + t).backward()`` (attention by SDPA's math backend, which has forward-mode AD);
+* ``lazyfast_ntk``  — ``Linearized(model, implementation="ntk")``: one JVP and one VJP at w0 per step
+  (the path before the dual forward).
+
+Protocol: all methods of a model in one process, warm (2 steps each first), then ``--rounds``
+interleaved rounds (A B C D, A B C D, ...), each method ``--steps`` steps per round, the round's median
+step time per method; the ratio method / standard per round; the results file keeps every round, the
+median ratio and its min-max. Peak memory: each method in a fresh process (``--memory``), the peak
+resident set during 3 steps after a warm step, minus the resident set before the model was built
+(``benchmarks/_memory.py``), and the step's own increment (peak during the steps minus before them).
+
+    python benchmarks/bench_linearized_models.py [--models ...] [--n 32] [--rounds 5] [--threads 2]
+    python benchmarks/bench_linearized_models.py --markdown benchmarks/results/linearized_models_cpu.json
+
+Needs ``timm`` and ``transformers`` (optional bench dependencies; see lazyfast/zoo.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from _memory import _vm  # noqa: E402
+
+from lazyfast import Linearized, zoo  # noqa: E402
+from lazyfast.lazy import _math_attention  # noqa: E402
+
+DEFAULT_MODELS = ["timm_resnet10t", "timm_efficientnet_b0", "timm_vit_tiny", "hf_bert", "hf_vit"]
+METHODS = ["standard", "lazyfast", "torch_func", "lazyfast_ntk"]
+POOL = 4  # distinct input batches, cycled (each step gets a fresh clone: a new tensor)
+LR = 1e-3
+
+
+def _loss(out, y):
+    return 0.5 * (out - y).pow(2).sum(1).mean()
+
+
+def make_method(method: str, model: torch.nn.Module):
+    """A step function step(x, y) for ``method`` on its own copy of ``model`` (same w0)."""
+    if method in ("standard", "lazyfast", "lazyfast_ntk"):
+        net = (copy.deepcopy(model) if method == "standard"
+               else Linearized(model, implementation="auto" if method == "lazyfast" else "ntk"))
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=LR, momentum=0.9)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = _loss(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return step
+    if method == "torch_func":
+        model0 = copy.deepcopy(model)
+        w0 = {k: v.detach() for k, v in model0.named_parameters() if v.requires_grad}
+        w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
+        opt = torch.optim.SGD(list(w.values()), lr=LR, momentum=0.9)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            with _math_attention():
+                f0, t = jvp(lambda p: functional_call(model0, p, (x,), strict=False), (w0,),
+                            ({k: w[k] - w0[k] for k in w},))
+            loss = _loss(f0.detach() + t, y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return step
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def problem(name: str, n: int):
+    model = zoo.build(name, seed=0)
+    xs = [zoo.inputs(name, n, seed=1 + i) for i in range(POOL)]
+    g = torch.Generator().manual_seed(7)
+    ys = [F.one_hot(torch.randint(0, 10, (n,), generator=g), 10).float() for _ in range(POOL)]
+    return model, xs, ys
+
+
+def time_model(name: str, n: int, rounds: int, steps: int, methods) -> dict:
+    model, xs, ys = problem(name, n)
+    fns = {m: make_method(m, model) for m in methods}
+    counter = {m: 0 for m in methods}
+
+    def run(m):
+        i = counter[m] % POOL
+        counter[m] += 1
+        x = xs[i].clone()  # a new tensor every step: no cache can serve it
+        t = time.perf_counter()
+        fns[m](x, ys[i])
+        return time.perf_counter() - t
+
+    for m in methods:  # warm-up
+        run(m)
+        run(m)
+    per_round = []
+    for _ in range(rounds):
+        row = {}
+        for m in methods:
+            row[m] = statistics.median(run(m) for _ in range(steps))
+        per_round.append(row)
+    out = {"model": name, "n": n, "parameters": sum(p.numel() for p in model.parameters()), "rounds": per_round,
+           "seconds": {m: statistics.median(r[m] for r in per_round) for m in methods}}
+    ratios = {}
+    for m in methods:
+        if m == "standard":
+            continue
+        rs = [r[m] / r["standard"] for r in per_round]
+        ratios[f"{m}/standard"] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+    if "torch_func" in methods and "lazyfast" in methods:
+        rs = [r["torch_func"] / r["lazyfast"] for r in per_round]
+        ratios["torch_func/lazyfast"] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+    out["ratios"] = ratios
+    return out
+
+
+def memory_one(name: str, n: int, method: str, threads: int) -> dict:
+    """In this (fresh) process: peak RSS of 3 steps of ``method`` after a warm step."""
+    torch.set_num_threads(threads)
+    base = _vm("VmRSS")
+    model, xs, ys = problem(name, n)
+    step = make_method(method, model)
+    step(xs[0].clone(), ys[0])
+    before = _vm("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    for i in range(3):
+        step(xs[(i + 1) % POOL].clone(), ys[(i + 1) % POOL])
+    peak = _vm("VmHWM")
+    return {"peak_minus_start": peak - base, "step_increment": peak - before}
+
+
+def memory_model(name: str, n: int, methods, threads: int) -> dict:
+    res = {}
+    for m in methods:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory", name, m, "--n", str(n),
+                            "--threads", str(threads)], capture_output=True, text=True, check=True)
+        res[m] = json.loads(r.stdout.strip().splitlines()[-1])
+    std = res["standard"]["peak_minus_start"]
+    return {"bytes": res, "peak_ratio": {m: res[m]["peak_minus_start"] / std for m in methods}}
+
+
+def _stamp(threads: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE).stdout.strip()
+    except OSError:
+        commit = None
+    return {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": threads,
+            "commit": commit, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "loadavg_start": os.getloadavg()}
+
+
+def markdown(res: dict) -> str:
+    """The README / docs table, generated from a results file."""
+    s = res["machine"]
+    lines = [f"Linearized training step, new batch every step (`benchmarks/bench_linearized_models.py`, "
+             f"{s['date_utc']} UTC, commit {s['commit']}, {s['threads']} threads, n = {res['n']}, float32, "
+             f"{res['rounds_requested']} interleaved rounds; load average {s['loadavg_start'][0]:.2f} at start, "
+             f"{res.get('loadavg_end', [float('nan')])[0]:.2f} at end). Ratios: median over rounds [min–max].", "",
+             "| model | parameters | standard step (s) | lazyfast linearized step (s) | lazyfast / standard | "
+             "torch.func jvp+vjp (s) | torch.func / lazyfast | previous path (ntk) / standard | peak memory "
+             "lazyfast / standard |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def rr(r):
+        return f"{r['median']:.2f}× [{r['min']:.2f}–{r['max']:.2f}]"
+
+    for row in res["models"]:
+        sec, rat = row["seconds"], row["ratios"]
+        mem = row.get("memory", {}).get("peak_ratio", {})
+        lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.2f} M | {sec['standard']:.3f} | "
+                     f"{sec['lazyfast']:.3f} | {rr(rat['lazyfast/standard'])} | {sec['torch_func']:.3f} | "
+                     f"{rr(rat['torch_func/lazyfast'])} | "
+                     f"{rr(rat['lazyfast_ntk/standard']) if 'lazyfast_ntk/standard' in rat else '–'} | "
+                     f"{mem['lazyfast']:.2f}× |" if mem else "– |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
+    p.add_argument("--methods", nargs="*", default=METHODS)
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "linearized_models_cpu.json"))
+    p.add_argument("--markdown", metavar="RESULTS_JSON")
+    p.add_argument("--memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.markdown:
+        with open(a.markdown) as fh:
+            print(markdown(json.load(fh)))
+        return 0
+    if a.memory:
+        print(json.dumps(memory_one(a.memory[0], a.n, a.memory[1], a.threads)))
+        return 0
+    torch.set_num_threads(a.threads)
+    res = {"benchmark": "linearized_models", "n": a.n, "rounds_requested": a.rounds, "steps_per_round": a.steps,
+           "machine": _stamp(a.threads), "models": []}
+    for name in a.models:
+        row = time_model(name, a.n, a.rounds, a.steps, a.methods)
+        if not a.no_memory:
+            row["memory"] = memory_model(name, a.n, a.methods, a.threads)
+        res["models"].append(row)
+        print(json.dumps({k: row[k] for k in ("model", "seconds", "ratios")}), flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(tmp, a.out)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
