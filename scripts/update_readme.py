@@ -359,7 +359,8 @@ def _repro_blocks():
 
     return {"reproduction": (claims.table, REPRO_DOCS),
             "cnn-alpha": (claims.cnn_alpha_section, REPRO_DOCS[1:]),
-            "cnn-sweep": (claims.cnn_sweep_section, REPRO_DOCS[1:])}
+            "cnn-sweep": (claims.cnn_sweep_section, REPRO_DOCS[1:]),
+            "cnn-gpu-sizing": (claims.cnn_gpu_sizing_section, REPRO_DOCS[1:])}
 
 
 def render_reproduction(text: str, figures: pathlib.Path = FIGURES, path: pathlib.Path = None) -> str:

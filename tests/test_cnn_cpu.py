@@ -29,7 +29,8 @@ def _one_thread():
 # the 2-epoch miniature of the cpu preset: tiny subset, tiny widths, 2 α, 2 η0, 2 seeds
 MINI = dict(data="synthetic", n_train=32, n_val=16, n_test=32, n_train_eval=16, divisors=[16, 32], epochs=[2, 2],
             alphas=[1.0, 1e4], lrs=[0.1, 0.01], seeds=[0, 1], batch_size=32, eval_batch_size=32,
-            plateau_from_alpha=1e4, subsets=[32, 24], show_progress=False)
+            plateau_from_alpha=1e4, subsets=[32, 24], arch_alphas=[None, None], arch_lrs=[None, None],
+            show_progress=False)
 
 
 def _mini(**kw):
@@ -51,6 +52,32 @@ def test_presets_validate_and_cpu_is_the_union_of_its_halves():
     halves = {k for p in ("cpu-vgg", "cpu-resnet") for k, _ in cs.run_keys(cs.make_config(p))}
     assert halves == {k for k, _ in cs.run_keys(cpu)}  # a cpu-vgg run is reused by the cpu preset
     assert "cnn-sweep" in EXPERIMENTS
+
+
+def test_per_architecture_grids_keep_vgg_keys_and_give_resnet_its_own():
+    """The ResNet half has its own α / η0 grid; VGG-11's run keys are those of the committed run store."""
+    vgg, res = cs.make_config("cpu-vgg"), cs.make_config("cpu-resnet")
+    a = res.arch_settings()[0]
+    assert a["alphas"] == [0.1, 1.0, 10.0, 1e3] and a["lrs"] == [0.1, 0.01]
+    keys = cs.run_keys(res)
+    assert len(keys) == 3 * (4 * 2 + 2)
+    assert {spec[3] for _, spec in keys if spec[2] == "network"} == set(a["alphas"])
+    stored = set()
+    for f in os.listdir(os.path.join(ROOT, "docs", "figures", "cnn-sweep-runs")):
+        with open(os.path.join(ROOT, "docs", "figures", "cnn-sweep-runs", f)) as fh:
+            stored |= {json.loads(line)["key"] for line in fh if line.strip()}
+    assert {k for k, _ in cs.run_keys(vgg)} <= stored
+
+
+def test_gpu_preset_and_its_committed_sizing():
+    cfg = cs.make_config("gpu")
+    assert cfg.device == "cuda" and cfg.data == "cifar10" and cfg.divisors == [1, 1]
+    with open(os.path.join(ROOT, "docs", "figures", "cnn-gpu-sizing.json")) as fh:
+        sizing = json.load(fh)
+    runs = {a["arch"]: len(a["alphas"]) * len(a["lrs"]) * len(cfg.seeds) + len(a["lrs"]) * len(cfg.seeds)
+            for a in cfg.arch_settings()}
+    assert {k: v["runs"] for k, v in sizing["size"]["archs"].items()} == runs
+    assert sizing["rates_kind"].startswith(("assumed", "measured"))
 
 
 def test_committed_sizing_matches_the_presets():
@@ -87,6 +114,11 @@ def test_committed_sizing_matches_the_presets():
     (dict(dtype="float16"), "dtype"),
     (dict(data="mnist"), "data must be"),
     (dict(bogus=1), "no option 'bogus'"),
+    (dict(arch_alphas=[[1.0, 1e4]]), "arch_alphas must be None or a list with one entry"),
+    (dict(arch_alphas=[None, [1e4, 1.0]]), r"arch_alphas\[1\] must be increasing"),
+    (dict(arch_alphas=[None, [0.1, 1.0]]), r"arch_alphas\[1\] .*plateau"),
+    (dict(arch_lrs=[None, [0.1, 0.1]]), r"arch_lrs\[1\] must not repeat"),
+    (dict(arch_lrs=[None, []]), r"arch_lrs\[1\] must not be empty"),
 ])
 def test_bad_configs_name_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -196,7 +228,7 @@ def _fake_runs(cfg, acc, lin_acc, stab=99.9, val=None):
 def _verdict(acc, lin, **kw):
     cfg = cs.make_config("cpu", archs=["vgg11"], divisors=[8], gains=[1.0], epochs=[2], subsets=[None],
                          alphas=[0.1, 1.0, 1e3, 1e4],
-                         lrs=[0.1, 0.01], seeds=[0, 1, 2], plateau_from_alpha=1e3)
+                         lrs=[0.1, 0.01], seeds=[0, 1, 2], plateau_from_alpha=1e3, arch_alphas=[None], arch_lrs=[None])
     s = cs.summarize(cfg, _fake_runs(cfg, acc, lin, **kw), n_test=10000)
     return s, cs.verdict(cfg, s)["archs"]["vgg11"]
 
@@ -279,7 +311,8 @@ CHILD = textwrap.dedent("""
 
 
 def test_killed_sweep_resumes_without_losing_or_redoing_runs(tmp_path):
-    mini = dict(MINI, archs=["vgg11"], divisors=[16], gains=[1.4], epochs=[2], seeds=[3], subsets=[32], lrs=[0.1])
+    mini = dict(MINI, archs=["vgg11"], arch_alphas=[None], arch_lrs=[None], divisors=[16], gains=[1.4], epochs=[2],
+                seeds=[3], subsets=[32], lrs=[0.1])
     store = str(tmp_path / "runs.jsonl")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-c", CHILD, store, "3", json.dumps(mini)], capture_output=True, text=True,
@@ -306,7 +339,8 @@ def test_killed_sweep_resumes_without_losing_or_redoing_runs(tmp_path):
 
 
 def test_two_workers_give_the_one_process_result(tmp_path):
-    mini = dict(MINI, archs=["vgg11"], divisors=[16], gains=[1.4], epochs=[1], seeds=[0], lrs=[0.1], subsets=[32],
+    mini = dict(MINI, archs=["vgg11"], arch_alphas=[None], arch_lrs=[None], divisors=[16], gains=[1.4], epochs=[1],
+                seeds=[0], lrs=[0.1], subsets=[32],
                 linearized=False)
     one = cs.reproduce("cpu", str(tmp_path / "one"), plot=False, **mini)
     two = cs.reproduce("cpu", str(tmp_path / "two"), workers=2, plot=False, **mini)

@@ -50,7 +50,7 @@ from lazyfast.experiments import common, image_data
 
 NAME = "cnn-sweep"
 ARCHS = ("vgg11", "resnet18")
-PRESETS = ("quick", "cpu", "cpu-vgg", "cpu-resnet", "paper")
+PRESETS = ("quick", "cpu", "cpu-vgg", "cpu-resnet", "gpu", "paper")
 RUN_KINDS = ("network", "linearized")
 
 
@@ -103,6 +103,12 @@ class Config(common.ExperimentConfig):
         return cls(data="auto", n_train=256, n_val=128, n_test=256, n_train_eval=128, divisors=[16, 16],
                    gains=[math.sqrt(2.0), 1.0], epochs=[2, 2], alphas=[1.0, 1e4], lrs=[0.1, 0.01], seeds=[0, 1],
                    augment=False, eval_batch_size=256)
+
+    @classmethod
+    def gpu(cls) -> "Config":
+        """The paper's scale on one GPU: CIFAR-10 (``--data-dir``), full-width VGG-11 and ResNet-18, the
+        cpu presets' protocol otherwise (sized by ``scripts/size_cnn_gpu.py``, docs/figures/cnn-gpu-sizing.json)."""
+        return cls(**GPU_PRESET)
 
     @classmethod
     def cpu(cls) -> "Config":
@@ -231,6 +237,19 @@ CPU_VGG = dict(archs=["vgg11"], divisors=[8], gains=[math.sqrt(2.0)], epochs=[12
 # and 0.1 collapses at alpha = 0.1, 0.01 learns too slowly at alpha = 1, 0.001 slower still).
 CPU_RESNET = dict(archs=["resnet18"], divisors=[8], gains=[1.0], epochs=[24], subsets=[None],
                   arch_alphas=[[0.1, 1.0, 10.0, 1e3]], arch_lrs=[[0.1, 0.01]])
+
+
+# The paper's scale for one GPU: CIFAR-10 (45,000 train / 5,000 validation / 10,000 test), full widths,
+# augmentation (the authors' schedule b), 3 seeds; float32 (TF32 off, see run) except alpha >= 1e4 in float64.
+# The eta0 grids are the CPU pilots' (VGG-11 selected 0.01 at every alpha, ResNet-18 0.1): the authors' grid
+# less 0.001 (never selected, slowest).
+GPU_PRESET = dict(
+    data="cifar10", n_train=None, n_val=5000, n_test=None, n_train_eval=5000, device="cuda",
+    archs=["vgg11", "resnet18"], divisors=[1, 1], gains=[math.sqrt(2.0), 1.0], epochs=[30, 30], subsets=[None, None],
+    alphas=[0.1, 1.0, 10.0, 100.0, 1e3, 1e4], lrs=[1.0, 0.1, 0.01], arch_alphas=[None, [0.1, 1.0, 10.0, 1e3, 1e4]],
+    arch_lrs=[None, [0.1, 0.01]], seeds=[0, 1, 2], augment=True, dtype="float32", float64_from_alpha=1e4,
+    plateau_from_alpha=1e3,
+)
 
 
 def _join(*parts: dict) -> dict:
@@ -569,6 +588,11 @@ def run(cfg: Optional[Config] = None, store: Optional[common.RunStore] = None, *
     if not (isinstance(nshard, int) and nshard >= 1 and isinstance(k, int) and 0 <= k < nshard):
         raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
     store = common.RunStore() if store is None else store
+    if cfg.device == "cuda":
+        # α·(f(w) − f(w0)) cancels O(1) numbers to O(1/α): TF32's 10-bit mantissa would round the lazy
+        # updates away (this process runs the sweep only, so the process-wide switch is what is meant)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     data = load_data(cfg)  # fails early, with how-to, when the dataset is missing
     keys = run_keys(cfg)
     runs = {}
@@ -848,6 +872,22 @@ def per_alpha_table(result: dict, arch: str) -> List[str]:
     lines.append("| η0 selected on validation | " + " | ".join(_f(r["best_lr"], "{:g}") for r in rows)
                  + f" | {_f(lin.get('best_lr'), '{:g}')} |")
     return lines
+
+
+def gpu_sizing_table(res: dict) -> str:
+    """The markdown of the `gpu` preset's size and time (docs/REPRODUCTION.md), from the JSON written by
+    ``scripts/size_cnn_gpu.py``."""
+    lines = [f"`gpu` preset on one GPU ({res['rates_kind']} rates: "
+             + ", ".join(f"{k} {v['float32']:.1f} / {v['float64']:.1f} TFLOP/s in float32 / float64"
+                         for k, v in res["rates"].items())
+             + f"; FLOPs counted by {res['counter']}; commit {res['machine']['commit']}):", "",
+             "| network | parameters | runs | epochs | steps / run | step FLOPs (batch 128) | GPU hours |",
+             "|---|---|---|---|---|---|---|"]
+    for arch, v in res["size"]["archs"].items():
+        lines.append(f"| {arch} | {v['parameters']:,} | {v['runs']} | {v['epochs']} | {v['steps_per_run']} | "
+                     f"{res['flops'][arch]['step_flops'] / 1e9:.0f} G | {v['gpu_hours']:.1f} |")
+    lines.append(f"| **all** | | | | | | **{res['size']['total_gpu_hours']:.1f}** |")
+    return "\n".join(lines)
 
 
 def report_markdown(result: dict) -> str:
