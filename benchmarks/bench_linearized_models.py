@@ -175,17 +175,25 @@ def _stamp(threads: int) -> dict:
             "loadavg_start": os.getloadavg()}
 
 
+TARGETS = (("lazyfast / standard", "lazyfast/standard", "<=", 1.4),
+           ("torch.func / lazyfast", "torch_func/lazyfast", ">=", 1.5),
+           ("peak memory lazyfast / standard", None, "<=", 1.3))
+
+
 def markdown(res: dict) -> str:
     """The README / docs table, generated from a results file."""
     s = res["machine"]
-    lines = [f"Linearized training step, new batch every step (`benchmarks/bench_linearized_models.py`, "
-             f"{s['date_utc']} UTC, commit {s['commit']}, {s['threads']} threads, n = {res['n']}, float32, "
-             f"{res['rounds_requested']} interleaved rounds; load average {s['loadavg_start'][0]:.2f} at start, "
-             f"{res.get('loadavg_end', [float('nan')])[0]:.2f} at end). Ratios: median over rounds [min–max].", "",
-             "| model | parameters | standard step (s) | lazyfast linearized step (s) | lazyfast / standard | "
-             "torch.func jvp+vjp (s) | torch.func / lazyfast | previous path (ntk) / standard | peak memory "
+    lines = [f"*Generated from `benchmarks/results/linearized_models_cpu.json` (`python "
+             f"benchmarks/bench_linearized_models.py`; {s['date_utc']} UTC, commit {s['commit']}, {s['threads']} "
+             f"threads, n = {res['n']}, float32, new batch every step, {res['rounds_requested']} interleaved rounds "
+             f"of {res['steps_per_round']} steps; load average {s['loadavg_start'][0]:.2f} at start, "
+             f"{res.get('loadavg_end', [float('nan')])[0]:.2f} at end).* Ratios: median over rounds [min–max]; "
+             "peak memory: each method in a fresh process, peak resident set minus the resident set before the "
+             "model was built.", "",
+             "| model | parameters | standard step | lazyfast linearized step | lazyfast / standard | "
+             "torch.func jvp + vjp | torch.func / lazyfast | previous path (`ntk`) / standard | peak memory "
              "lazyfast / standard |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def rr(r):
         return f"{r['median']:.2f}× [{r['min']:.2f}–{r['max']:.2f}]"
@@ -193,11 +201,21 @@ def markdown(res: dict) -> str:
     for row in res["models"]:
         sec, rat = row["seconds"], row["ratios"]
         mem = row.get("memory", {}).get("peak_ratio", {})
-        lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.2f} M | {sec['standard']:.3f} | "
-                     f"{sec['lazyfast']:.3f} | {rr(rat['lazyfast/standard'])} | {sec['torch_func']:.3f} | "
-                     f"{rr(rat['torch_func/lazyfast'])} | "
-                     f"{rr(rat['lazyfast_ntk/standard']) if 'lazyfast_ntk/standard' in rat else '–'} | "
-                     f"{mem['lazyfast']:.2f}× |" if mem else "– |")
+        ntk = rr(rat["lazyfast_ntk/standard"]) if "lazyfast_ntk/standard" in rat else "–"
+        lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.2f} M | {sec['standard'] * 1e3:.1f} ms | "
+                     f"{sec['lazyfast'] * 1e3:.1f} ms | {rr(rat['lazyfast/standard'])} | "
+                     f"{sec['torch_func'] * 1e3:.1f} ms | {rr(rat['torch_func/lazyfast'])} | {ntk} | "
+                     + (f"{mem['lazyfast']:.2f}× |" if mem else "– |"))
+    lines += ["", "| target (issue 20) | goal | models meeting it (median) |", "|---|---|---|"]
+    for label, key, op, goal in TARGETS:
+        vals = []
+        for row in res["models"]:
+            v = (row["ratios"][key]["median"] if key else row.get("memory", {}).get("peak_ratio", {}).get("lazyfast"))
+            if v is not None:
+                vals.append((row["model"], v))
+        ok = [m for m, v in vals if (v <= goal if op == "<=" else v >= goal)]
+        lines.append(f"| {label} | {op.replace('<=', '≤').replace('>=', '≥')} {goal:g}× | {len(ok)} of {len(vals)}"
+                     + (f" ({', '.join(ok)})" if ok else "") + " |")
     return "\n".join(lines)
 
 
@@ -236,7 +254,10 @@ def main(argv=None) -> int:
     with open(tmp, "w") as fh:
         json.dump(res, fh, indent=1)
     os.replace(tmp, a.out)
-    print(markdown(res))
+    md = markdown(res)
+    with open(os.path.splitext(a.out)[0] + ".md", "w") as fh:
+        fh.write(md + "\n")
+    print(md)
     return 0
 
 

@@ -302,6 +302,17 @@ def table_nt(results: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+def table_linearized_models(results: pathlib.Path) -> str:
+    """Issue 20's table, by the benchmark's own formatter (benchmarks/bench_linearized_models.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_linearized_models",
+                                                  ROOT / "benchmarks" / "bench_linearized_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.markdown(_load("linearized_models_cpu.json", results))
+
+
 TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
     "bench-quick": table_bench_quick,
     "two-layer": table_two_layer,
@@ -309,6 +320,7 @@ TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
     "engine": table_engine,
     "models": table_models,
     "nt": table_nt,
+    "linearized-models": table_linearized_models,
 }
 
 

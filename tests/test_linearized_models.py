@@ -326,3 +326,15 @@ def test_linearized_on_timm_and_hugging_face_models(name):
     for n, a in zip(w, g):
         assert (a - g_ref[n]).abs().max() <= 1e-9 * scale, n
     assert lin._dual_ok
+
+
+def test_linearized_of_a_compiled_module_is_the_module_s_linearization():
+    """torch.compile(model) is unwrapped to the module it compiles (same parameters, same function)."""
+    torch.manual_seed(0)
+    model = Hard().double()
+    lin_c = lazyfast.Linearized(torch.compile(model))
+    lin = lazyfast.Linearized(model)
+    x = torch.randn(4, 3, dtype=D)
+    for a, b in zip(lin_c.model.parameters(), lin.model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(lin_c(x), lin(x))
