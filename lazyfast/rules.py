@@ -25,24 +25,40 @@ parameters is left to the generic remainder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["Rule", "register_rule", "unregister_rule", "registered_rules", "rule_for"]
+__all__ = ["Rule", "register_rule", "unregister_rule", "registered_rules", "rule_for", "find_rule"]
 
 
 @dataclass(frozen=True)
 class Rule:
+    """One layer rule. Built-in rules (``builtin=True``) name the engine's own contraction for their
+    ``kind`` (``"linear"``, ``"conv"``, ``"embedding"``, ``"norm"``: two contraction orders and their FLOP
+    model, docs/engine.md) and an ``applies(module)`` test (unmodified forward, supported options);
+    a custom rule (``kind="custom"``) brings its ``per_example_gradients`` and optional ``flops``."""
     module_type: type
     params: Tuple[str, ...]
-    per_example_gradients: Callable
+    per_example_gradients: Optional[Callable]
     subclasses: bool = False
     flops: Optional[Callable] = None
     name: str = ""
+    kind: str = "custom"
+    applies: Optional[Callable] = None
+    builtin: bool = False
 
 
-_RULES: Dict[type, Rule] = {}
+_RULES: Dict[type, Rule] = {}  # custom rules, by module type (they take precedence over built-in ones)
+_BUILTIN: List[Rule] = []  # the engine's rules, registered by lazyfast.structured at import, in order
+
+
+def _register_builtin(module_type: type, kind: str, applies: Callable, params: Sequence[str] = ("weight", "bias"),
+                      name: str = "") -> Rule:
+    """The door the engine's own rules come through (lazyfast/structured.py registers them)."""
+    rule = Rule(module_type, tuple(params), None, True, None, name or module_type.__name__, kind, applies, True)
+    _BUILTIN.append(rule)
+    return rule
 
 
 def register_rule(module_type: type, *, params: Sequence[str], per_example_gradients: Callable,
@@ -79,9 +95,14 @@ def unregister_rule(module_type: type) -> None:
     del _RULES[module_type]
 
 
-def registered_rules() -> Dict[type, Rule]:
-    """The registered custom rules, by module type."""
-    return dict(_RULES)
+def registered_rules(builtin: bool = False) -> Dict[type, Rule]:
+    """The registered custom rules, by module type; with ``builtin=True`` the engine's built-in rules
+    too (a custom rule for the same type shadows the built-in one)."""
+    if not builtin:
+        return dict(_RULES)
+    out = {r.module_type: r for r in _BUILTIN}
+    out.update(_RULES)
+    return out
 
 
 def rule_for(m: nn.Module) -> Optional[Rule]:
@@ -96,3 +117,15 @@ def rule_for(m: nn.Module) -> Optional[Rule]:
                 return r
         return None
     return rule
+
+
+def find_rule(m: nn.Module) -> Optional[Rule]:
+    """The rule the engine uses for module ``m``: its custom rule (see :func:`rule_for`), else the first
+    built-in rule whose type ``m`` is an instance of, if that rule ``applies`` to it; else None."""
+    rule = rule_for(m)
+    if rule is not None:
+        return rule
+    for r in _BUILTIN:
+        if isinstance(m, r.module_type):
+            return r if r.applies(m) else None
+    return None

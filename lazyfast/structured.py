@@ -37,7 +37,7 @@ from torch import nn
 
 from lazyfast._outputs import ModelForwardError, model_output, run_forward  # noqa: F401 (re-exported)
 from lazyfast._uses import ParamUses, alias_message
-from lazyfast.rules import _RULES, rule_for
+from lazyfast.rules import _RULES, _register_builtin, find_rule, rule_for
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 METHODS = ("auto", "jacobian", "structured")
@@ -207,29 +207,47 @@ def _plain_forward(m: nn.Module, base) -> bool:
             and not parametrize.is_parametrized(m))
 
 
-def rule_kind(m: nn.Module) -> Optional[str]:
-    """'linear' | 'conv' | 'embedding' | 'norm' for a module with an exact rule, else None."""
-    from lazyfast.models import _Dense
-    from torch.nn.utils import parametrize
+def _applies_to(base):
+    def applies(m: nn.Module) -> bool:
+        if not _plain_forward(m, base):
+            return False
+        if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
+            return False
+        return True
+    return applies
 
-    if rule_for(m) is not None:
-        return None if parametrize.is_parametrized(m) else "custom"
+
+def _norm_applies(m: nn.Module) -> bool:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        return False
+    for b in type(m).__mro__:  # the concrete torch class whose forward it must keep
+        if b.__module__.startswith("torch.nn"):
+            return _plain_forward(m, b)
+    return False
+
+
+def _register_builtin_rules() -> None:
+    """The engine's rules, through the registry's door (lazyfast/rules.py), in matching order."""
+    from lazyfast.models import _Dense
+
     for base, kind in ((nn.Linear, "linear"), (_Dense, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
                        (nn.Conv3d, "conv"), (nn.Embedding, "embedding")):
-        if isinstance(m, base):
-            if not _plain_forward(m, base):
-                return None
-            if kind == "embedding" and (m.scale_grad_by_freq or m.max_norm is not None):
-                return None
-            return kind
+        _register_builtin(base, kind, _applies_to(base), params=("weight",) if kind == "embedding" else
+                          ("weight", "bias"))
     for base in _NORMS:
-        if isinstance(m, base):
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-                return None
-            for b in type(m).__mro__:  # the concrete torch class whose forward it must keep
-                if b.__module__.startswith("torch.nn"):
-                    return "norm" if _plain_forward(m, b) else None
-    return None
+        _register_builtin(base, "norm", _norm_applies)
+
+
+def rule_kind(m: nn.Module) -> Optional[str]:
+    """'linear' | 'conv' | 'embedding' | 'norm' | 'custom' for a module with a rule, else None."""
+    from torch.nn.utils import parametrize
+
+    rule = find_rule(m)
+    if rule is None:
+        return None
+    if rule.kind == "custom" and parametrize.is_parametrized(m):
+        return None
+    return rule.kind
 
 
 @dataclass
@@ -1557,3 +1575,6 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         if flat:
             return acc.detach()
         return acc.reshape(n1, k, n2, k).permute(0, 2, 1, 3).contiguous().detach()
+
+
+_register_builtin_rules()

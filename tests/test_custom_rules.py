@@ -112,3 +112,32 @@ def test_a_rule_returning_the_wrong_shape_is_a_clear_error():
 def test_bad_registrations(kwargs, exc):
     with pytest.raises(exc):
         lazyfast.register_rule(kwargs.pop("module_type"), **kwargs)
+
+
+def test_builtin_rules_come_through_the_same_registry():
+    """The engine's own rules are registry entries (kind, applicability test); a custom rule for a
+    type shadows the built-in one, and unregistering it restores the built-in."""
+    from torch import nn
+
+    from lazyfast import rules, structured
+
+    table = lazyfast.registered_rules(builtin=True)
+    assert table[nn.Linear].builtin and table[nn.Linear].kind == "linear"
+    assert table[nn.Conv2d].kind == "conv" and table[nn.Embedding].kind == "embedding"
+    assert table[nn.LayerNorm].kind == "norm"
+    assert nn.Linear not in lazyfast.registered_rules()  # the default view: custom rules only
+    lin = nn.Linear(3, 2)
+    assert rules.find_rule(lin) is table[nn.Linear] and structured.rule_kind(lin) == "linear"
+    bn = nn.BatchNorm1d(3)
+    assert structured.rule_kind(bn) is None  # training mode: the built-in rule does not apply
+    assert structured.rule_kind(bn.eval()) == "norm"
+
+    def per_example(module, calls):
+        raise AssertionError("not called here")
+
+    lazyfast.register_rule(nn.Linear, params=("weight",), per_example_gradients=per_example)
+    try:
+        assert structured.rule_kind(lin) == "custom" and lazyfast.registered_rules(builtin=True)[nn.Linear].kind == "custom"
+    finally:
+        lazyfast.unregister_rule(nn.Linear)
+    assert structured.rule_kind(lin) == "linear"
