@@ -271,13 +271,25 @@ def _n_params(model, names):
 
 
 # ----------------------------------------------------------------------------- cost model and dispatch
+# Per-sample weight gradients under torch.func.vmap run as per-sample (grouped or looped) products, far
+# slower than their FLOP count: measured on timm / Hugging Face models with a small remainder, the
+# structured engine + remainder beat the whole-model Jacobian path 1.0-2.7x at n = 8 while the plain FLOP
+# model chose the latter (scripts/check_remainder_choice.py, benchmarks/results/remainder_choice_cpu.json).
+# W = 9 counts forming every parameter's per-sample gradient as 4x its FLOPs.
+VMAP_WEIGHT_GRAD_COST = 9.0
+
+
 def generic_costs(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str,
                   memory_budget: int, *, names: Optional[Sequence[str]] = None, k: Optional[int] = None,
-                  forward_flops: Optional[float] = None, act_numel: Optional[int] = None) -> Dict[str, float]:
+                  forward_flops: Optional[float] = None, act_numel: Optional[int] = None,
+                  vmap_weight_grads: bool = False) -> Dict[str, float]:
     """Estimated FLOPs of the two generic methods (docs/engine.md), with [FP] measured:
-    Jacobian contraction ≈ 3·k·[FP]·(Jacobians computed) + 2·n1·n2·k^(1|2)·P, where blocked
-    chunks recompute x2's Jacobians once per x1 chunk; NTK-vector products ≈ n2·k columns,
-    each a VJP over x2 (≈ 2·n2·[FP]) and a JVP over x1 (≈ 3·n1·[FP])."""
+    Jacobian contraction ≈ (3 + W·s)·k·[FP]·(Jacobians computed) + 2·n1·n2·k^(1|2)·P, where blocked
+    chunks recompute x2's Jacobians once per x1 chunk, s = P / (all trainable parameters) is the share
+    of the parameters whose per-sample gradients are formed and W = :data:`VMAP_WEIGHT_GRAD_COST` what
+    forming them under vmap costs beyond the FLOP count (with ``vmap_weight_grads``: the structured-vs-
+    generic choice; W = 0 otherwise, for the choice between the two generic methods); NTK-vector products ≈ n2·k columns, each a
+    VJP over x2 (≈ 2·n2·[FP]) and a JVP over x1 (≈ 3·n1·[FP])."""
     same = x2 is None
     x2 = x1 if same else x2
     n1, n2 = x1.shape[0], x2.shape[0]
@@ -292,7 +304,9 @@ def generic_costs(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     chunks1 = -(-n1 // c)
     jac_samples = n1 + n2 * (chunks1 if not same else max(chunks1 - 1, 1) / 2 + 1)
     contraction = 2.0 * n1 * n2 * p * (k * k if mode == "full" else k) * (0.5 if same else 1.0)
-    jc = 3.0 * k * fp * jac_samples + contraction
+    share = p / max(_n_params(model, None), 1)
+    w = VMAP_WEIGHT_GRAD_COST if vmap_weight_grads else 0.0
+    jc = (3.0 + w * share) * k * fp * jac_samples + contraction
     vp = n2 * k * (2.0 * n2 + 3.0 * n1) * fp
     return {"jacobian": jc, "ntk_vp": vp, "forward_flops": fp}
 

@@ -105,8 +105,9 @@ def choose_implementation(model: nn.Module, x1: torch.Tensor, x2: Optional[torch
     if not plan.layers or n1 == 0 or n2 == 0:
         return "generic", plan
     probe = dict(k=plan.k, forward_flops=plan.forward_flops, act_numel=plan.act_numel)
-    whole = generic.generic_costs(model, x1, x2, mode, memory_budget, **probe)
-    rest = generic.generic_costs(model, x1, x2, mode, memory_budget, names=plan.remainder, **probe)
+    whole = generic.generic_costs(model, x1, x2, mode, memory_budget, vmap_weight_grads=True, **probe)
+    rest = generic.generic_costs(model, x1, x2, mode, memory_budget, names=plan.remainder, vmap_weight_grads=True,
+                                 **probe)
     mixed = structured.structured_cost(plan, n1, n2, mode) + min(rest["jacobian"], rest["ntk_vp"])
     if info is not None:
         info["costs"] = {"structured+remainder": mixed, "generic": min(whole["jacobian"], whole["ntk_vp"])}
