@@ -1539,9 +1539,23 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         elif info is not None:
             info.update(methods=[], chunk=0)
         if plan.remainder:
-            rest = generic_ntk(model, x1, x2, mode=mode, implementation=remainder, memory_budget=memory_budget,
-                               names=plan.remainder, k=k, forward_flops=plan.forward_flops,
-                               act_numel=plan.act_numel)
+            kw = dict(mode=mode, memory_budget=memory_budget, names=plan.remainder, k=k,
+                      forward_flops=plan.forward_flops, act_numel=plan.act_numel)
+            try:
+                rest = generic_ntk(model, x1, x2, implementation=remainder, **kw)
+            except ValueError as e:
+                # per-sample vmap cannot follow the forward (e.g. Hugging Face GPT-2 branches on
+                # `pad_token_id in input_ids`): NTK-vector products vmap over cotangent columns
+                # instead, with the samples unbatched (attention by SDPA's math backend, whose
+                # forward-mode derivative exists)
+                if remainder == "ntk_vp" or "cannot differentiate this model" not in str(e):
+                    raise
+                from lazyfast.lazy import _math_attention
+
+                with _math_attention():
+                    rest = generic_ntk(model, x1, x2, implementation="ntk_vp", **kw)
+                if info is not None:
+                    info["remainder_fallback"] = f"ntk_vp ({str(e).splitlines()[0][:120]})"
             if mode == "full":
                 acc += rest.permute(0, 2, 1, 3).reshape(acc.shape).to(out_dtype)
             else:

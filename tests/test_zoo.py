@@ -82,3 +82,34 @@ def test_bench_models_workload_agrees_and_catches_a_one_percent_error(monkeypatc
     res = bench.run("quick", workloads=["models"], memory=False, log=lambda *a: None)
     rows = {r["implementation"]: r for r in res["rows"]}
     assert calls and not rows["lazyfast"]["agrees"] and rows["lazyfast"]["rel_err"] > 5e-3
+
+
+def _optional(name):
+    try:
+        zoo.import_timm() if name.startswith("timm") else zoo.import_transformers()
+    except ImportError:
+        pytest.skip("timm / transformers not installed (the bench extra)")
+
+
+@pytest.mark.parametrize("name", zoo.OPTIONAL)
+def test_timm_and_hugging_face_take_structured_plus_remainder(name):
+    """The users' models (timm / Hugging Face, random init): at n = 8 auto takes the structured engine,
+    with the few remaining parameters (layer-scale gammas, class tokens, position embeddings) by the
+    generic remainder, not the whole model by the generic path."""
+    _optional(name)
+    m, x = zoo.build(name), zoo.inputs(name, 8)
+    e = lazyfast.explain(m, x)
+    assert e.implementation == "structured" and e.rule_fraction > 0.98
+
+
+@pytest.mark.parametrize("name", ["timm_mobilenetv3", "hf_bert", "hf_gpt2", "hf_vit"])
+def test_timm_and_hugging_face_kernels_exact(name):
+    """Structured + remainder equals the per-example-gradient oracle in float64 (GPT-2's remainder
+    cannot run under per-sample vmap, so it takes NTK-vector products)."""
+    from lazyfast import reference
+
+    _optional(name)
+    m, x = zoo.build(name, dtype=torch.float64), zoo.inputs(name, 2, dtype=torch.float64)
+    K = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False)
+    R = reference.ntk_oracle(m, x, mode="full")
+    assert float((K - R).norm() / R.norm()) < 1e-10
