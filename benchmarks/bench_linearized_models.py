@@ -184,10 +184,10 @@ def markdown(res: dict) -> str:
     """The README / docs table, generated from a results file."""
     s = res["machine"]
     lines = [f"*Generated from `benchmarks/results/linearized_models_cpu.json` (`python "
-             f"benchmarks/bench_linearized_models.py`; {s['date_utc']} UTC, commit {s['commit']}, {s['threads']} "
-             f"threads, n = {res['n']}, float32, new batch every step, {res['rounds_requested']} interleaved rounds "
-             f"of {res['steps_per_round']} steps; load average {s['loadavg_start'][0]:.2f} at start, "
-             f"{res.get('loadavg_end', [float('nan')])[0]:.2f} at end).* Ratios: median over rounds [min–max]; "
+             f"benchmarks/bench_linearized_models.py`; {s['date_utc']} UTC, commit {s['commit']}, load average "
+             f"{s['loadavg_start'][0]:.2f} at start / {res.get('loadavg_end', [float('nan')])[0]:.2f} at end, "
+             f"{s['threads']} threads, n = {res['n']}, float32, new batch every step, {res['rounds_requested']} "
+             f"interleaved rounds of {res['steps_per_round']} steps).* Ratios: median over rounds [min–max]; "
              "peak memory: each method in a fresh process, peak resident set minus the resident set before the "
              "model was built.", "",
              "| model | parameters | standard step | lazyfast linearized step | lazyfast / standard | "

@@ -189,12 +189,17 @@ def test_in_place_on_some_inputs_jacobian_is_a_clear_error():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_direct_use_behind_a_branch_exact_or_clear(impl):
     """The real batch takes the branch: the covered weight is seen used outside its layer and goes
-    to the generic path, whose per-sample vmap cannot follow a value branch: a clear error (never
-    the old silently wrong kernel). Without the branch taken, the kernel is exact."""
+    to the generic remainder, whose per-sample vmap cannot follow a value branch: the remainder takes
+    NTK-vector products instead and the kernel is exact (the whole-model Jacobian path gives a clear
+    error; never the old silently wrong kernel). Without the branch taken, the kernel is exact."""
     torch.manual_seed(0)
     m = DirectUseBehindBranch().double()
-    with pytest.raises(ValueError, match="branches on the values"):
-        lazyfast.empirical_ntk(m, _mixed_batch(), implementation=impl)
+    if impl == "jacobian":
+        with pytest.raises(ValueError, match="branches on the values"):
+            lazyfast.empirical_ntk(m, _mixed_batch(), implementation=impl)
+    else:  # the remainder that per-sample vmap cannot run takes NTK-vector products: exact
+        xb = _mixed_batch()
+        assert rel(lazyfast.empirical_ntk(m, xb, implementation=impl), batch_oracle(m, xb)) < 1e-10
     x = _mixed_batch()
     x[3, 0] = -1.0
     m = DirectUseBehindBranch().double()  # a fresh model: the first one's revised plan is kept
@@ -341,10 +346,17 @@ def test_non_reentrant_checkpoint_is_exact():
 
 @pytest.mark.parametrize("cls", (nn.GRU, nn.LSTM))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_recurrent_layers_are_a_clear_error(cls, impl):
+def test_recurrent_layers_exact_or_a_clear_error(cls, impl):
+    """Per-sample vmap cannot batch nn.GRU / nn.LSTM: the whole-model generic path (and auto, which
+    routes this model there) gives a clear error; the structured engine's remainder takes NTK-vector
+    products over the real batch and is exact."""
     m = Recurrent(cls).double().eval()
-    with pytest.raises(ValueError, match="recurrent layers"):
-        lazyfast.empirical_ntk(m, torch.randn(4, 5, 3, dtype=D), implementation=impl)
+    x = torch.randn(4, 5, 3, dtype=D)
+    if impl == "structured":
+        assert rel(lazyfast.empirical_ntk(m, x, implementation=impl), batch_oracle(m, x)) < 1e-10
+    else:
+        with pytest.raises(ValueError, match="recurrent layers"):
+            lazyfast.empirical_ntk(m, x, implementation=impl)
 
 
 class TupleOut(nn.Module):
