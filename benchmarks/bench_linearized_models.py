@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from _memory import _vm  # noqa: E402
 
 from lazyfast import Linearized, zoo  # noqa: E402
-from lazyfast.lazy import _math_attention  # noqa: E402
+from lazyfast.generic import math_attention  # noqa: E402
 
 DEFAULT_MODELS = ["timm_resnet10t", "timm_efficientnet_b0", "timm_vit_tiny", "hf_bert", "hf_vit"]
 METHODS = ["standard", "lazyfast", "torch_func", "lazyfast_ntk"]
@@ -82,7 +82,7 @@ def make_method(method: str, model: torch.nn.Module):
 
         def step(x, y):
             opt.zero_grad(set_to_none=True)
-            with _math_attention():
+            with math_attention():
                 f0, t = jvp(lambda p: functional_call(model0, p, (x,), strict=False), (w0,),
                             ({k: w[k] - w0[k] for k in w},))
             loss = _loss(f0.detach() + t, y)

@@ -20,11 +20,19 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp as _func_jvp, vjp as _func_vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lazyfast._outputs import ModelForwardError, _forward_detail, model_output
 from lazyfast._uses import AliasGuard, parameter_storages
 
 Params = Dict[str, torch.Tensor]
+
+
+def math_attention():
+    """``scaled_dot_product_attention`` by its math (composite) backend, which has forward-mode AD;
+    the fused CPU / flash kernels have none. Used by the passes that need forward mode (Linearized's
+    tangent pass, NTK-vector products of a remainder); the primal elsewhere keeps the fused kernels."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _functional(model: nn.Module, names: Optional[Sequence[str]]):
@@ -273,8 +281,8 @@ def _n_params(model, names):
 # ----------------------------------------------------------------------------- cost model and dispatch
 # Per-sample weight gradients under torch.func.vmap run as per-sample (grouped or looped) products, far
 # slower than their FLOP count: measured on timm / Hugging Face models with a small remainder, the
-# structured engine + remainder beat the whole-model Jacobian path 1.0-2.7x at n = 8 while the plain FLOP
-# model chose the latter (scripts/check_remainder_choice.py, benchmarks/results/remainder_choice_cpu.json).
+# structured engine + remainder matched or beat the whole-model Jacobian path (1.0-3.0x at n = 8) while
+# the plain FLOP model chose the latter (scripts/check_remainder_choice.py, benchmarks/results/remainder_choice_cpu.json).
 # W = 9 counts forming every parameter's per-sample gradient as 4x its FLOPs.
 VMAP_WEIGHT_GRAD_COST = 9.0
 

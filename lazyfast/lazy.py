@@ -33,7 +33,9 @@ from torch import nn
 from torch.func import functional_call
 
 from lazyfast import ntk as _ntk
+from lazyfast.generic import math_attention as _math_attention
 from lazyfast._outputs import ModelForwardError, model_output, run_forward, with_output
+from lazyfast._uses import AliasGuard, storage_key
 from lazyfast._validation import (check_alpha, check_bool, check_input, check_int, check_module,
                                   model_param_info)
 
@@ -182,6 +184,21 @@ def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, lo
 LINEARIZED_IMPLEMENTATIONS = ("auto", "dual", "cached", "ntk")
 
 
+def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor):
+    """``model0`` (the frozen copy) run with the parameters ``subs`` substituted by name, refusing a
+    use of one of them through an alias made before the call (``self.ws = [fc.weight]``), as every
+    other path does (:class:`lazyfast._uses.AliasGuard`): such a use would silently see w0."""
+    named = dict(model0.named_parameters())
+    storages = {}
+    for n in subs:
+        key = storage_key(named[n])
+        if key is not None and named[n].numel():
+            storages.setdefault(key, n)
+    allowed = list(subs.values()) + [p for n, p in named.items() if n not in subs]
+    with AliasGuard(storages, allowed):
+        return functional_call(model0, subs, (x,), strict=False)
+
+
 class _CachedLinearization:
     """J(w0, x) for one fixed input batch, as reusable autograd graphs (generic, any module).
 
@@ -201,7 +218,7 @@ class _CachedLinearization:
         named = dict(model0.named_parameters())
         self.w0 = [named[n].detach().requires_grad_(True) for n in names]
         with torch.enable_grad():
-            out = functional_call(model0, dict(zip(names, self.w0)), (x,), strict=False)
+            out = _call_at(model0, dict(zip(names, self.w0)), x)
             out = _as_rows(out, x.shape[0])
             self.u = torch.zeros_like(out, requires_grad=True)
             g = torch.autograd.grad(out, self.w0, grad_outputs=self.u, create_graph=True, allow_unused=True)
@@ -223,18 +240,6 @@ class _CachedLinearization:
         with torch.enable_grad():
             grads = torch.autograd.grad(self.out, self.w0, grad_outputs=r, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(w) if g is None else g for w, g in zip(self.w0, grads)]
-
-
-def _math_attention():
-    """The tangent pass runs scaled_dot_product_attention by its math (composite) backend, which has
-    forward-mode AD; the fused CPU/flash kernels have none (the primal keeps them)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        import contextlib
-
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 class _CompositeActivations(torch.overrides.TorchFunctionMode):
@@ -283,7 +288,7 @@ class _DualPass:
         self.leaves = [d.detach().requires_grad_(graph) for d in deltas]
         with torch.set_grad_enabled(graph), fwad.dual_level(), _math_attention(), _CompositeActivations():
             duals = {n: fwad.make_dual(initial[n], t) for n, t in zip(lin._names, self.leaves)}
-            out = run_forward(lambda inp: functional_call(lin.model0, duals, (inp,), strict=False), x)
+            out = run_forward(lambda inp: _call_at(lin.model0, duals, inp), x)
             out = model_output(out, x.shape[0])
             primal, tangent = fwad.unpack_dual(out)
         self.primal = _as_rows(primal.detach(), x.shape[0])
@@ -329,7 +334,7 @@ class _LinearizedFunction(torch.autograd.Function):
             except (RuntimeError, NotImplementedError) as e:
                 # the double-VJP needs the derivative of every backward op (aten::hardsigmoid_backward
                 # has none): this batch takes the JVP path, exactly, and is not cached again
-                if "not implemented" not in str(e):
+                if not _not_implemented(e):
                     raise
                 lin._uncacheable(x)
                 cached = None

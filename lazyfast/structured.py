@@ -1467,7 +1467,7 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
 
     Returns a plain tensor (no autograd graph).
     """
-    from lazyfast.generic import generic_ntk
+    from lazyfast.generic import generic_ntk, math_attention
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -1550,9 +1550,7 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
                 # forward-mode derivative exists)
                 if remainder == "ntk_vp" or "cannot differentiate this model" not in str(e):
                     raise
-                from lazyfast.lazy import _math_attention
-
-                with _math_attention():
+                with math_attention():
                     rest = generic_ntk(model, x1, x2, implementation="ntk_vp", **kw)
                 if info is not None:
                     info["remainder_fallback"] = f"ntk_vp ({str(e).splitlines()[0][:120]})"

@@ -4,7 +4,7 @@ remainder (timm / Hugging Face, random init, eval), and what implementation="aut
 For each model: the kernel at n samples (trace mode, x2 = None, float32) by implementation="structured"
 (rule layers structured, the few remaining parameters by the generic contraction) and by
 "jacobian" (every parameter by per-sample Jacobians), interleaved over ``--rounds`` rounds (median
-seconds), their relative difference, the share of parameters on rules, and auto's choice with its FLOP
+seconds; the ratio per round, its median and min-max), their relative difference, the share of parameters on rules, and auto's choice with its FLOP
 model (lazyfast.explain). Writes benchmarks/results/remainder_choice_cpu.json.
 
     python scripts/check_remainder_choice.py [--n 8] [--rounds 3] [--threads 1]
@@ -50,7 +50,9 @@ def one(name: str, n: int, rounds: int) -> dict:
         row["error"] = str(err).splitlines()[0][:300]
         return row
     row["seconds"] = {k: statistics.median(v) for k, v in times.items()}
-    row["jacobian_over_structured"] = row["seconds"]["jacobian"] / row["seconds"]["structured"]
+    ratios = [j / s for j, s in zip(times["jacobian"], times["structured"])]  # per interleaved round
+    row["jacobian_over_structured"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                       "max": max(ratios), "rounds": ratios}
     row["relative_difference"] = float((kernels["structured"] - kernels["jacobian"]).norm()
                                        / kernels["jacobian"].norm())
     return row
@@ -59,7 +61,7 @@ def one(name: str, n: int, rounds: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "remainder_choice_cpu.json"))

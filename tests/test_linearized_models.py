@@ -338,3 +338,25 @@ def test_linearized_of_a_compiled_module_is_the_module_s_linearization():
     for a, b in zip(lin_c.model.parameters(), lin.model.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(lin_c(x), lin(x))
+
+
+class ListAlias(nn.Module):
+    """A parameter reached through a list made before the call (substitution by name misses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.o = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.ws = [self.fc.weight]
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.fc(x) + x @ self.ws[0].T))
+
+
+@pytest.mark.parametrize("impl", ("auto", "dual", "cached", "ntk"))
+def test_linearized_refuses_a_parameter_alias_on_every_path(impl):
+    lin = lazyfast.Linearized(ListAlias().double(), implementation=impl)
+    x = torch.randn(4, 3, dtype=D)
+    with pytest.raises(ValueError, match="alias"):
+        out = lin(x)
+        lin(x)  # the cached path builds its linearization on the second call
+        out.sum().backward()
