@@ -184,7 +184,7 @@ def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, lo
 LINEARIZED_IMPLEMENTATIONS = ("auto", "dual", "cached", "ntk")
 
 
-def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor):
+def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor, guard=AliasGuard):
     """``model0`` (the frozen copy) run with the parameters ``subs`` substituted by name, refusing a
     use of one of them through an alias made before the call (``self.ws = [fc.weight]``), as every
     other path does (:class:`lazyfast._uses.AliasGuard`): such a use would silently see w0."""
@@ -195,7 +195,7 @@ def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor):
         if key is not None and named[n].numel():
             storages.setdefault(key, n)
     allowed = list(subs.values()) + [p for n, p in named.items() if n not in subs]
-    with AliasGuard(storages, allowed):
+    with guard(storages, allowed):
         return functional_call(model0, subs, (x,), strict=False)
 
 
@@ -242,33 +242,33 @@ class _CachedLinearization:
         return [torch.zeros_like(w) if g is None else g for w, g in zip(self.w0, grads)]
 
 
-class _CompositeActivations(torch.overrides.TorchFunctionMode):
-    """Inside the dual pass, the two activations whose forward-mode formula has no derivative of its
-    own (aten::hardsigmoid_backward, aten::glu_jvp: the backward of the tangent would fail; found by
-    trying every common layer op, tests/test_linearized_models.py) run through ops whose every
-    derivative exists, with the same value: ``F.hardsigmoid`` as hardsigmoid(x̄) + (x − x̄)·s, x̄ = x
+def _composite(func, args, kwargs):
+    x = args[0] if args else kwargs["input"]
+    xp = x.detach()
+    if func is F.hardsigmoid:
+        slope = torch.ops.aten.hardsigmoid_backward(torch.ones_like(xp), xp)
+        return F.hardsigmoid(xp) + (x - xp) * slope
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+
+    def glu(z):
+        a, b = z.chunk(2, dim)
+        return a * torch.sigmoid(b)
+
+    return F.glu(xp, dim) + (glu(x) - glu(xp))  # F.glu's value; the tangent of a·sigmoid(b)
+
+
+class _DualGuard(AliasGuard):
+    """The dual pass's one torch-function mode: parameter aliases are refused (:class:`AliasGuard`),
+    and the two activations whose forward-mode formula has no derivative of its own
+    (aten::hardsigmoid_backward, aten::glu_jvp: the backward of the tangent would fail; found by
+    trying every common layer op) run through ops whose every derivative exists, with the same value: ``F.hardsigmoid`` as hardsigmoid(x̄) + (x − x̄)·s, x̄ = x
     detached and s = aten::hardsigmoid_backward(1, x̄) (torch's own slope, so the tangent t·s is
     autograd's); ``F.glu`` as glu(x̄) + (a·sigmoid(b) at x − the same at x̄)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.hardsigmoid:
-            x = args[0] if args else kwargs["input"]
-            xp = x.detach()
-            slope = torch.ops.aten.hardsigmoid_backward(torch.ones_like(xp), xp)
-            return F.hardsigmoid(xp) + (x - xp) * slope
-        if func is F.glu:
-            x = args[0] if args else kwargs["input"]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
-            xp = x.detach()
-
-            def composite(z):
-                a, b = z.chunk(2, dim)
-                return a * torch.sigmoid(b)
-
-            # F.glu's value; the tangent of a·sigmoid(b) (its primal part cancels exactly)
-            return F.glu(xp, dim) + (composite(x) - composite(xp))
-        return func(*args, **kwargs)
+        if func is F.hardsigmoid or func is F.glu:
+            return _composite(func, args, kwargs or {})
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 class _DualPass:
@@ -278,17 +278,17 @@ class _DualPass:
     about one extra forward, and the primal comes with it. The tangent's autograd graph (built with δ
     as the leaf; w0 needs no gradient) is the linearized network: its backward, J(w0, x)ᵀ·r, is one
     ordinary backward pass through it, using the activations of this same forward. Attention runs by
-    its math backend here (the fused kernels have no forward-mode formula); hardsigmoid by an equivalent
-    composite (:class:`_CompositeActivations`)."""
+    its math backend here (the fused kernels have no forward-mode formula); hardsigmoid and GLU by
+    equivalent composites (:class:`_DualGuard`)."""
 
     def __init__(self, lin: "Linearized", x: torch.Tensor, deltas: List[torch.Tensor], graph: bool = True):
         import torch.autograd.forward_ad as fwad
 
         initial = lin._initial
         self.leaves = [d.detach().requires_grad_(graph) for d in deltas]
-        with torch.set_grad_enabled(graph), fwad.dual_level(), _math_attention(), _CompositeActivations():
+        with torch.set_grad_enabled(graph), fwad.dual_level(), _math_attention():
             duals = {n: fwad.make_dual(initial[n], t) for n, t in zip(lin._names, self.leaves)}
-            out = run_forward(lambda inp: _call_at(lin.model0, duals, inp), x)
+            out = run_forward(lambda inp: _call_at(lin.model0, duals, inp, guard=_DualGuard), x)
             out = model_output(out, x.shape[0])
             primal, tangent = fwad.unpack_dual(out)
         self.primal = _as_rows(primal.detach(), x.shape[0])
@@ -308,8 +308,8 @@ def _not_implemented(e: BaseException) -> bool:
 class _LinearizedFunction(torch.autograd.Function):
     """out = J(w0, x)·(w − w0), backward = J(w0, x)ᵀ·grad (exact VJP at w0).
 
-    ``cached`` is a :class:`_CachedLinearization` of this batch, the string ``"dual"`` for one
-    :class:`_DualPass` (primal and tangent in one forward; its second output is the primal), or
+    ``cached`` is a :class:`_CachedLinearization` of this batch, a :class:`_DualPass` the caller
+    ran (primal and tangent in one forward; the second output is then the primal, else empty), or
     None to go through the public :func:`lazyfast.ntk.jvp` / :func:`lazyfast.ntk.vjp` (fused
     kernels where compiled).
     """
@@ -564,7 +564,7 @@ class Linearized(nn.Module):
         built = _ext.HAS_CPU_KERNELS if p.device.type == "cpu" else (p.device.type == "cuda" and _ext.HAS_CUDA_KERNELS)
         return built and p.dtype in (torch.float32, torch.float64)
 
-    def _linearization(self, e: Optional[_CacheEntry], x: Optional[torch.Tensor] = None):
+    def _linearization(self, e: Optional[_CacheEntry], x: torch.Tensor):
         """How this call computes J(w0, x)·δ: a :class:`_CachedLinearization`, ``"dual"`` (one
         :class:`_DualPass`) or None (the public JVP / VJP)."""
         if self.implementation == "ntk" or torch.is_inference_mode_enabled():
@@ -579,10 +579,10 @@ class Linearized(nn.Module):
         if self.implementation in ("auto", "dual"):
             if getattr(self, "_dual_ok", True):
                 return "dual"
-            if x is not None and e is None or (e is not None and e.linearization is not _NO_LINEARIZATION):
+            if e is None or e.linearization is not _NO_LINEARIZATION:
                 # a model with an op without a forward-mode formula: reverse mode only (the double-VJP),
                 # built for this call
-                return _CachedLinearization(self.model0, self._names, x if x is not None else e.x)
+                return _CachedLinearization(self.model0, self._names, x)
         return None
 
     def _params(self) -> List[torch.Tensor]:

@@ -37,6 +37,7 @@ from torch import nn
 
 from lazyfast._outputs import ModelForwardError, model_output, run_forward  # noqa: F401 (re-exported)
 from lazyfast._uses import ParamUses, alias_message
+from lazyfast.models import _Dense
 from lazyfast.rules import _RULES, _register_builtin, find_rule, rule_for
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -228,8 +229,6 @@ def _norm_applies(m: nn.Module) -> bool:
 
 def _register_builtin_rules() -> None:
     """The engine's rules, through the registry's door (lazyfast/rules.py), in matching order."""
-    from lazyfast.models import _Dense
-
     for base, kind in ((nn.Linear, "linear"), (_Dense, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
                        (nn.Conv3d, "conv"), (nn.Embedding, "embedding")):
         _register_builtin(base, kind, _applies_to(base), params=("weight",) if kind == "embedding" else

@@ -135,6 +135,23 @@ class Config(common.ExperimentConfig):
                 for a, d, g, e, k, al, lr in zip(self.archs, self.divisors, self.gains, self.epochs, subsets,
                                                  alphas, lrs)]
 
+    def _check_alphas(self, name: str, alphas) -> None:
+        common.check_positive_list(alphas, name)
+        if len(set(alphas)) != len(alphas) or list(alphas) != sorted(alphas):
+            raise ValueError(f"{name} must be increasing without repeats, got {alphas!r}")
+        if not any(a >= self.plateau_from_alpha for a in alphas):
+            raise ValueError(f"plateau_from_alpha={self.plateau_from_alpha!r} is above every alpha of {name} "
+                             f"(max {max(alphas)!r}): the large-α plateau would be empty")
+        if not any(a < self.plateau_from_alpha for a in alphas):
+            raise ValueError(f"every alpha of {name} is >= plateau_from_alpha={self.plateau_from_alpha!r}: there "
+                             "is no non-lazy α to compare the plateau with")
+
+    @staticmethod
+    def _check_lrs(name: str, lrs) -> None:
+        common.check_positive_list(lrs, name)
+        if len(set(lrs)) != len(lrs):
+            raise ValueError(f"{name} must not repeat a value, got {lrs!r}")
+
     def validate(self) -> None:
         if not isinstance(self.archs, (list, tuple)) or not self.archs:
             raise ValueError(f"archs must be a non-empty list of {ARCHS}, got {self.archs!r}")
@@ -169,27 +186,13 @@ class Config(common.ExperimentConfig):
             if v is not None and (not isinstance(v, (list, tuple)) or len(v) != len(self.archs)):
                 raise ValueError(f"{name} must be None or a list with one entry (a list or None) per arch "
                                  f"({len(self.archs)}), got {v!r}")
-        grids = [("alphas", self.alphas, "lrs", self.lrs)]
+        self._check_alphas("alphas", self.alphas)
+        self._check_lrs("lrs", self.lrs)
         for i in range(len(self.archs)):
             if self.arch_alphas is not None and self.arch_alphas[i] is not None:
-                grids.append((f"arch_alphas[{i}]", self.arch_alphas[i], None, None))
+                self._check_alphas(f"arch_alphas[{i}]", self.arch_alphas[i])
             if self.arch_lrs is not None and self.arch_lrs[i] is not None:
-                grids.append((None, None, f"arch_lrs[{i}]", self.arch_lrs[i]))
-        for an, av, ln, lv in grids:
-            if an is not None:
-                common.check_positive_list(av, an)
-                if len(set(av)) != len(av) or list(av) != sorted(av):
-                    raise ValueError(f"{an} must be increasing without repeats, got {av!r}")
-                if not any(a >= self.plateau_from_alpha for a in av):
-                    raise ValueError(f"plateau_from_alpha={self.plateau_from_alpha!r} is above every alpha of "
-                                     f"{an} (max {max(av)!r}): the large-α plateau would be empty")
-                if not any(a < self.plateau_from_alpha for a in av):
-                    raise ValueError(f"every alpha of {an} is >= plateau_from_alpha={self.plateau_from_alpha!r}: "
-                                     "there is no non-lazy α to compare the plateau with")
-            if ln is not None:
-                common.check_positive_list(lv, ln)
-                if len(set(lv)) != len(lv):
-                    raise ValueError(f"{ln} must not repeat a value, got {lv!r}")
+                self._check_lrs(f"arch_lrs[{i}]", self.arch_lrs[i])
         if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
             raise ValueError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
         for i, s in enumerate(self.seeds):
