@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from _memory import _vm  # noqa: E402
 
 from lazyfast import Linearized, zoo  # noqa: E402
-from lazyfast.generic import math_attention  # noqa: E402
+from lazyfast._engine.generic import math_attention  # noqa: E402
 
 DEFAULT_MODELS = ["timm_resnet10t", "timm_efficientnet_b0", "timm_vit_tiny", "hf_bert", "hf_vit"]
 METHODS = ["standard", "lazyfast", "torch_func", "lazyfast_ntk"]

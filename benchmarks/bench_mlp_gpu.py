@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import lazyfast
 from lazyfast import reference
-from lazyfast.mlp import hadamard_gram_sum
+from lazyfast._ops.hadamard_gram import hadamard_gram_sum
 from lazyfast.testing import rel_err
 
 N = int(os.environ.get("LAZYFAST_BENCH_GPU_N", "16384"))

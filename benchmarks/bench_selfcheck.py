@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import torch  # noqa: E402
 
 import lazyfast  # noqa: E402
-from lazyfast import _uses, bench, selfcheck, structured, zoo  # noqa: E402
+from lazyfast import bench, selfcheck, zoo  # noqa: E402
+from lazyfast._engine import uses as _uses
+from lazyfast._engine import structured
 
 ROWS = [  # (id, zoo model, n, mode)
     ("mlp", "mlp1024", 256, "trace"),

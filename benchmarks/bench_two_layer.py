@@ -24,7 +24,8 @@ import torch
 
 import lazyfast
 from lazyfast import reference as R
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
+from lazyfast._engine.two_layer import model_weights
 from lazyfast.models import TwoLayer
 from lazyfast.testing import rel_err
 
@@ -53,7 +54,7 @@ def gram_case():
     g = torch.Generator().manual_seed(1)
     x1 = torch.randn(1024, 100, generator=g)
     x2 = torch.randn(1024, 100, generator=g)
-    w = TL.model_weights(model)
+    w = model_weights(model)
     ref = R.two_layer_ntk_dense(x1, None, w["A"], w["c"], w["B"], w["scale"], "relu")
     return model, x1, x2, w, ref
 
@@ -115,7 +116,7 @@ def product_case():
     dA = torch.randn(T, 16384, 100, generator=g)
     dB = torch.randn(T, 1, 16384, generator=g)
     r = torch.randn(4096, 1, generator=g)
-    return model, x, dA, dB, r, TL.model_weights(model)
+    return model, x, dA, dB, r, model_weights(model)
 
 
 @pytest.mark.benchmark(group="two_layer_jvp")

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import lazyfast
 import lazyfast.precision as P
 from lazyfast import reference as R
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
+from lazyfast._engine.two_layer import model_weights
 from lazyfast.models import TwoLayer
 from lazyfast.testing import rel_err
 
@@ -83,7 +84,7 @@ def run(dtype):
     rows = []
     g_rate = gemm_rate(dtype)
     model = TwoLayer(D, M, 1, activation="relu", dtype=dtype, device="cuda")
-    w = TL.model_weights(model)
+    w = model_weights(model)
     g = torch.Generator(device="cuda").manual_seed(1)
     x1 = torch.randn(N, D, generator=g, device="cuda", dtype=dtype)
     x2 = torch.randn(N, D, generator=g, device="cuda", dtype=dtype)
@@ -113,7 +114,7 @@ def run(dtype):
     # Full mode, k = 3, n = 4096 (X2 given).
     n, k = 4096, 3
     mk = TwoLayer(D, M, k, activation="relu", dtype=dtype, device="cuda")
-    wk = TL.model_weights(mk)
+    wk = model_weights(mk)
     t_full = _time(lambda: TL.two_layer_ntk(x1[:n], x2[:n], mode="full", **wk))
     flops = 2 * n * n * M * (1 + k * (k + 1) // 2) + 2 * 2 * n * M * D + 2 * n * n * D
     small = TL.two_layer_ntk(x1[:64], x2[:n], mode="full", **wk)

@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 import lazyfast  # noqa: E402
 from lazyfast.bench import stamp  # noqa: E402
 from lazyfast import reference as R  # noqa: E402
-from lazyfast import two_layer as TL  # noqa: E402
+from lazyfast._ops import two_layer as TL  # noqa: E402
+from lazyfast._engine.two_layer import model_weights
 from lazyfast.models import TwoLayer  # noqa: E402
 from lazyfast.testing import rel_err  # noqa: E402
 
@@ -82,7 +83,7 @@ def bench_gram(res, quick):
     t_mm = best_time(lambda: a @ b, repeat=7)
     sgemm = 2 * 2048**3 / t_mm
     mdl = model(d, m)
-    w = TL.model_weights(mdl)
+    w = model_weights(mdl)
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     dense_sym = lambda: R.two_layer_ntk_dense(x1, None, w["A"], w["c"], w["B"], w["scale"], "relu")  # noqa: E731
@@ -137,7 +138,7 @@ def bench_gram(res, quick):
 _MEM_CHILD = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
 def status(key):
     with open('/proc/self/status') as f:
         for line in f:
@@ -180,7 +181,7 @@ def bench_memory(res, quick):
 def bench_products(res, quick):
     n, d, m, T = 4096, 100, 16384, 16
     mdl = model(d, m, seed=2)
-    w = TL.model_weights(mdl)
+    w = model_weights(mdl)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, d, generator=g)
     dA = torch.randn(T, m, d, generator=g)

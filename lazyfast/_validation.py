@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from lazyfast._engine.state import functorch_wrapped as _functorch_wrapped
+
 __all__ = ["checks", "finite_checks_enabled", "check_finite", "check_bool", "check_int", "check_float",
            "check_tensor", "check_input", "check_module", "check_device", "check_mode", "check_chunk_size",
            "check_positive_finite", "check_memory_budget", "check_alpha", "model_param_info"]
@@ -101,13 +103,6 @@ def check_finite(**tensors) -> None:
     for name, good in zip(names, ok):
         if not good:
             raise ValueError(f"{name} contains NaN or infinite values")
-
-
-def _functorch_wrapped(t: torch.Tensor) -> bool:
-    try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 # ----------------------------------------------------------------------------- scalars

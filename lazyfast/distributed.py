@@ -90,7 +90,7 @@ def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
         h.update(_tensor_bytes(t))
     # what the model computes, beyond its values: each module's class and plain attributes
     # (activation names, strides, eps, ...); identical on every rank (no ids, no reprs)
-    from lazyfast.structured import _plain_attrs
+    from lazyfast._engine.structured import _plain_attrs
 
     for name, m in model.named_modules():
         h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training}".encode())

@@ -11,8 +11,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from lazyfast import structured
-from lazyfast._outputs import with_output
+from lazyfast._engine import structured
+from lazyfast._engine.outputs import with_output
 from lazyfast._validation import check_input, check_memory_budget, check_mode, check_module
 
 __all__ = ["Explanation", "explain"]
@@ -65,7 +65,7 @@ def explain(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = Non
     without computing the kernel (it probes the model: forwards on copies of one sample).
 
     Returns an :class:`Explanation`; ``print(lazyfast.explain(model, x))`` shows it as a table."""
-    from lazyfast import two_layer
+    from lazyfast._engine import two_layer
     from lazyfast.ntk import choose_implementation
 
     check_module(model)

@@ -1,7 +1,7 @@
 """Tangent kernels of CNNs and other layered models (the authors' extraction layout), and centering.
 
 :func:`layerwise_ntk` and :func:`extract_kernel` are thin uses of the structured engine
-(:func:`lazyfast.structured.structured_ntk`, docs/engine.md): one forward and one k-wide
+(:func:`lazyfast._engine.structured.structured_ntk`, docs/engine.md): one forward and one k-wide
 batched backward capture every rule layer's inputs and output cotangents, and each layer
 adds its exact kernel by the cheaper of per-example gradient blocks and position-pair Grams;
 parameters no rule covers go to the generic path restricted to them.
@@ -55,7 +55,7 @@ def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         info: optional dict filled with the method chosen per layer (``methods``), ``k``,
             ``layers`` and the ``remainder`` parameter names.
     """
-    from lazyfast.structured import structured_ntk
+    from lazyfast._engine.structured import structured_ntk
 
     return structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget, out_dtype=out_dtype,
                           method=method, flat=flat, info=info)
@@ -78,8 +78,8 @@ def extract_kernel(model: nn.Module, x: torch.Tensor, *, implementation: str = "
         raise ValueError(f"x must be a batch tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
     if implementation in ("auto", "layerwise"):
         return layerwise_ntk(model, x, mode="full", flat=True, memory_budget=memory_budget, out_dtype=dtype, info=info)
-    from lazyfast.generic import ntk_jacobian_blocked
-    from lazyfast.structured import check_independent
+    from lazyfast._engine.generic import ntk_jacobian_blocked
+    from lazyfast._engine.structured import check_independent
 
     check_independent(model)
     full = ntk_jacobian_blocked(model, x, mode="full", memory_budget=memory_budget)

@@ -33,9 +33,9 @@ from torch import nn
 from torch.func import functional_call
 
 from lazyfast import ntk as _ntk
-from lazyfast.generic import math_attention as _math_attention
-from lazyfast._outputs import ModelForwardError, model_output, run_forward, with_output
-from lazyfast._uses import AliasGuard, storage_key
+from lazyfast._engine.generic import math_attention as _math_attention
+from lazyfast._engine.outputs import ModelForwardError, model_output, run_forward, with_output
+from lazyfast._engine.uses import AliasGuard, storage_key
 from lazyfast._validation import (check_alpha, check_bool, check_input, check_int, check_module,
                                   model_param_info)
 
@@ -187,7 +187,7 @@ LINEARIZED_IMPLEMENTATIONS = ("auto", "dual", "cached", "ntk")
 def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor, guard=AliasGuard):
     """``model0`` (the frozen copy) run with the parameters ``subs`` substituted by name, refusing a
     use of one of them through an alias made before the call (``self.ws = [fc.weight]``), as every
-    other path does (:class:`lazyfast._uses.AliasGuard`): such a use would silently see w0."""
+    other path does (:class:`lazyfast._engine.uses.AliasGuard`): such a use would silently see w0."""
     named = dict(model0.named_parameters())
     storages = {}
     for n in subs:
@@ -554,7 +554,8 @@ class Linearized(nn.Module):
     def _fused_serves(self) -> bool:
         """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
         parameters linearized, a kernel dtype, kernels built for its device)."""
-        from lazyfast import _ext, two_layer
+        from lazyfast import _ext
+        from lazyfast._engine import two_layer
 
         # the trainable copy has model0's class, forward and hooks, and the caller's requires_grad
         # flags: the fused route applies to model0 exactly when two_layer.fused_applicable accepts it

@@ -1,6 +1,7 @@
 """Pure-PyTorch references: the test oracle, the references and the benchmark baselines.
 
-The production eNTK paths live in :mod:`lazyfast.structured` and :mod:`lazyfast.generic`.
+The production paths live in :mod:`lazyfast._engine` (the structured engine, the generic path, the
+products); the torch.func JVP / VJP / NTK·v baselines are the products path's own functions.
 
 Everything here works for any ``nn.Module`` mapping a batch ``(n, ...)`` to
 ``(n, k)`` (or ``(n,)``, read as k = 1), differentiating with respect to the
@@ -19,29 +20,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp as _func_jvp, vjp as _func_vjp, vmap
 
-from lazyfast._outputs import model_output
-from lazyfast._uses import AliasGuard, parameter_storages
+from lazyfast._engine.generic import functional_model
+from lazyfast._engine.outputs import model_output
+# The torch.func JVP / VJP / NTK·v users write (vmap(jvp), vjp, vjp then jvp) are the baselines of the
+# fused products; the engine's products path runs the same code, so it is defined once, there.
+from lazyfast._engine.products import check_tangents, jvp, ntk_vp, vjp  # noqa: F401 (baselines)
 
 Params = Dict[str, torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- functional view
-def functional_model(model: nn.Module) -> Tuple[Callable[[Params, torch.Tensor], torch.Tensor], Params]:
-    """Returns ``(f, params)`` with ``f(params, x) -> (n, k)`` and ``params`` the
-    detached trainable parameters of ``model`` (name → tensor)."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("model has no trainable parameters (requires_grad=True): its tangent kernel is empty")
-
-    storages = parameter_storages(model)
-    subs = list(params.values())
-
-    def f(p: Params, x: torch.Tensor) -> torch.Tensor:
-        with AliasGuard(storages, subs + list(p.values())):
-            out = functional_call(model, p, (x,), strict=False)
-        return model_output(out, x.shape[0]).reshape(x.shape[0], -1)
-
-    return f, params
 
 
 def _chunks(n: int, size: Optional[int]):
@@ -103,104 +88,6 @@ def ntk_jacobian(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] 
             j2 = j1 if (same and (s1, e1) == (s2, e2)) else jacobian(model, x2[s2:e2])
             out[s1:e1, s2:e2] = _contract(j1, j2, mode)
     return out
-
-
-def ntk_ntkvp(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
-              chunk_size: Optional[int] = None) -> torch.Tensor:
-    """eNTK by NTK-vector products (the tutorial's second method): one VJP over x2 and
-    one JVP over x1 per column, ``chunk_size`` columns (unit cotangents) at a time."""
-    x2 = x1 if x2 is None else x2
-    f, params = functional_model(model)
-    k = _out_dim(f, params, x1) if x1.shape[0] else _out_dim(f, params, x2) if x2.shape[0] else 1
-    n1, n2 = x1.shape[0], x2.shape[0]
-    dtype = next(iter(params.values())).dtype
-    if n1 == 0 or n2 == 0:
-        return torch.zeros((n1, n2) if mode == "trace" else (n1, n2, k, k), dtype=dtype, device=x1.device)
-    _, vjp_fn = _func_vjp(lambda p: f(p, x2), params)
-
-    def column(e):
-        (g,) = vjp_fn(e)
-        return _func_jvp(lambda p: f(p, x1), (params,), (g,))[1]
-
-    eye = torch.eye(n2 * k, dtype=dtype, device=x1.device)
-    cols = []
-    for s, e in _chunks(n2 * k, chunk_size):
-        cols.append(vmap(column)(eye[s:e].reshape(e - s, n2, k)))  # (c, n1, k)
-    res = torch.cat(cols).reshape(n2, k, n1, k)  # res[j, b, i, a] = Θ(x1_i, x2_j)_{ab}
-    full = res.permute(2, 0, 3, 1)
-    if mode == "full":
-        return full.contiguous()
-    return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
-
-
-# ----------------------------------------------------------------------------- JVP / VJP / NTK·v
-def check_tangents(params: Params, tangents: Dict[str, torch.Tensor]) -> int:
-    """Validates a tangent dict (name → (T, *param.shape)) against ``params``; returns T."""
-    if not isinstance(tangents, dict) or not tangents:
-        raise TypeError("tangents must be a non-empty dict: parameter name -> tensor of shape (T, *param.shape)")
-    unknown = sorted(set(tangents) - set(params))
-    if unknown:
-        raise ValueError(f"tangents has names that are not trainable parameters of the model: {unknown}; "
-                         f"expected a subset of {sorted(params)}")
-    T = None
-    for name, t in tangents.items():
-        p = params[name]
-        if not isinstance(t, torch.Tensor) or t.dim() != p.dim() + 1 or t.shape[1:] != p.shape:
-            raise ValueError(f"tangents[{name!r}] must have shape (T, {', '.join(map(str, p.shape))}), "
-                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dtype != p.dtype or t.device != p.device:
-            raise TypeError(f"tangents[{name!r}] must have the parameter's dtype/device ({p.dtype}, {p.device}), "
-                            f"got ({t.dtype}, {t.device})")
-        if T is None:
-            T = t.shape[0]
-        elif t.shape[0] != T:
-            raise ValueError(f"tangents[{name!r}] has {t.shape[0]} tangents but others have {T}")
-    return T
-
-
-def _full_tangents(params: Params, tangents: Dict[str, torch.Tensor]) -> Tuple[Params, int]:
-    T = check_tangents(params, tangents)
-    full = {n: tangents[n] if n in tangents else torch.zeros((T,) + p.shape, dtype=p.dtype, device=p.device)
-            for n, p in params.items()}
-    return full, T
-
-
-def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Batched Jacobian-vector products J(w, x)·V for T tangents at once.
-
-    ``tangents``: parameter name → (T, *param.shape); missing names count as zero.
-    Returns (T, n, k).
-    """
-    f, params = functional_model(model)
-    full, T = _full_tangents(params, tangents)
-    if T == 0 or x.shape[0] == 0:
-        k = _out_dim(f, params, x) if x.shape[0] else 1
-        return torch.zeros((T, x.shape[0], k), dtype=x.dtype, device=x.device)
-
-    def single(t):
-        return _func_jvp(lambda p: f(p, x), (params,), (t,))[1]
-
-    return vmap(single)(full)
-
-
-def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Vector-Jacobian product J(w, x)ᵀ·R for a cotangent R of shape (n, k) → name → grad."""
-    f, params = functional_model(model)
-    _, vjp_fn = _func_vjp(lambda p: f(p, x), params)
-    (g,) = vjp_fn(cotangent)
-    return g
-
-
-def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Θ(x1, x2)·v without forming Θ: ``out[i, a] = Σ_{j,b} Θ(x1_i, x2_j)_{ab} v[j, b]``.
-
-    One VJP over x2 then one JVP over x1. v: (n2, k) → (n1, k).
-    """
-    x2 = x1 if x2 is None else x2
-    f, params = functional_model(model)
-    _, vjp_fn = _func_vjp(lambda p: f(p, x2), params)
-    (g,) = vjp_fn(v)
-    return _func_jvp(lambda p: f(p, x1), (params,), (g,))[1]
 
 
 # ----------------------------------------------------------------------------- generic Gram

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import lazyfast
-from lazyfast import _validation, two_layer
+from lazyfast import _validation
+from lazyfast._engine import two_layer
 from lazyfast.distributed import distributed_ntk
 from lazyfast.experiments.common import RunStore
 from lazyfast.train import CheckpointError, TrainConfig, train

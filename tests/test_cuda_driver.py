@@ -7,7 +7,7 @@ import torch
 
 import lazyfast
 import lazyfast.precision as P
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
 from lazyfast.testing import assert_close_rel, rel_err
 from two_layer_cases import inputs, make_model, weights
 

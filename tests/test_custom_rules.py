@@ -119,7 +119,8 @@ def test_builtin_rules_come_through_the_same_registry():
     type shadows the built-in one, and unregistering it restores the built-in."""
     from torch import nn
 
-    from lazyfast import rules, structured
+    from lazyfast._engine.structured import rules
+    from lazyfast._engine import structured
 
     table = lazyfast.registered_rules(builtin=True)
     assert table[nn.Linear].builtin and table[nn.Linear].kind == "linear"

@@ -6,7 +6,7 @@ import torch
 
 from lazyfast import _ext
 from lazyfast import reference as R
-from lazyfast.mlp import hadamard_gram_sum
+from lazyfast._ops.hadamard_gram import hadamard_gram_sum
 from lazyfast.testing import rel_err
 from two_layer_cases import inputs, make_model, weights
 

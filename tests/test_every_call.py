@@ -13,7 +13,8 @@ import torch.utils.checkpoint as ckpt
 from torch import nn
 
 import lazyfast
-from lazyfast import selfcheck, structured
+from lazyfast import selfcheck
+from lazyfast._engine import structured
 
 D = torch.float64
 IMPLS = ("auto", "structured", "jacobian")

@@ -7,7 +7,7 @@ from torch import nn
 
 import lazyfast
 from lazyfast import kernels, reference
-from lazyfast.generic import choose_generic_implementation, generic_ntk, ntk_jacobian_blocked
+from lazyfast._engine.generic import choose_generic_implementation, generic_ntk, ntk_jacobian_blocked
 from lazyfast.testing import assert_close_rel
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lazyfast import _ext, reference
-from lazyfast.mlp import hadamard_gram_sum
+from lazyfast._ops.hadamard_gram import hadamard_gram_sum
 from lazyfast.testing import DTYPES, RTOL, assert_close_rel, devices
 
 needs_ext = pytest.mark.skipif(not _ext.HAS_CPU_KERNELS, reason="compiled extension not built")

@@ -84,7 +84,7 @@ def definition(model0, w, x):
     dw = {n: w[n] - w0[n] for n in w0}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]), lazyfast.structured.no_fastpath():
+    with sdpa_kernel([SDPBackend.MATH]), lazyfast._engine.structured.no_fastpath():
         f0, t = jvp(lambda p: functional_call(model0, p, (x,)), (w0,), (dw,))
     return f0 + t
 
@@ -94,7 +94,7 @@ def grad_definition(model0, x, r):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     w0 = {n: p.detach() for n, p in model0.named_parameters()}
-    with sdpa_kernel([SDPBackend.MATH]), lazyfast.structured.no_fastpath():
+    with sdpa_kernel([SDPBackend.MATH]), lazyfast._engine.structured.no_fastpath():
         _, fn = vjp(lambda p: functional_call(model0, p, (x,)), w0)
         (g,) = fn(r)
     return g
@@ -153,7 +153,7 @@ def oracle(model0, w, x):
 
     w0 = {n: p.detach() for n, p in model0.named_parameters()}
     names = list(w0)
-    with sdpa_kernel([SDPBackend.MATH]), lazyfast.structured.no_fastpath():
+    with sdpa_kernel([SDPBackend.MATH]), lazyfast._engine.structured.no_fastpath():
         J = jacrev(lambda p: functional_call(model0, p, (x,)))(w0)
         f0 = functional_call(model0, w0, (x,))
     Jm = torch.cat([J[n].reshape(f0.numel(), -1) for n in names], 1)

@@ -7,7 +7,7 @@ import torch
 
 import lazyfast
 from lazyfast import _ext, reference
-from lazyfast.mlp import mlp_ntk
+from lazyfast._engine.mlp import mlp_ntk
 from lazyfast.models import ACTIVATIONS, MLP, TwoLayer
 from lazyfast.testing import assert_close_rel
 

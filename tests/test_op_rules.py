@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lazyfast
-from lazyfast import structured
+from lazyfast._engine import structured
 
 from test_every_call import batch_oracle, rel
 

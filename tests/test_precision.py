@@ -5,7 +5,7 @@ import torch
 
 import lazyfast.precision as P
 from lazyfast import _ext
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
 from two_layer_cases import inputs, make_model, weights
 
 

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import lazyfast
-from lazyfast import reference, structured
+from lazyfast import reference
+from lazyfast._engine import structured
 from lazyfast.models import MLP, TwoLayer
 from lazyfast.testing import assert_close_rel
 
@@ -359,8 +360,8 @@ def test_subclass_overriding_forward_and_hooks_follow_the_real_forward():
     mlp2.layers[0].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
     _check(mlp2, x, None, impl="auto")
     # with the hook gone, the fused kernel serves the exact TwoLayer again
-    assert lazyfast.two_layer.fused_applicable(plain)
-    assert not lazyfast.two_layer.fused_applicable(two)
+    assert lazyfast._engine.two_layer.fused_applicable(plain)
+    assert not lazyfast._engine.two_layer.fused_applicable(two)
 
 
 def test_empty_batches_take_k_from_the_model():

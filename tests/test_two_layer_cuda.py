@@ -9,7 +9,8 @@ import torch
 
 import lazyfast
 from lazyfast import reference as R
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
+from lazyfast._engine.two_layer import model_ntk
 from lazyfast.models import ACTIVATIONS
 from lazyfast.testing import assert_close_rel, rel_err
 from two_layer_cases import inputs, make_model, tangents, upcast, weights
@@ -86,8 +87,8 @@ def test_cuda_ntk_agrees_with_cpu_op_and_oracle():
     model = make_model(4, 40, 3, "tanh", bias=True)
     x1, x2 = inputs(6, 4), inputs(5, 4, seed=1)
     oracle = R.ntk_oracle(model, x1, x2, mode="full")
-    cpu = TL.model_ntk(model, x1, x2, mode="full")
-    gpu = TL.model_ntk(model.cuda(), x1.cuda(), x2.cuda(), mode="full").cpu()
+    cpu = model_ntk(model, x1, x2, mode="full")
+    gpu = model_ntk(model.cuda(), x1.cuda(), x2.cuda(), mode="full").cpu()
     assert_close_rel(gpu, oracle, torch.float64)
     assert_close_rel(gpu, cpu, torch.float64)
 

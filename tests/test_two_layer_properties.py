@@ -6,7 +6,7 @@ import torch
 
 import lazyfast
 from lazyfast import reference as R
-from lazyfast import two_layer as TL
+from lazyfast._ops import two_layer as TL
 from lazyfast.models import ACTIVATIONS
 from lazyfast.testing import assert_close_rel
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lazyfast._validation import _functorch_wrapped
+from lazyfast._engine.state import functorch_wrapped as _functorch_wrapped
 
 # Tensor attributes / methods that read metadata only (no values, no view of the storage).
 _META = frozenset({

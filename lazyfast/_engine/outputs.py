@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lazyfast._engine.state import StateGuard
+
 
 class ModelForwardError(ValueError):
     """The model's own forward failed on the inputs (wrong shape, token ids out of range, ...).
@@ -166,3 +168,25 @@ def with_output(model: nn.Module, output_fn) -> nn.Module:
     if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
         model = orig
     return model if output_fn is None else OutputSelect(model, output_fn)
+
+
+def _batch_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n copies of x's first sample (zeros of x's per-sample shape if x is empty)."""
+    s = x[:1] if x.shape[0] else torch.zeros((1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    return s.detach().expand((n,) + tuple(s.shape[1:])).contiguous()
+
+
+def output_dim(model: nn.Module, x: torch.Tensor) -> int:
+    """k, the number of outputs per sample, from a state-preserving forward on one sample
+    (on a zero-sized batch first when x is empty, else on a zero sample)."""
+    with StateGuard(model), torch.no_grad():
+        if x.shape[0]:
+            out = model_output(run_forward(model, x[:1].detach(), shown=x), 1)
+            return max(1, out.numel())
+        try:
+            out = model(x.detach())
+            if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 0:
+                return max(1, math.prod(out.shape[1:]))
+        except Exception:  # noqa: BLE001 - some models refuse empty batches: probe one zero sample
+            pass
+        return max(1, model_output(run_forward(model, _batch_like(x, 1), shown=x), 1).numel())
