@@ -90,7 +90,8 @@ void sym_finalize_cpu(const at::Tensor& out, int64_t i0, int64_t ib, const at::T
 }
 
 // LAZYFAST_DRIVER_WALK=cuda (read per call) makes the CPU backend walk the tiles as the CUDA
-// backend does (in order, CUDA tile sizes and workspace), so the CPU tests cover that walk too.
+// backend does (in order, CUDA tile sizes and the CUDA default workspace), so the CPU tests
+// cover that walk too.
 TwoLayerBackend cpu_backend() {
   TwoLayerBackend be;
   be.activate = &activate_cpu;
@@ -99,7 +100,7 @@ TwoLayerBackend cpu_backend() {
   const char* walk = std::getenv("LAZYFAST_DRIVER_WALK");
   const bool cuda_walk = walk != nullptr && std::strcmp(walk, "cuda") == 0;
   be.parallel_tiles = !cuda_walk;
-  be.workspace_scale = cuda_walk ? 4 : 1;
+  be.default_workspace_bytes = cuda_walk ? kTwoLayerCudaGramWorkspaceBytes : kTwoLayerWorkspaceBytes;
   return be;
 }
 

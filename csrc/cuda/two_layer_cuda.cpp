@@ -59,7 +59,7 @@ TwoLayerBackend cuda_backend() {
   be.combine = &combine_cuda;
   be.sym_finalize = &sym_finalize_cuda;
   be.parallel_tiles = false;  // one stream walks the tiles; the GEMMs are large
-  be.workspace_scale = 4;     // 512 MiB by default
+  be.default_workspace_bytes = kTwoLayerCudaGramWorkspaceBytes;  // 512 MiB unless the knob is set
   return be;
 }
 
