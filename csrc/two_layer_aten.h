@@ -15,37 +15,28 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
+#include "knobs.h"
 #include "lazyfast/activations.h"
 #include "lazyfast/two_layer.h"
 
 namespace lazyfast {
 
 // Workspace (bytes) the drivers may allocate besides their outputs: the value of
-// LAZYFAST_TWO_LAYER_WORKSPACE_BYTES when set (read per call; tests shrink it to force many
-// chunks and row blocks), used as it is by every driver on every device; when unset, the
-// default of the driver: 128 MiB, except the CUDA Gram walk (two_layer_ntk on CUDA, and on the
-// CPU under LAZYFAST_DRIVER_WALK=cuda), 512 MiB for larger cuBLAS tiles
+// LAZYFAST_TWO_LAYER_WORKSPACE_BYTES when set (knobs.h: read once, not per call; tests shrink
+// it to force many chunks and row blocks), used as it is by every driver on every device;
+// when unset, the default of the driver: 128 MiB, except the CUDA Gram walk (two_layer_ntk on
+// CUDA, and on the CPU under LAZYFAST_DRIVER_WALK=cuda), 512 MiB for larger cuBLAS tiles
 // (TwoLayerBackend::default_workspace_bytes).
 constexpr int64_t kTwoLayerWorkspaceBytes = int64_t(128) << 20;
 constexpr int64_t kTwoLayerCudaGramWorkspaceBytes = int64_t(512) << 20;
 
-inline int64_t two_layer_env_int(const char* name, int64_t fallback) {
-  const char* env = std::getenv(name);
-  if (env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return fallback;
-}
-
 inline int64_t two_layer_workspace_bytes(int64_t fallback = kTwoLayerWorkspaceBytes) {
-  return two_layer_env_int("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES", fallback);
+  return knob_or(knobs().two_layer_workspace_bytes, fallback);
 }
 
 // Tensors of one activate step: 2-D with unit column stride; undefined = absent.
@@ -285,7 +276,7 @@ inline at::Tensor two_layer_jvp_aten(ActivateFn activate, const at::Tensor& x_in
 // dB = s R^T Phi, H = (R B) (.) sigma'(Z), dA = s H^T X, dc = s 1^T H.
 // Each m-chunk owns its slices of dA, dc, dB, so on the CPU the chunks run in
 // parallel (single-threaded GEMMs on cache-sized (rows x chunk) blocks, one
-// barrier; LAZYFAST_TL_RB / LAZYFAST_TL_MC override the 4096 x 128 block, for
+// barrier; LAZYFAST_TL_RB / LAZYFAST_TL_MC (knobs.h) override the 4096 x 128 block, for
 // tuning); on CUDA one stream walks large tiles.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
     ActivateFn activate, const at::Tensor& x_in, const at::Tensor& A_in, const std::optional<at::Tensor>& c_in,
@@ -302,9 +293,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
   at::Tensor gA = at::zeros({m, d}, x.options()), gc = at::zeros({m}, x.options()), gB = at::zeros({k, m}, x.options());
   if (n == 0 || m == 0) return {gA, gc, gB};
   const bool cpu = x.is_cpu();
-  const int64_t budget = elem_budget(x);
-  const int64_t rb = cpu ? std::min<int64_t>(n, two_layer_env_int("LAZYFAST_TL_RB", 4096)) : std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
-  const int64_t mc = cpu ? std::min<int64_t>(m, std::max<int64_t>(16, std::min<int64_t>(two_layer_env_int("LAZYFAST_TL_MC", 128), budget / 2 / rb)))
+  const Knobs kn = knobs();  // one snapshot: the workspace and the CPU block overrides
+  const int64_t budget = knob_or(kn.two_layer_workspace_bytes, kTwoLayerWorkspaceBytes) / x.element_size();
+  const int64_t rb = cpu ? std::min<int64_t>(n, knob_or(kn.tl_rb, 4096)) : std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
+  const int64_t mc = cpu ? std::min<int64_t>(m, std::max<int64_t>(16, std::min<int64_t>(knob_or(kn.tl_mc, 128), budget / 2 / rb)))
                          : std::min<int64_t>(m, std::max<int64_t>(64, std::min<int64_t>(4096, budget / 2 / rb)));
   const int64_t nchunks = ceil_div(m, mc);
   const at::Tensor r0 = k == 1 ? r.select(1, 0) : at::Tensor();  // (n,): H = r_i B_j sigma'(z_ij)

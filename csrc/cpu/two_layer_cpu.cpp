@@ -7,11 +7,10 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../checks.h"
+#include "../knobs.h"
 #include "../two_layer_aten.h"
 
 namespace lazyfast {
@@ -89,16 +88,15 @@ void sym_finalize_cpu(const at::Tensor& out, int64_t i0, int64_t ib, const at::T
   });
 }
 
-// LAZYFAST_DRIVER_WALK=cuda (read per call) makes the CPU backend walk the tiles as the CUDA
-// backend does (in order, CUDA tile sizes and the CUDA default workspace), so the CPU tests
-// cover that walk too.
+// LAZYFAST_DRIVER_WALK=cuda (knobs.h: read once, not per call) makes the CPU backend walk the
+// tiles as the CUDA backend does (in order, CUDA tile sizes and the CUDA default workspace), so
+// the CPU tests cover that walk too.
 TwoLayerBackend cpu_backend() {
   TwoLayerBackend be;
   be.activate = &activate_cpu;
   be.combine = &combine_cpu;
   be.sym_finalize = &sym_finalize_cpu;
-  const char* walk = std::getenv("LAZYFAST_DRIVER_WALK");
-  const bool cuda_walk = walk != nullptr && std::strcmp(walk, "cuda") == 0;
+  const bool cuda_walk = knobs().driver_walk_cuda;
   be.parallel_tiles = !cuda_walk;
   be.default_workspace_bytes = cuda_walk ? kTwoLayerCudaGramWorkspaceBytes : kTwoLayerWorkspaceBytes;
   return be;
