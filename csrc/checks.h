@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/ArrayRef.h>
 
@@ -13,6 +14,16 @@
 #define LF_CHECK_FLOAT(t, name)                                                                 \
   TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble,           \
               "lazyfast: ", name, " must be float32 or float64, got ", (t).scalar_type())
+
+// Runs the lambda __VA_ARGS__ with `scalar_t` = the C++ type of t's dtype, float or double
+// (AT_DISPATCH_FLOATING_TYPES). Any other dtype fails first with a clear error naming the
+// argument (`name`); the raw ops check dtypes on entry, so their internal steps never reach
+// it. `what` (a string literal) names the step for the dispatcher's profiling record.
+#define LF_DISPATCH_FLOAT(t, name, what, ...)                              \
+  do {                                                                     \
+    LF_CHECK_FLOAT(t, name);                                               \
+    AT_DISPATCH_FLOATING_TYPES((t).scalar_type(), what, __VA_ARGS__);      \
+  } while (0)
 
 #define LF_CHECK_DIM(t, d, name) \
   TORCH_CHECK((t).dim() == (d), "lazyfast: ", name, " must be ", d, "-D, got shape ", (t).sizes())

@@ -65,11 +65,8 @@ void gram_sym_mirror_host(T* o, int64_t n, int64_t tb) {
 inline void gram_sym_mirror(at::Tensor& out, at::ScalarType dtype) {
   const int64_t n = out.size(0), tb = gram_sym_block(n, dtype);
   if (out.is_cpu()) {
-    if (out.scalar_type() == at::kDouble) {
-      gram_sym_mirror_host<double>(out.data_ptr<double>(), n, tb);
-    } else {
-      gram_sym_mirror_host<float>(out.data_ptr<float>(), n, tb);
-    }
+    LF_DISPATCH_FLOAT(out, "out (symmetric Gram mirror)", "gram_sym_mirror_cpu",
+                      [&] { gram_sym_mirror_host<scalar_t>(out.data_ptr<scalar_t>(), n, tb); });
     return;
   }
   for (int64_t i0 = 0; i0 < n; i0 += tb) {

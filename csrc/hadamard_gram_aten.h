@@ -10,9 +10,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "hadamard_gram_args.h"
+#include "knobs.h"
 #include "lazyfast/hadamard_gram.h"
 
 namespace lazyfast {
@@ -28,20 +28,9 @@ struct HadamardGramBackend {
   int64_t min_panel = 512, max_panel = 1024, max_cols = 8192;
 };
 
-// Positive integer from the environment, else `fallback` (read per call).
-inline int64_t hadamard_env_int(const char* name, int64_t fallback) {
-  const char* env = std::getenv(name);
-  if (env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return fallback;
-}
-
-// LAZYFAST_HADAMARD_PANEL_ROWS / _COLS override the block shape on both devices (tests use
-// them to force many blocks at small n).
-inline int64_t hadamard_panel_rows(const HadamardGramBackend& be, int64_t n1, bool symmetric) {
-  const int64_t forced = hadamard_env_int("LAZYFAST_HADAMARD_PANEL_ROWS", 0);
+// LAZYFAST_HADAMARD_PANEL_ROWS / _COLS (knobs.h: read once, not per call) override the block
+// shape on both devices (tests use them to force many blocks at small n).
+inline int64_t hadamard_panel_rows(const HadamardGramBackend& be, int64_t forced, int64_t n1, bool symmetric) {
   if (forced > 0) return std::min(n1, forced);
   if (!symmetric) return std::min(n1, be.max_panel);
   return std::max<int64_t>(be.min_panel, std::min<int64_t>(be.max_panel, ceil_div(n1, 2)));
@@ -58,8 +47,9 @@ inline at::Tensor hadamard_gram_sum_aten(const HadamardGramBackend& be, at::Tens
   const int64_t n1 = f.n1, n2 = f.n2, k = f.k, kk = k * k;
   const auto& D2 = f.symmetric ? f.d1 : f.d2;
   const auto& H2 = f.symmetric ? f.h1 : f.h2;
-  const int64_t T = hadamard_panel_rows(be, n1, f.symmetric);
-  const int64_t CW = std::min(n2, hadamard_env_int("LAZYFAST_HADAMARD_PANEL_COLS", be.max_cols));
+  const Knobs kn = knobs();
+  const int64_t T = hadamard_panel_rows(be, kn.hadamard_panel_rows, n1, f.symmetric);
+  const int64_t CW = std::min(n2, knob_or(kn.hadamard_panel_cols, be.max_cols));
   at::Tensor gh_buf = at::empty({T * CW}, opts), gd_buf = at::empty({T * CW}, opts);
   for (int64_t i0 = 0; i0 < n1; i0 += T) {
     const int64_t ti = std::min(T, n1 - i0);

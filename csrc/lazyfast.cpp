@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "knobs.h"
 #include "precision.h"
 
 #ifdef LAZYFAST_WITH_CUDA
@@ -31,6 +32,18 @@ int64_t set_matmul_mode(int64_t mode) {
 }
 
 int64_t matmul_mode() { return matmul_mode_flag().load(); }
+
+// The runtime knobs (knobs.h) as {variable: value}; 0 = unset (the op's default applies).
+pybind11::dict knobs_dict(const Knobs& k) {
+  pybind11::dict d;
+  d["LAZYFAST_TWO_LAYER_WORKSPACE_BYTES"] = k.two_layer_workspace_bytes;
+  d["LAZYFAST_TL_RB"] = k.tl_rb;
+  d["LAZYFAST_TL_MC"] = k.tl_mc;
+  d["LAZYFAST_DRIVER_WALK"] = k.driver_walk_cuda ? "cuda" : "cpu";
+  d["LAZYFAST_HADAMARD_PANEL_ROWS"] = k.hadamard_panel_rows;
+  d["LAZYFAST_HADAMARD_PANEL_COLS"] = k.hadamard_panel_cols;
+  return d;
+}
 
 }  // namespace lazyfast
 
@@ -81,4 +94,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     d["cxx_standard"] = static_cast<long>(__cplusplus);
     return d;
   });
+  // The runtime knobs are read from the environment once (knobs.h); these query and re-read them.
+  mod.def("knobs", []() { return lazyfast::knobs_dict(lazyfast::knobs()); },
+          "The LAZYFAST_* runtime knobs the compiled ops use now ({name: value}, 0 = unset).");
+  mod.def("reload_knobs", []() { return lazyfast::knobs_dict(lazyfast::reload_knobs()); },
+          "Re-reads the LAZYFAST_* runtime knobs from the environment; returns the new values.");
 }

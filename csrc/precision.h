@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "lazyfast/shared_flag.h"
+
 namespace lazyfast {
 
 constexpr int64_t kMatmulHighest = 0;
@@ -21,40 +23,46 @@ inline std::atomic<int64_t>& matmul_mode_flag() {
   return mode;
 }
 
-// Sets torch's cuBLAS TF32 switch to what the lazyfast mode asks for, and restores it on
-// scope exit (also when the op throws). Process-wide state, like torch's own switch: ops
-// running concurrently in other threads see it while the guard lives.
+// torch's cuBLAS TF32 switch, read and written by the guards below.
+inline bool cublas_tf32_get() {
+  bool on = false;
+  try {
+    on = at::globalContext().allowTF32CuBLAS();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "lazyfast: cannot read torch's cuBLAS TF32 setting (", e.what_without_backtrace(),
+                "); set torch.backends.cuda.matmul.allow_tf32 (or fp32_precision) consistently");
+  }
+  return on;
+}
+
+inline void cublas_tf32_set(bool on) { at::globalContext().setAllowTF32CuBLAS(on); }
+
+// The one arbiter of that switch among lazyfast ops (lazyfast/shared_flag.h).
+inline SharedFlagState& cublas_tf32_state() {
+  static SharedFlagState state;
+  return state;
+}
+
+// Sets torch's cuBLAS TF32 switch to what the lazyfast mode asks for for the op's duration
+// and restores it afterwards (also when the op throws). Thread-safe among lazyfast ops
+// (lazyfast/shared_flag.h): the first live guard records torch's value and sets the wanted
+// one, concurrent or nested guards wanting the same value share it, a guard wanting the other
+// value (the mode changed meanwhile) waits until the live ones are gone, and the last one
+// restores torch's value. The switch is torch's process-wide state: code outside lazyfast
+// running in other threads meanwhile reads the lazyfast value, and a change it makes is
+// overwritten by the restore (docs/gpu.md, "Precision modes").
 class CudaMatmulPrecisionGuard {
  public:
-  CudaMatmulPrecisionGuard() {
-    auto& ctx = at::globalContext();
-    bool prev = false;
-    try {
-      prev = ctx.allowTF32CuBLAS();
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "lazyfast: cannot read torch's cuBLAS TF32 setting (", e.what_without_backtrace(),
-                  "); set torch.backends.cuda.matmul.allow_tf32 (or fp32_precision) consistently");
-    }
-    const bool want = matmul_mode_flag().load() == kMatmulTF32;
-    if (want != prev) {
-      ctx.setAllowTF32CuBLAS(want);
-      prev_ = prev;
-      changed_ = true;
-    }
-  }
-  ~CudaMatmulPrecisionGuard() {
-    if (!changed_) return;
-    try {
-      at::globalContext().setAllowTF32CuBLAS(prev_);
-    } catch (...) {  // a destructor must not throw; the setter only stores flags
-    }
-  }
+  CudaMatmulPrecisionGuard()
+      : guard_(cublas_tf32_state(), matmul_mode_flag().load() == kMatmulTF32, &cublas_tf32_get, &cublas_tf32_set) {}
   CudaMatmulPrecisionGuard(const CudaMatmulPrecisionGuard&) = delete;
   CudaMatmulPrecisionGuard& operator=(const CudaMatmulPrecisionGuard&) = delete;
 
+  // Whether the op runs with TF32 allowed.
+  bool tf32() const { return guard_.value(); }
+
  private:
-  bool prev_ = false;
-  bool changed_ = false;
+  SharedFlagGuard<void (*)(bool)> guard_;
 };
 
 }  // namespace lazyfast

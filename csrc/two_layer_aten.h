@@ -15,38 +15,28 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
+#include "knobs.h"
 #include "lazyfast/activations.h"
 #include "lazyfast/two_layer.h"
 
 namespace lazyfast {
 
-// Workspace the drivers may allocate besides their outputs (bytes): 128 MiB, or
-// LAZYFAST_TWO_LAYER_WORKSPACE_BYTES (read per call; tests shrink it to force
-// many chunks and row blocks).
+// Workspace (bytes) the drivers may allocate besides their outputs: the value of
+// LAZYFAST_TWO_LAYER_WORKSPACE_BYTES when set (knobs.h: read once, not per call; tests shrink
+// it to force many chunks and row blocks), used as it is by every driver on every device;
+// when unset, the default of the driver: 128 MiB, except the CUDA Gram walk (two_layer_ntk on
+// CUDA, and on the CPU under LAZYFAST_DRIVER_WALK=cuda), 512 MiB for larger cuBLAS tiles
+// (TwoLayerBackend::default_workspace_bytes).
 constexpr int64_t kTwoLayerWorkspaceBytes = int64_t(128) << 20;
+constexpr int64_t kTwoLayerCudaGramWorkspaceBytes = int64_t(512) << 20;
 
-inline int64_t two_layer_env_int(const char* name, int64_t fallback) {
-  const char* env = std::getenv(name);
-  if (env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return fallback;
-}
-
-inline int64_t two_layer_workspace_bytes() {
-  const char* env = std::getenv("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES");
-  if (env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return kTwoLayerWorkspaceBytes;
+inline int64_t two_layer_workspace_bytes(int64_t fallback = kTwoLayerWorkspaceBytes) {
+  return knob_or(knobs().two_layer_workspace_bytes, fallback);
 }
 
 // Tensors of one activate step: 2-D with unit column stride; undefined = absent.
@@ -165,7 +155,10 @@ inline void check_like(const at::Tensor& t, const at::Tensor& A, at::IntArrayRef
 }
 
 // ----------------------------------------------------------------------------- helpers
-inline int64_t elem_budget(const at::Tensor& t) { return two_layer_workspace_bytes() / t.element_size(); }
+// The workspace in elements of t's dtype (`fallback`: the driver's default in bytes).
+inline int64_t elem_budget(const at::Tensor& t, int64_t fallback = kTwoLayerWorkspaceBytes) {
+  return two_layer_workspace_bytes(fallback) / t.element_size();
+}
 
 inline at::Tensor opt_narrow(const std::optional<at::Tensor>& t, int64_t dim, int64_t start, int64_t len) {
   return t.has_value() ? t->narrow(dim, start, len) : at::Tensor();
@@ -283,7 +276,7 @@ inline at::Tensor two_layer_jvp_aten(ActivateFn activate, const at::Tensor& x_in
 // dB = s R^T Phi, H = (R B) (.) sigma'(Z), dA = s H^T X, dc = s 1^T H.
 // Each m-chunk owns its slices of dA, dc, dB, so on the CPU the chunks run in
 // parallel (single-threaded GEMMs on cache-sized (rows x chunk) blocks, one
-// barrier; LAZYFAST_TL_RB / LAZYFAST_TL_MC override the 4096 x 128 block, for
+// barrier; LAZYFAST_TL_RB / LAZYFAST_TL_MC (knobs.h) override the 4096 x 128 block, for
 // tuning); on CUDA one stream walks large tiles.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
     ActivateFn activate, const at::Tensor& x_in, const at::Tensor& A_in, const std::optional<at::Tensor>& c_in,
@@ -300,9 +293,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> two_layer_vjp_aten(
   at::Tensor gA = at::zeros({m, d}, x.options()), gc = at::zeros({m}, x.options()), gB = at::zeros({k, m}, x.options());
   if (n == 0 || m == 0) return {gA, gc, gB};
   const bool cpu = x.is_cpu();
-  const int64_t budget = elem_budget(x);
-  const int64_t rb = cpu ? std::min<int64_t>(n, two_layer_env_int("LAZYFAST_TL_RB", 4096)) : std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
-  const int64_t mc = cpu ? std::min<int64_t>(m, std::max<int64_t>(16, std::min<int64_t>(two_layer_env_int("LAZYFAST_TL_MC", 128), budget / 2 / rb)))
+  const Knobs kn = knobs();  // one snapshot: the workspace and the CPU block overrides
+  const int64_t budget = knob_or(kn.two_layer_workspace_bytes, kTwoLayerWorkspaceBytes) / x.element_size();
+  const int64_t rb = cpu ? std::min<int64_t>(n, knob_or(kn.tl_rb, 4096)) : std::min<int64_t>(n, std::max<int64_t>(256, budget / 2 / 64));
+  const int64_t mc = cpu ? std::min<int64_t>(m, std::max<int64_t>(16, std::min<int64_t>(knob_or(kn.tl_mc, 128), budget / 2 / rb)))
                          : std::min<int64_t>(m, std::max<int64_t>(64, std::min<int64_t>(4096, budget / 2 / rb)));
   const int64_t nchunks = ceil_div(m, mc);
   const at::Tensor r0 = k == 1 ? r.select(1, 0) : at::Tensor();  // (n,): H = r_i B_j sigma'(z_ij)
@@ -377,8 +371,9 @@ struct TwoLayerBackend {
   // barrier per chunk instead of one per GEMM). CUDA: one stream walks the tiles in order,
   // each GEMM large enough for cuBLAS.
   bool parallel_tiles = true;
-  // Workspace multiplier (CUDA: 4 x, larger tiles for the GPU's GEMMs).
-  int64_t workspace_scale = 1;
+  // Workspace of the Gram drivers when LAZYFAST_TWO_LAYER_WORKSPACE_BYTES is unset (a set
+  // value is used as it is): CPU 128 MiB; CUDA 512 MiB, larger tiles for the GPU's GEMMs.
+  int64_t default_workspace_bytes = kTwoLayerWorkspaceBytes;
 };
 
 // fn(begin, end) over [0, n): in parallel (carrying the dispatcher state into the workers) or inline.
@@ -422,7 +417,7 @@ inline void ntk_trace_sym(const TwoLayerBackend& be, const at::Tensor& x, const 
   const int64_t lo = be.parallel_tiles ? 64 : 256, hi = be.parallel_tiles ? 512 : 2048;
   const int64_t tb = std::min<int64_t>(n, std::max<int64_t>(lo, std::min<int64_t>(hi, ((n / 8 + 63) / 64) * 64)));
   const int64_t nt = ceil_div(n, tb);
-  const int64_t mc = two_layer_chunk(m, n, 2, elem_budget(x) * be.workspace_scale, 64, 2048);
+  const int64_t mc = two_layer_chunk(m, n, 2, elem_budget(x, be.default_workspace_bytes), 64, 2048);
   at::Tensor fphi = at::empty({n, mc}, x.options()), fd = at::empty({n, mc}, x.options());
   at::Tensor qdiag = at::zeros({nt, tb, tb}, x.options());
   const std::vector<int64_t> order = balanced_order(nt);
@@ -468,7 +463,7 @@ inline at::Tensor two_layer_ntk_general(const TwoLayerBackend& be, const at::Ten
   if (n1 == 0 || n2 == 0) return out;
   const int64_t npair = full ? k * (k + 1) / 2 : 1;
   const int64_t nacc = full ? npair + 1 : npair;  // + P buffer in full mode
-  const int64_t budget = elem_budget(x1) * be.workspace_scale;
+  const int64_t budget = elem_budget(x1, be.default_workspace_bytes);
   // Half the workspace for the accumulators, half for the chunk features.
   int64_t rb = std::max<int64_t>(16, budget / 2 / (nacc * std::max<int64_t>(n2, 1)));
   if (sym) rb = std::min(rb, std::max<int64_t>(64, ceil_div(n1, 4)));

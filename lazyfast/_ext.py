@@ -152,6 +152,21 @@ def check_op_tensors(op: str, *args) -> None:
                          lambda: f"lazyfast: {op}: {label} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+def knobs() -> dict:
+    """The ``LAZYFAST_*`` runtime knobs the compiled ops use now (docs/knobs.md), as
+    ``{variable: value}`` with 0 for an unset integer knob and ``"cpu"`` / ``"cuda"`` for
+    ``LAZYFAST_DRIVER_WALK``; ``{}`` without the extension. The extension reads them from the
+    environment once, at the first use, not on every call: see :func:`reload_knobs`."""
+    return {} if _C is None else dict(_C.knobs())
+
+
+def reload_knobs() -> dict:
+    """Makes the compiled extension re-read its ``LAZYFAST_*`` runtime knobs from
+    ``os.environ`` (ops started afterwards use them) and returns them as :func:`knobs` does.
+    ``lazyfast.testing.knobs(...)`` sets variables, reloads, and restores both on exit."""
+    return {} if _C is None else dict(_C.reload_knobs())
+
+
 def cuda_version() -> int:
     """CUDA runtime version the extension was compiled against; -1 without CUDA kernels or extension."""
     if _C is None:

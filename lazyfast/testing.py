@@ -1,5 +1,8 @@
-"""Shared test helpers: dtype/device lists and tolerance-aware comparison."""
+"""Shared test helpers: dtype/device lists, tolerance-aware comparison and the runtime knobs."""
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -34,3 +37,33 @@ def assert_close_rel(a, b, dtype=None, rtol=None, what=""):
     rtol = rtol if rtol is not None else RTOL[dtype or b.dtype]
     err = rel_err(a, b)
     assert err <= rtol, f"{what} relative error {err:.3e} > {rtol:.1e}"
+
+
+@contextlib.contextmanager
+def knobs(**env):
+    """Runs a block with the ``LAZYFAST_*`` runtime knobs ``env`` (docs/knobs.md), e.g.
+    ``with knobs(LAZYFAST_TWO_LAYER_WORKSPACE_BYTES="65536"): ...``.
+
+    Sets each variable (``str(value)``; ``None`` unsets it) and makes the compiled extension
+    re-read them (it reads them once, not on every call: ``_ext.reload_knobs()``); on exit,
+    also on an exception, restores the previous environment and reloads again. Yields the
+    knobs now in effect (``_ext.knobs()``).
+    """
+    for name in env:
+        if not name.startswith("LAZYFAST_"):
+            raise ValueError(f"knobs: {name!r} is not a LAZYFAST_* variable")
+    saved = {name: os.environ.get(name) for name in env}
+
+    def put(values):
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = str(value)
+
+    try:
+        put(env)
+        yield _ext.reload_knobs()
+    finally:
+        put(saved)
+        _ext.reload_knobs()

@@ -12,7 +12,7 @@ from lazyfast import reference as R
 from lazyfast._ops import two_layer as TL
 from lazyfast._engine.two_layer import model_ntk
 from lazyfast.models import ACTIVATIONS
-from lazyfast.testing import RTOL, assert_close_rel
+from lazyfast.testing import RTOL, assert_close_rel, knobs
 from two_layer_cases import inputs, make_model, tangents, upcast, weights
 
 pytestmark = pytest.mark.skipif(lazyfast._ext._C is None, reason="lazyfast._C not built")
@@ -68,15 +68,15 @@ def test_ntk_odd_sizes(n, m, activation):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["trace", "full"])
 @pytest.mark.parametrize("same", [False, True])
-def test_ntk_many_chunks_and_blocks(monkeypatch, dtype, mode, same):
+def test_ntk_many_chunks_and_blocks(dtype, mode, same):
     # A 64 KiB workspace forces row blocks of ~30 rows and 64-neuron chunks.
-    monkeypatch.setenv("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES", "65536")
-    model = make_model(4, 1000, 3, "gelu", bias=True, dtype=dtype)
-    A, c, B = weights(model)
-    x1, x2 = inputs(129, 4, dtype), inputs(70, 4, dtype, seed=9)
-    xx2 = None if same else x2
-    out = TL.two_layer_ntk(x1, xx2, A=A, B=B, c=c, scale=model.scale, activation="gelu", mode=mode)
-    assert_close_rel(out, _dense_ntk(x1, xx2, A, c, B, model.scale, "gelu", mode), dtype)
+    with knobs(LAZYFAST_TWO_LAYER_WORKSPACE_BYTES="65536"):
+        model = make_model(4, 1000, 3, "gelu", bias=True, dtype=dtype)
+        A, c, B = weights(model)
+        x1, x2 = inputs(129, 4, dtype), inputs(70, 4, dtype, seed=9)
+        xx2 = None if same else x2
+        out = TL.two_layer_ntk(x1, xx2, A=A, B=B, c=c, scale=model.scale, activation="gelu", mode=mode)
+        assert_close_rel(out, _dense_ntk(x1, xx2, A, c, B, model.scale, "gelu", mode), dtype)
 
 
 def test_ntk_symmetric_output_is_symmetric():
@@ -185,28 +185,28 @@ def test_jvp_tangent_subsets(k, which):
 
 @pytest.mark.parametrize("n", [1, 7, 129])
 @pytest.mark.parametrize("m", [1, 33, 1000])
-def test_products_odd_sizes_and_small_workspace(monkeypatch, n, m):
-    monkeypatch.setenv("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES", "65536")
-    model = make_model(6, m, 3, "gelu", bias=True)
-    A, c, B = weights(model)
-    w = dict(A=A, B=B, c=c, scale=model.scale, activation="gelu")
-    x = inputs(n, 6)
-    dA, dc, dB = tangents(5, m, 6, 3)
-    assert_close_rel(TL.two_layer_jvp(x, dA=dA, dc=dc, dB=dB, **w),
-                     R.two_layer_jvp_dense(x, A, c, B, model.scale, "gelu", dA, dc, dB), torch.float64)
-    r = inputs(n, 3, seed=2)
-    for got, want in zip(TL.two_layer_vjp(x, r, **w), R.two_layer_vjp_dense(x, A, c, B, model.scale, "gelu", r)):
-        assert_close_rel(got, want, torch.float64)
-    x2 = inputs(n + 3, 6, seed=3)
-    v = inputs(n + 3, 3, seed=4)
-    assert_close_rel(TL.two_layer_ntk_vp(x, v, x2, **w),
-                     R.two_layer_ntk_vp_dense(x, x2, A, c, B, model.scale, "gelu", v), torch.float64)
-    # k = 1 takes the other JVP formulation.
-    model1 = make_model(6, m, 1, "relu")
-    A1, c1, B1 = weights(model1)
-    dB1 = dB[:, :1]
-    assert_close_rel(TL.two_layer_jvp(x, A=A1, B=B1, scale=0.7, dA=dA, dB=dB1),
-                     R.two_layer_jvp_dense(x, A1, None, B1, 0.7, "relu", dA, None, dB1), torch.float64)
+def test_products_odd_sizes_and_small_workspace(n, m):
+    with knobs(LAZYFAST_TWO_LAYER_WORKSPACE_BYTES="65536"):
+        model = make_model(6, m, 3, "gelu", bias=True)
+        A, c, B = weights(model)
+        w = dict(A=A, B=B, c=c, scale=model.scale, activation="gelu")
+        x = inputs(n, 6)
+        dA, dc, dB = tangents(5, m, 6, 3)
+        assert_close_rel(TL.two_layer_jvp(x, dA=dA, dc=dc, dB=dB, **w),
+                         R.two_layer_jvp_dense(x, A, c, B, model.scale, "gelu", dA, dc, dB), torch.float64)
+        r = inputs(n, 3, seed=2)
+        for got, want in zip(TL.two_layer_vjp(x, r, **w), R.two_layer_vjp_dense(x, A, c, B, model.scale, "gelu", r)):
+            assert_close_rel(got, want, torch.float64)
+        x2 = inputs(n + 3, 6, seed=3)
+        v = inputs(n + 3, 3, seed=4)
+        assert_close_rel(TL.two_layer_ntk_vp(x, v, x2, **w),
+                         R.two_layer_ntk_vp_dense(x, x2, A, c, B, model.scale, "gelu", v), torch.float64)
+        # k = 1 takes the other JVP formulation.
+        model1 = make_model(6, m, 1, "relu")
+        A1, c1, B1 = weights(model1)
+        dB1 = dB[:, :1]
+        assert_close_rel(TL.two_layer_jvp(x, A=A1, B=B1, scale=0.7, dA=dA, dB=dB1),
+                         R.two_layer_jvp_dense(x, A1, None, B1, 0.7, "relu", dA, None, dB1), torch.float64)
 
 
 def test_products_noncontiguous_and_empty():

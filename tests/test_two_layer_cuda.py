@@ -12,7 +12,7 @@ from lazyfast import reference as R
 from lazyfast._ops import two_layer as TL
 from lazyfast._engine.two_layer import model_ntk
 from lazyfast.models import ACTIVATIONS
-from lazyfast.testing import assert_close_rel, rel_err
+from lazyfast.testing import assert_close_rel, knobs, rel_err
 from two_layer_cases import inputs, make_model, tangents, upcast, weights
 
 pytestmark = [
@@ -64,23 +64,23 @@ def test_cuda_ntk_matches_reference(dtype, activation, bias, k, mode, same):
 @pytest.mark.parametrize("n", [1, 7, 129])
 @pytest.mark.parametrize("m", [1, 33, 1000])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_ntk_odd_sizes_many_chunks(monkeypatch, n, m, dtype):
-    monkeypatch.setenv("LAZYFAST_TWO_LAYER_WORKSPACE_BYTES", "65536")  # 64-neuron chunks
-    model = make_model(7, m, 2, "gelu", bias=True)
-    A, c, B = _cuda(*weights(model), dtype=dtype)
-    x1, x2 = _cuda(inputs(n, 7), inputs(n + 130, 7, seed=2), dtype=dtype)
-    for mode in ("trace", "full"):
-        for xx2 in (None, x2):
-            out = TL.two_layer_ntk(x1, xx2, A=A, B=B, c=c, scale=model.scale, activation="gelu", mode=mode)
-            ref = _ref_ntk(x1, xx2, A, c, B, model.scale, "gelu", mode)
-            rtol = None
-            if dtype == torch.float32:
-                # With m = 1 the kernel has a single term per entry and cancellation in x1.x2 + 1:
-                # allow twice PyTorch's own float32 error on the same numbers (flash-attention's rule).
-                own = R.two_layer_ntk_dense(*(None if t is None else t.cpu() for t in (x1, xx2, A, c, B)),
-                                            model.scale, "gelu", mode)
-                rtol = max(1e-5, 2 * rel_err(own, ref))
-            assert_close_rel(out.cpu(), ref, dtype, rtol=rtol)
+def test_cuda_ntk_odd_sizes_many_chunks(n, m, dtype):
+    with knobs(LAZYFAST_TWO_LAYER_WORKSPACE_BYTES="65536"):  # 64-neuron chunks
+        model = make_model(7, m, 2, "gelu", bias=True)
+        A, c, B = _cuda(*weights(model), dtype=dtype)
+        x1, x2 = _cuda(inputs(n, 7), inputs(n + 130, 7, seed=2), dtype=dtype)
+        for mode in ("trace", "full"):
+            for xx2 in (None, x2):
+                out = TL.two_layer_ntk(x1, xx2, A=A, B=B, c=c, scale=model.scale, activation="gelu", mode=mode)
+                ref = _ref_ntk(x1, xx2, A, c, B, model.scale, "gelu", mode)
+                rtol = None
+                if dtype == torch.float32:
+                    # With m = 1 the kernel has a single term per entry and cancellation in x1.x2 + 1:
+                    # allow twice PyTorch's own float32 error on the same numbers (flash-attention's rule).
+                    own = R.two_layer_ntk_dense(*(None if t is None else t.cpu() for t in (x1, xx2, A, c, B)),
+                                                model.scale, "gelu", mode)
+                    rtol = max(1e-5, 2 * rel_err(own, ref))
+                assert_close_rel(out.cpu(), ref, dtype, rtol=rtol)
 
 
 def test_cuda_ntk_agrees_with_cpu_op_and_oracle():

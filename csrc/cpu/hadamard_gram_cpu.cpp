@@ -30,11 +30,8 @@ void accumulate_typed(at::Tensor& out, int64_t offset, int64_t n2, int64_t kk, c
 
 void accumulate_cpu(at::Tensor& out, int64_t offset, int64_t n2, int64_t kk, const at::Tensor& gd,
                     const at::Tensor& gh, int64_t ti, int64_t tj, double gamma, double beta, double scale) {
-  if (out.scalar_type() == at::kDouble) {
-    accumulate_typed<double>(out, offset, n2, kk, gd, gh, ti, tj, gamma, beta, scale);
-  } else {
-    accumulate_typed<float>(out, offset, n2, kk, gd, gh, ti, tj, gamma, beta, scale);
-  }
+  LF_DISPATCH_FLOAT(out, "out (Hadamard accumulate)", "hadamard_accumulate_cpu",
+                    [&] { accumulate_typed<scalar_t>(out, offset, n2, kk, gd, gh, ti, tj, gamma, beta, scale); });
 }
 
 template <typename scalar_t>
@@ -49,11 +46,7 @@ void mirror_typed(at::Tensor& out, int64_t n, int64_t k) {
 }
 
 void mirror_cpu(at::Tensor& out, int64_t n, int64_t k) {
-  if (out.scalar_type() == at::kDouble) {
-    mirror_typed<double>(out, n, k);
-  } else {
-    mirror_typed<float>(out, n, k);
-  }
+  LF_DISPATCH_FLOAT(out, "out (Hadamard mirror)", "hadamard_mirror_cpu", [&] { mirror_typed<scalar_t>(out, n, k); });
 }
 
 // d1[l]: (k, n1, w_l), h1[l]: (n1, v_l), d2/h2 likewise or empty -> (n1, n2) | (n1, n2, k, k)

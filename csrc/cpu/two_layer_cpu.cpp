@@ -7,11 +7,10 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../checks.h"
+#include "../knobs.h"
 #include "../two_layer_aten.h"
 
 namespace lazyfast {
@@ -48,11 +47,8 @@ void activate_cpu_dtype(int64_t act, const ActivateArgs& args) {
 
 void activate_cpu(int64_t act, const ActivateArgs& args) {
   TORCH_CHECK(args.z.device().is_cpu(), "lazyfast: two-layer CPU kernel got a tensor on ", args.z.device());
-  if (args.z.scalar_type() == at::kDouble) {
-    activate_cpu_dtype<double>(act, args);
-  } else {
-    activate_cpu_dtype<float>(act, args);
-  }
+  LF_DISPATCH_FLOAT(args.z, "z (activate step)", "two_layer_activate_cpu",
+                    [&] { activate_cpu_dtype<scalar_t>(act, args); });
 }
 
 // ----------------------------------------------------------------------------- Gram epilogues
@@ -81,33 +77,28 @@ void combine_cpu_typed(const GramCombineParams<T>& c) {
 
 void combine_cpu(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p, const at::Tensor& g,
                  const at::Tensor& q, bool bias, double s2) {
-  if (out.scalar_type() == at::kDouble) {
-    combine_cpu_typed<double>(combine_params<double>(out, out2, p, g, q, bias, s2));
-  } else {
-    combine_cpu_typed<float>(combine_params<float>(out, out2, p, g, q, bias, s2));
-  }
+  LF_DISPATCH_FLOAT(out, "out (Gram epilogue)", "two_layer_combine_cpu",
+                    [&] { combine_cpu_typed<scalar_t>(combine_params<scalar_t>(out, out2, p, g, q, bias, s2)); });
 }
 
 void sym_finalize_cpu(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g, const at::Tensor& qd,
                       bool bias, double s2) {
-  if (out.scalar_type() == at::kDouble) {
-    sym_trace_finalize_host<double>(sym_finalize_params<double>(out, i0, ib, g, qd, bias, s2));
-  } else {
-    sym_trace_finalize_host<float>(sym_finalize_params<float>(out, i0, ib, g, qd, bias, s2));
-  }
+  LF_DISPATCH_FLOAT(out, "out (symmetric trace finalize)", "two_layer_sym_finalize_cpu", [&] {
+    sym_trace_finalize_host<scalar_t>(sym_finalize_params<scalar_t>(out, i0, ib, g, qd, bias, s2));
+  });
 }
 
-// LAZYFAST_DRIVER_WALK=cuda (read per call) makes the CPU backend walk the tiles as the CUDA
-// backend does (in order, CUDA tile sizes and workspace), so the CPU tests cover that walk too.
+// LAZYFAST_DRIVER_WALK=cuda (knobs.h: read once, not per call) makes the CPU backend walk the
+// tiles as the CUDA backend does (in order, CUDA tile sizes and the CUDA default workspace), so
+// the CPU tests cover that walk too.
 TwoLayerBackend cpu_backend() {
   TwoLayerBackend be;
   be.activate = &activate_cpu;
   be.combine = &combine_cpu;
   be.sym_finalize = &sym_finalize_cpu;
-  const char* walk = std::getenv("LAZYFAST_DRIVER_WALK");
-  const bool cuda_walk = walk != nullptr && std::strcmp(walk, "cuda") == 0;
+  const bool cuda_walk = knobs().driver_walk_cuda;
   be.parallel_tiles = !cuda_walk;
-  be.workspace_scale = cuda_walk ? 4 : 1;
+  be.default_workspace_bytes = cuda_walk ? kTwoLayerCudaGramWorkspaceBytes : kTwoLayerWorkspaceBytes;
   return be;
 }
 

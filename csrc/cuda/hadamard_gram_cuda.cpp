@@ -38,19 +38,15 @@ void accumulate_cuda_typed(at::Tensor& out, int64_t offset, int64_t n2, int64_t 
 
 void accumulate_cuda(at::Tensor& out, int64_t offset, int64_t n2, int64_t kk, const at::Tensor& gd,
                      const at::Tensor& gh, int64_t ti, int64_t tj, double gamma, double beta, double scale) {
-  if (out.scalar_type() == at::kDouble) {
-    accumulate_cuda_typed<double>(out, offset, n2, kk, gd, gh, ti, tj, gamma, beta, scale);
-  } else {
-    accumulate_cuda_typed<float>(out, offset, n2, kk, gd, gh, ti, tj, gamma, beta, scale);
-  }
+  LF_DISPATCH_FLOAT(out, "out (Hadamard accumulate)", "hadamard_accumulate_cuda", [&] {
+    accumulate_cuda_typed<scalar_t>(out, offset, n2, kk, gd, gh, ti, tj, gamma, beta, scale);
+  });
 }
 
 void mirror_cuda(at::Tensor& out, int64_t n, int64_t k) {
-  if (out.scalar_type() == at::kDouble) {
-    LF_CUDA_CHECK(cuda::hadamard_mirror<double>(out.data_ptr<double>(), n, k, current_stream()));
-  } else {
-    LF_CUDA_CHECK(cuda::hadamard_mirror<float>(out.data_ptr<float>(), n, k, current_stream()));
-  }
+  LF_DISPATCH_FLOAT(out, "out (Hadamard mirror)", "hadamard_mirror_cuda", [&] {
+    LF_CUDA_CHECK(cuda::hadamard_mirror<scalar_t>(out.data_ptr<scalar_t>(), n, k, current_stream()));
+  });
 }
 
 // d1[l]: (k, n1, w_l), h1[l]: (n1, v_l), d2/h2 likewise or empty -> (n1, n2) | (n1, n2, k, k)

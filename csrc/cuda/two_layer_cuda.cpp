@@ -25,11 +25,8 @@ void activate_cuda_typed(int64_t act, const ActivateArgs& args) {
 
 void activate_cuda(int64_t act, const ActivateArgs& args) {
   TORCH_CHECK(args.z.is_cuda(), "lazyfast: two-layer CUDA kernel got a tensor on ", args.z.device());
-  if (args.z.scalar_type() == at::kDouble) {
-    activate_cuda_typed<double>(act, args);
-  } else {
-    activate_cuda_typed<float>(act, args);
-  }
+  LF_DISPATCH_FLOAT(args.z, "z (activate step)", "two_layer_activate_cuda",
+                    [&] { activate_cuda_typed<scalar_t>(act, args); });
 }
 
 template <typename T>
@@ -40,11 +37,8 @@ void combine_cuda_typed(const at::Tensor& out, const at::Tensor& out2, const at:
 
 void combine_cuda(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& p, const at::Tensor& g,
                   const at::Tensor& q, bool bias, double s2) {
-  if (out.scalar_type() == at::kDouble) {
-    combine_cuda_typed<double>(out, out2, p, g, q, bias, s2);
-  } else {
-    combine_cuda_typed<float>(out, out2, p, g, q, bias, s2);
-  }
+  LF_DISPATCH_FLOAT(out, "out (Gram epilogue)", "two_layer_combine_cuda",
+                    [&] { combine_cuda_typed<scalar_t>(out, out2, p, g, q, bias, s2); });
 }
 
 template <typename T>
@@ -55,11 +49,8 @@ void sym_finalize_cuda_typed(const at::Tensor& out, int64_t i0, int64_t ib, cons
 
 void sym_finalize_cuda(const at::Tensor& out, int64_t i0, int64_t ib, const at::Tensor& g, const at::Tensor& qd,
                        bool bias, double s2) {
-  if (out.scalar_type() == at::kDouble) {
-    sym_finalize_cuda_typed<double>(out, i0, ib, g, qd, bias, s2);
-  } else {
-    sym_finalize_cuda_typed<float>(out, i0, ib, g, qd, bias, s2);
-  }
+  LF_DISPATCH_FLOAT(out, "out (symmetric trace finalize)", "two_layer_sym_finalize_cuda",
+                    [&] { sym_finalize_cuda_typed<scalar_t>(out, i0, ib, g, qd, bias, s2); });
 }
 
 TwoLayerBackend cuda_backend() {
@@ -68,7 +59,7 @@ TwoLayerBackend cuda_backend() {
   be.combine = &combine_cuda;
   be.sym_finalize = &sym_finalize_cuda;
   be.parallel_tiles = false;  // one stream walks the tiles; the GEMMs are large
-  be.workspace_scale = 4;     // 512 MiB by default
+  be.default_workspace_bytes = kTwoLayerCudaGramWorkspaceBytes;  // 512 MiB unless the knob is set
   return be;
 }
 
