@@ -69,6 +69,43 @@ def test_per_architecture_grids_keep_vgg_keys_and_give_resnet_its_own():
     assert {k for k, _ in cs.run_keys(vgg)} <= stored
 
 
+# Every preset's fingerprint and a digest of its run keys (key and run spec, in order). A change to
+# either renames runs: the committed run store would no longer be found (or, worse, reused for other
+# runs). The cpu presets' fingerprint is also read from the committed store and results below.
+PINNED_NAMES = {
+    "quick": ("8734b53b608c", "41d3664c283ada14"),
+    "cpu": ("c1600317c8ad", "0eb416dbcf3acee5"),
+    "cpu-vgg": ("c1600317c8ad", "da758aa344c279c6"),
+    "cpu-resnet": ("c1600317c8ad", "f0f3324b80f3b1aa"),
+    "gpu": ("1e99a16a87d7", "f2b65f3ac50feef5"),
+    "paper": ("41b810dcee78", "052f1b73c4b8ff04"),
+}
+
+
+def test_fingerprints_and_run_keys_are_those_of_the_committed_runs():
+    import hashlib
+
+    runs_dir = os.path.join(ROOT, "docs", "figures", "cnn-sweep-runs")
+    stored = set()
+    for f in os.listdir(runs_dir):
+        with open(os.path.join(runs_dir, f)) as fh:
+            stored |= {json.loads(line)["key"] for line in fh if line.strip()}
+    (store_fp,) = {k.split("/")[1] for k in stored}  # one fingerprint in the committed store
+    with open(os.path.join(ROOT, "docs", "figures", "cnn-sweep.json")) as fh:
+        committed = json.load(fh)
+    assert committed["preset"] == "cpu"
+    assert cs.fingerprint(cs.Config(**committed["config"])) == store_fp
+    assert set(PINNED_NAMES) == set(cs.PRESETS)
+    for preset in cs.PRESETS:
+        cfg = cs.make_config(preset)
+        keys = cs.run_keys(cfg)
+        digest = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:16]
+        assert (cs.fingerprint(cfg), digest) == PINNED_NAMES[preset], preset
+        if preset.startswith("cpu"):
+            assert cs.fingerprint(cfg) == store_fp
+            assert {k for k, _ in keys} <= stored  # every run of the cpu presets is committed
+
+
 def test_gpu_preset_and_its_committed_sizing():
     cfg = cs.make_config("gpu")
     assert cfg.device == "cuda" and cfg.data == "cifar10" and cfg.divisors == [1, 1]
