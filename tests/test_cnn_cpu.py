@@ -207,14 +207,68 @@ def test_pattern_forward_is_the_network_and_the_surrogate_at_init(arch):
     assert not torch.allclose(gated, out)
 
 
-def test_narrow_resnet_is_resnet18_with_divided_widths():
-    from lazyfast.models import resnet18
+# sha256 (first 16 hex digits) of initial_network(cpu preset, arch i, seed 1) state dicts, recorded
+# before NarrowResNet18 was replaced by lazyfast.resnet18(divisor=)
+INITIAL_DIGESTS = ("33c6c5d7a65b4833", "35427fd185d538ef")
 
-    full = [p.shape for p in resnet18(10, 1).parameters()]
-    narrow = [p.shape for p in cs.NarrowResNet18(10, 1, 4, 1.0).parameters()]
-    assert len(full) == len(narrow)
-    for a, b in zip(full, narrow):
-        assert a[:1] == torch.Size([b[0] * 4]) or a[0] == b[0] == 10  # out channels ÷4 (classifier: 10)
+
+class _OldNarrowResNet18(torch.nn.Module):
+    """Frozen copy of the sweep's former ``NarrowResNet18`` (lazyfast/experiments/cnn_sweep.py before it
+    used ``lazyfast.resnet18(..., divisor=)``): the reference that the committed runs were made with."""
+
+    def __init__(self, num_classes, in_channels, divisor, gain):
+        super().__init__()
+        from lazyfast.models import _BasicBlock, _xavier_init
+
+        w = 64 // divisor
+        self.conv1 = torch.nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        blocks, cin = [], w
+        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            for j in range(2):
+                blocks.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.classifier = torch.nn.Linear(cin, num_classes)
+        _xavier_init(self, gain)
+
+    def forward(self, x):
+        out = self.blocks(torch.relu(self.conv1(x)))
+        return self.classifier(torch.nn.functional.avg_pool2d(out, 4).flatten(1))
+
+
+@pytest.mark.parametrize("divisor, gain, seed", [(8, 1.0, 1017), (16, 1.3, 0), (4, 1.0, 2001)])
+def test_narrow_resnet_is_bitwise_the_former_narrow_resnet(divisor, gain, seed):
+    """The sweep's ResNet-18 (lazyfast.resnet18 with ``divisor``) has the former NarrowResNet18's
+    modules, parameter names and shapes, and for the same seed the same parameters and outputs, to
+    the bit (seed 1017: w0 of the cpu preset's ResNet-18, seed 1)."""
+    torch.manual_seed(seed)
+    old = _OldNarrowResNet18(10, 1, divisor, gain)
+    torch.manual_seed(seed)
+    new = cs.make_model("resnet18", 1, 10, divisor=divisor, gain=gain)
+    assert [n for n, _ in new.named_modules()] == [n for n, _ in old.named_modules()]
+    assert [type(m) for _, m in new.named_modules()][1:] == [type(m) for _, m in old.named_modules()][1:]
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    assert list(sd_new) == list(sd_old)
+    for name in sd_old:
+        assert sd_new[name].shape == sd_old[name].shape and torch.equal(sd_new[name], sd_old[name]), name
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert torch.equal(new(x), old(x))
+        assert torch.equal(cs.pattern_forward(new, x)[0], cs.pattern_forward(old, x)[0])
+
+
+def test_initial_networks_of_the_cpu_preset_are_unchanged():
+    """w0 of the committed cpu runs, seed 1 of each architecture, pinned by a digest of its state dict."""
+    import hashlib
+
+    cfg = cs.make_config("cpu")
+    for ai, pinned in enumerate(INITIAL_DIGESTS):
+        net = cs.initial_network(cfg, ai, 1, 1, torch.float32, torch.device("cpu"))
+        h = hashlib.sha256()
+        for name, t in net.state_dict().items():
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        assert h.hexdigest()[:16] == pinned, cfg.archs[ai]
 
 
 def test_vgg_surrogate_matches_lazyfast_frozen_pattern_net():

@@ -277,30 +277,6 @@ def make_config(preset: str = "cpu", **overrides) -> Config:
 
 
 # ----------------------------------------------------------------------------- models
-class NarrowResNet18(nn.Module):
-    """``lazyfast.resnet18`` (BN-free BasicBlocks [2, 2, 2, 2], average pool 4, linear classifier) with
-    every width divided by ``divisor`` (64/divisor channels in the first stage)."""
-
-    def __init__(self, num_classes: int, in_channels: int, divisor: int, gain: float):
-        super().__init__()
-        from lazyfast.models import _BasicBlock, _xavier_init
-
-        w = 64 // divisor
-        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
-        blocks, cin = [], w
-        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
-            for j in range(2):
-                blocks.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(cin, num_classes)
-        _xavier_init(self, gain)
-
-    def forward(self, x):
-        out = self.blocks(torch.relu(self.conv1(x)))
-        return self.classifier(F.avg_pool2d(out, 4).flatten(1))
-
-
 def make_model(arch: str, in_channels: int, num_classes: int = 10, *, divisor: int = 1, gain: float = 1.0):
     """VGG-11 / ResNet-18 (BN-free, as the authors'), full width (``lazyfast.vgg11`` / ``lazyfast.resnet18``)
     for ``divisor`` 1, else with every width divided by ``divisor``."""
@@ -309,11 +285,9 @@ def make_model(arch: str, in_channels: int, num_classes: int = 10, *, divisor: i
 
         return make_vgg11(in_channels, num_classes, divisor=divisor, gain=gain)
     if arch == "resnet18":
-        if divisor == 1:
-            from lazyfast.models import resnet18
+        from lazyfast.models import resnet18
 
-            return resnet18(num_classes, in_channels, 1, gain)
-        return NarrowResNet18(num_classes, in_channels, divisor, gain)
+        return resnet18(num_classes, in_channels, 1, gain, divisor=divisor)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
