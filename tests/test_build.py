@@ -94,6 +94,18 @@ def test_version_is_single_sourced():
     assert '\nversion = "' not in pyproject  # no literal version besides lazyfast/_version.py
 
 
+def test_every_package_directory_is_packaged():
+    """pyproject.toml lists its packages by hand: a new subpackage missing there is left out of the wheel."""
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        listed = set(re.search(r'^packages = \[(.*)\]$', f.read(), re.M).group(1).replace('"', "").replace(" ", "")
+                     .split(","))
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "lazyfast"))
+             if "__init__.py" in files and "__pycache__" not in d}
+    assert found <= listed, sorted(found - listed)
+
+
 def test_version_mismatch_message():
     msg = _ext.version_mismatch("2.12.0+cpu", "2.13.0+cu130")
     assert "2.12.0+cpu" in msg and "2.13.0+cu130" in msg and "--no-build-isolation" in msg

@@ -1,4 +1,4 @@
-"""The CNN sweep (lazyfast/experiments/cnn_sweep.py): its presets validate, bad configs fail clearly,
+"""The CNN sweep (lazyfast/experiments/cnn_sweep/): its presets validate, bad configs fail clearly,
 the models' pattern forward is the network, the criterion is computed right, a killed sweep resumes
 without losing or redoing a run, and a 2-epoch miniature of the `cpu` preset runs end to end
 (verdict, figure, table rows). Synthetic images only: no dataset needed."""
