@@ -1,6 +1,7 @@
 """The compiled extension: what is built, how it loads, and the fallback."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,8 +97,6 @@ def test_version_is_single_sourced():
 
 def test_every_package_directory_is_packaged():
     """pyproject.toml lists its packages by hand: a new subpackage missing there is left out of the wheel."""
-    import re
-
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
         listed = set(re.search(r'^packages = \[(.*)\]$', f.read(), re.M).group(1).replace('"', "").replace(" ", "")
                      .split(","))

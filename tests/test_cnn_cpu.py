@@ -2,6 +2,7 @@
 the models' pattern forward is the network, the criterion is computed right, a killed sweep resumes
 without losing or redoing a run, and a 2-epoch miniature of the `cpu` preset runs end to end
 (verdict, figure, table rows). Synthetic images only: no dataset needed."""
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lazyfast.experiments import EXPERIMENTS, cnn_sweep as cs
+from lazyfast.models import _BasicBlock, _xavier_init  # for the frozen copy of NarrowResNet18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("seconds", "train_seconds")
@@ -83,8 +85,6 @@ PINNED_NAMES = {
 
 
 def test_fingerprints_and_run_keys_are_those_of_the_committed_runs():
-    import hashlib
-
     runs_dir = os.path.join(ROOT, "docs", "figures", "cnn-sweep-runs")
     stored = set()
     for f in os.listdir(runs_dir):
@@ -218,8 +218,6 @@ class _OldNarrowResNet18(torch.nn.Module):
 
     def __init__(self, num_classes, in_channels, divisor, gain):
         super().__init__()
-        from lazyfast.models import _BasicBlock, _xavier_init
-
         w = 64 // divisor
         self.conv1 = torch.nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
         blocks, cin = [], w
@@ -259,8 +257,6 @@ def test_narrow_resnet_is_bitwise_the_former_narrow_resnet(divisor, gain, seed):
 
 def test_initial_networks_of_the_cpu_preset_are_unchanged():
     """w0 of the committed cpu runs, seed 1 of each architecture, pinned by a digest of its state dict."""
-    import hashlib
-
     cfg = cs.make_config("cpu")
     for ai, pinned in enumerate(INITIAL_DIGESTS):
         net = cs.initial_network(cfg, ai, 1, 1, torch.float32, torch.device("cpu"))
