@@ -264,15 +264,22 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """BN-free ResNet-18 for 32×32 inputs (BasicBlocks, [2, 2, 2, 2], average pool 4)."""
+    """BN-free ResNet-18 for 32×32 inputs (BasicBlocks, [2, 2, 2, 2], average pool 4).
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1, gain: float = 1.0):
+    The first stage has ``64 * width // divisor`` channels and each later stage doubles it;
+    ``divisor`` (default 1) narrows every layer and must divide ``64 * width``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 1, gain: float = 1.0, *,
+                 divisor: int = 1):
         super().__init__()
         _check_pos_int(num_classes, "num_classes")
         _check_pos_int(in_channels, "in_channels")
         _check_pos_int(width, "width")
+        _check_pos_int(divisor, "divisor")
         check_float(gain, "gain", positive=True)
-        w = 64 * width
+        if (64 * width) % divisor:
+            raise ValueError(f"divisor must divide 64 * width = {64 * width}, got {divisor!r}")
+        w = 64 * width // divisor
         self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
         blocks, cin = [], w
         for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
@@ -291,6 +298,7 @@ class ResNet18(nn.Module):
         return self.classifier(out)
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 1, gain: float = 1.0) -> ResNet18:
-    """BN-free ResNet-18 (as in the authors' code)."""
-    return ResNet18(num_classes, in_channels, width, gain)
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 1, gain: float = 1.0, *,
+             divisor: int = 1) -> ResNet18:
+    """BN-free ResNet-18 (as in the authors' code); ``divisor`` > 1 divides every width by it."""
+    return ResNet18(num_classes, in_channels, width, gain, divisor=divisor)

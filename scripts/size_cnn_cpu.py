@@ -1,4 +1,4 @@
-"""Sizes the `cpu` preset of the CNN sweep (lazyfast/experiments/cnn_sweep.py) by measurement.
+"""Sizes the `cpu` preset of the CNN sweep (lazyfast/experiments/cnn_sweep/config.py) by measurement.
 
 1. Times, with ONE torch thread, one training step (batch 128) of each candidate network in float32
    and float64, one step of its true linearized model, and the per-image cost of the evaluations,

@@ -1,4 +1,4 @@
-"""Sizes the `gpu` preset of the CNN sweep (lazyfast/experiments/cnn_sweep.py): runs, steps, FLOPs and time.
+"""Sizes the `gpu` preset of the CNN sweep (lazyfast/experiments/cnn_sweep/config.py): runs, steps, FLOPs and time.
 
 The FLOPs of one training step (batch 128) and of one evaluation image of each full-width network are
 COUNTED (torch.utils.flop_counter on meta tensors: no compute, any machine); the linearized step is

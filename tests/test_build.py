@@ -1,6 +1,7 @@
 """The compiled extension: what is built, how it loads, and the fallback."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,16 @@ def test_version_is_single_sourced():
         pyproject = f.read()
     assert 'dynamic = ["version"]' in pyproject and 'attr = "lazyfast._version.__version__"' in pyproject
     assert '\nversion = "' not in pyproject  # no literal version besides lazyfast/_version.py
+
+
+def test_every_package_directory_is_packaged():
+    """pyproject.toml lists its packages by hand: a new subpackage missing there is left out of the wheel."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        listed = set(re.search(r'^packages = \[(.*)\]$', f.read(), re.M).group(1).replace('"', "").replace(" ", "")
+                     .split(","))
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "lazyfast"))
+             if "__init__.py" in files and "__pycache__" not in d}
+    assert found <= listed, sorted(found - listed)
 
 
 def test_version_mismatch_message():

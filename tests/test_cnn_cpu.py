@@ -1,7 +1,8 @@
-"""The CNN sweep (lazyfast/experiments/cnn_sweep.py): its presets validate, bad configs fail clearly,
+"""The CNN sweep (lazyfast/experiments/cnn_sweep/): its presets validate, bad configs fail clearly,
 the models' pattern forward is the network, the criterion is computed right, a killed sweep resumes
 without losing or redoing a run, and a 2-epoch miniature of the `cpu` preset runs end to end
 (verdict, figure, table rows). Synthetic images only: no dataset needed."""
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lazyfast.experiments import EXPERIMENTS, cnn_sweep as cs
+from lazyfast.models import _BasicBlock, _xavier_init  # for the frozen copy of NarrowResNet18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("seconds", "train_seconds")
@@ -67,6 +69,41 @@ def test_per_architecture_grids_keep_vgg_keys_and_give_resnet_its_own():
         with open(os.path.join(ROOT, "docs", "figures", "cnn-sweep-runs", f)) as fh:
             stored |= {json.loads(line)["key"] for line in fh if line.strip()}
     assert {k for k, _ in cs.run_keys(vgg)} <= stored
+
+
+# Every preset's fingerprint and a digest of its run keys (key and run spec, in order). A change to
+# either renames runs: the committed run store would no longer be found (or, worse, reused for other
+# runs). The cpu presets' fingerprint is also read from the committed store and results below.
+PINNED_NAMES = {
+    "quick": ("8734b53b608c", "41d3664c283ada14"),
+    "cpu": ("c1600317c8ad", "0eb416dbcf3acee5"),
+    "cpu-vgg": ("c1600317c8ad", "da758aa344c279c6"),
+    "cpu-resnet": ("c1600317c8ad", "f0f3324b80f3b1aa"),
+    "gpu": ("1e99a16a87d7", "f2b65f3ac50feef5"),
+    "paper": ("41b810dcee78", "052f1b73c4b8ff04"),
+}
+
+
+def test_fingerprints_and_run_keys_are_those_of_the_committed_runs():
+    runs_dir = os.path.join(ROOT, "docs", "figures", "cnn-sweep-runs")
+    stored = set()
+    for f in os.listdir(runs_dir):
+        with open(os.path.join(runs_dir, f)) as fh:
+            stored |= {json.loads(line)["key"] for line in fh if line.strip()}
+    (store_fp,) = {k.split("/")[1] for k in stored}  # one fingerprint in the committed store
+    with open(os.path.join(ROOT, "docs", "figures", "cnn-sweep.json")) as fh:
+        committed = json.load(fh)
+    assert committed["preset"] == "cpu"
+    assert cs.fingerprint(cs.Config(**committed["config"])) == store_fp
+    assert set(PINNED_NAMES) == set(cs.PRESETS)
+    for preset in cs.PRESETS:
+        cfg = cs.make_config(preset)
+        keys = cs.run_keys(cfg)
+        digest = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:16]
+        assert (cs.fingerprint(cfg), digest) == PINNED_NAMES[preset], preset
+        if preset.startswith("cpu"):
+            assert cs.fingerprint(cfg) == store_fp
+            assert {k for k, _ in keys} <= stored  # every run of the cpu presets is committed
 
 
 def test_gpu_preset_and_its_committed_sizing():
@@ -170,14 +207,64 @@ def test_pattern_forward_is_the_network_and_the_surrogate_at_init(arch):
     assert not torch.allclose(gated, out)
 
 
-def test_narrow_resnet_is_resnet18_with_divided_widths():
-    from lazyfast.models import resnet18
+# sha256 (first 16 hex digits) of initial_network(cpu preset, arch i, seed 1) state dicts, recorded
+# before NarrowResNet18 was replaced by lazyfast.resnet18(divisor=)
+INITIAL_DIGESTS = ("33c6c5d7a65b4833", "35427fd185d538ef")
 
-    full = [p.shape for p in resnet18(10, 1).parameters()]
-    narrow = [p.shape for p in cs.NarrowResNet18(10, 1, 4, 1.0).parameters()]
-    assert len(full) == len(narrow)
-    for a, b in zip(full, narrow):
-        assert a[:1] == torch.Size([b[0] * 4]) or a[0] == b[0] == 10  # out channels ÷4 (classifier: 10)
+
+class _OldNarrowResNet18(torch.nn.Module):
+    """Frozen copy of the sweep's former ``NarrowResNet18`` (lazyfast/experiments/cnn_sweep.py before it
+    used ``lazyfast.resnet18(..., divisor=)``): the reference that the committed runs were made with."""
+
+    def __init__(self, num_classes, in_channels, divisor, gain):
+        super().__init__()
+        w = 64 // divisor
+        self.conv1 = torch.nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        blocks, cin = [], w
+        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            for j in range(2):
+                blocks.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.classifier = torch.nn.Linear(cin, num_classes)
+        _xavier_init(self, gain)
+
+    def forward(self, x):
+        out = self.blocks(torch.relu(self.conv1(x)))
+        return self.classifier(torch.nn.functional.avg_pool2d(out, 4).flatten(1))
+
+
+@pytest.mark.parametrize("divisor, gain, seed", [(8, 1.0, 1017), (16, 1.3, 0), (4, 1.0, 2001)])
+def test_narrow_resnet_is_bitwise_the_former_narrow_resnet(divisor, gain, seed):
+    """The sweep's ResNet-18 (lazyfast.resnet18 with ``divisor``) has the former NarrowResNet18's
+    modules, parameter names and shapes, and for the same seed the same parameters and outputs, to
+    the bit (seed 1017: w0 of the cpu preset's ResNet-18, seed 1)."""
+    torch.manual_seed(seed)
+    old = _OldNarrowResNet18(10, 1, divisor, gain)
+    torch.manual_seed(seed)
+    new = cs.make_model("resnet18", 1, 10, divisor=divisor, gain=gain)
+    assert [n for n, _ in new.named_modules()] == [n for n, _ in old.named_modules()]
+    assert [type(m) for _, m in new.named_modules()][1:] == [type(m) for _, m in old.named_modules()][1:]
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    assert list(sd_new) == list(sd_old)
+    for name in sd_old:
+        assert sd_new[name].shape == sd_old[name].shape and torch.equal(sd_new[name], sd_old[name]), name
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert torch.equal(new(x), old(x))
+        assert torch.equal(cs.pattern_forward(new, x)[0], cs.pattern_forward(old, x)[0])
+
+
+def test_initial_networks_of_the_cpu_preset_are_unchanged():
+    """w0 of the committed cpu runs, seed 1 of each architecture, pinned by a digest of its state dict."""
+    cfg = cs.make_config("cpu")
+    for ai, pinned in enumerate(INITIAL_DIGESTS):
+        net = cs.initial_network(cfg, ai, 1, 1, torch.float32, torch.device("cpu"))
+        h = hashlib.sha256()
+        for name, t in net.state_dict().items():
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        assert h.hexdigest()[:16] == pinned, cfg.archs[ai]
 
 
 def test_vgg_surrogate_matches_lazyfast_frozen_pattern_net():

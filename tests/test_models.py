@@ -65,6 +65,28 @@ def test_cnns_shapes():
         vgg11()(torch.randn(1, 3, 28, 28))
 
 
+def test_resnet18_divisor_divides_every_width():
+    full = dict(resnet18(10, 1).named_parameters())
+    narrow = dict(resnet18(10, 1, divisor=4).named_parameters())
+    assert list(narrow) == list(full)  # same modules, same names
+    for name, p in full.items():
+        q = narrow[name]
+        if name == "classifier.weight":
+            assert q.shape == (10, p.shape[1] // 4)  # 10 outputs, in features ÷4
+        elif name == "classifier.bias":
+            assert q.shape == p.shape
+        elif name == "conv1.weight":
+            assert q.shape == (p.shape[0] // 4, 1, 3, 3)  # one input channel
+        else:
+            assert q.shape == (p.shape[0] // 4, p.shape[1] // 4) + p.shape[2:]  # out and in channels ÷4
+    assert resnet18(10, 1, divisor=4)(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert resnet18(10, 3, width=2, divisor=2).conv1.out_channels == 64  # 64 * width // divisor
+    with pytest.raises(ValueError, match="divisor must divide 64"):
+        resnet18(divisor=3)
+    with pytest.raises(ValueError, match="divisor must be a positive int"):
+        resnet18(divisor=0)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -198,11 +198,12 @@ def table(figures: Optional[pathlib.Path] = None) -> str:
                 for f, arch in ((CNN_SWEEP_FILES[1], "vgg11"), (CNN_SWEEP_FILES[2], "resnet18")):
                     if f not in found:
                         lines.append(f"| `{name}` {arch} | `cpu` preset, not finished | deep CNNs degrade in the lazy "
-                                     "regime (criterion fixed in `lazyfast/experiments/cnn_sweep.py`) | – (its finished "
-                                     "runs are in docs/figures/cnn-sweep-runs/: docs/REPRODUCTION.md) | not yet known |")
+                                     "regime (criterion fixed in `lazyfast/experiments/cnn_sweep/summary.py`) | – (its "
+                                     "finished runs are in docs/figures/cnn-sweep-runs/: docs/REPRODUCTION.md) | not "
+                                     "yet known |")
             if not found:
                 lines.append(f"| `{name}` | not yet run | deep CNNs degrade in the lazy regime (criterion fixed in "
-                             "`lazyfast/experiments/cnn_sweep.py`) | – | not yet known |")
+                             "`lazyfast/experiments/cnn_sweep/summary.py`) | – | not yet known |")
             continue
         path = figures / f"{name}.json"
         if not path.exists():
