@@ -98,8 +98,8 @@ def test_version_is_single_sourced():
 def test_every_package_directory_is_packaged():
     """pyproject.toml lists its packages by hand: a new subpackage missing there is left out of the wheel."""
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
-        listed = set(re.search(r'^packages = \[(.*)\]$', f.read(), re.M).group(1).replace('"', "").replace(" ", "")
-                     .split(","))
+        listed = set(re.search(r'^packages = \[(.*?)\]$', f.read(), re.M | re.S).group(1).replace('"', "")
+                     .replace(" ", "").replace("\n", "").split(","))
     found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "lazyfast"))
              if "__init__.py" in files and "__pycache__" not in d}
     assert found <= listed, sorted(found - listed)
