@@ -12,6 +12,7 @@ MOVED_MODULES = {
     "two_layer": ("lazyfast._engine.two_layer lazyfast._ops.two_layer", "lazyfast.empirical_ntk / jvp / vjp / ntk_vp (a TwoLayer takes "
                   "the fused kernels)"),
     "ops": ("lazyfast._ops.gram", "lazyfast.gram"),
+    "bench_models": ("lazyfast.bench.models", "lazyfast bench --workloads models"),
     "rules": ("lazyfast._engine.structured.rules", "lazyfast.register_rule / unregister_rule / registered_rules"),
 }
 REMOVED_IN = "0.3"

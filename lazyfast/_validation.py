@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from lazyfast._engine.state import functorch_wrapped as _functorch_wrapped
 
@@ -43,7 +44,6 @@ class checks:
     """Turns lazyfast's NaN/inf input checks on or off.
 
     As a context manager (restores the previous setting on exit)::
-
         with lazyfast.checks(finite=False):
             K = torch.compile(lambda x: lazyfast.empirical_ntk(model, x), fullgraph=True)(x)
 
@@ -312,7 +312,6 @@ def probe_out_features(model: nn.Module, x: torch.Tensor) -> int:
     if x.shape[0] == 0:
         raise ValueError("the inputs are empty and the model declares no out_features: its number of outputs "
                          "k is unknown; give at least one sample")
-    from torch.func import functional_call
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

@@ -7,10 +7,20 @@ errors also exit 2); no traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 import time
+
+import torch
+
+import lazyfast
+from lazyfast import bench, models
+from lazyfast._store import IntegrityError, atomic_write, check_writable
+from lazyfast.data import sphere, teacher_student
+from lazyfast.distributed import distributed_ntk, init_from_env, rank_and_world, shutdown
+from lazyfast.experiments import EXPERIMENTS, common, runner
 
 
 class CLIError(Exception):
@@ -51,8 +61,6 @@ _NONNEG = _int_arg(0)
 
 
 def _cmd_info(args) -> int:
-    import lazyfast
-
     info = lazyfast.backend_info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -63,11 +71,6 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_example(args) -> int:
-    import torch
-
-    import lazyfast
-    from lazyfast.data import teacher_student
-
     if args.n < 2:
         raise CLIError(f"--n must be >= 2 (train and test points for the kernel regression), got {args.n}")
     print("== lazyfast backend ==")
@@ -96,10 +99,6 @@ def _cmd_example(args) -> int:
 
 
 def _build_model(args):
-    import torch
-
-    from lazyfast import models
-
     torch.manual_seed(args.seed)  # every rank builds the same parameters
     if args.model.endswith((".pt", ".pth")):
         if not os.path.isfile(args.model):
@@ -127,8 +126,6 @@ def _build_model(args):
 
 
 def _load_inputs(args, model):
-    import torch
-
     if args.data and args.synthetic:
         raise CLIError("give --data FILE.pt or --synthetic N, not both")
     if args.data:
@@ -154,16 +151,11 @@ def _load_inputs(args, model):
     g = torch.Generator().manual_seed(args.seed + 1)
     if args.model in ("vgg11", "resnet18"):
         return torch.randn(args.synthetic, args.channels, 32, 32, generator=g), None
-    from lazyfast.data import sphere
 
     return sphere(args.synthetic, args.d, generator=g, dtype=torch.float32), None
 
 
 def _cmd_ntk(args) -> int:
-    import torch
-
-    from lazyfast.distributed import distributed_ntk, init_from_env, rank_and_world, shutdown
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if args.in_memory and args.no_gather:
@@ -195,9 +187,6 @@ def _cmd_ntk(args) -> int:
         if res.kernel is not None:
             os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, "kernel.pt")
-            import io
-
-            from lazyfast._store import atomic_write
 
             buf = io.BytesIO()
             torch.save(res.kernel, buf)
@@ -224,8 +213,6 @@ def _parse_set(items):
 
 
 def _cmd_reproduce(args) -> int:
-    from lazyfast.experiments import runner
-
     overrides = _parse_set(args.set)
     for key in ("seed", "device", "dtype", "data_dir"):
         val = getattr(args, key)
@@ -240,8 +227,6 @@ def _cmd_reproduce(args) -> int:
 
 
 def _add_reproduce(sub) -> None:
-    from lazyfast.experiments import EXPERIMENTS, common
-
     names = list(EXPERIMENTS)
     pr = sub.add_parser(
         "reproduce", help="reproduce an experiment of Chizat, Oyallon & Bach (2019)",
@@ -316,9 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(argv) -> int:
-    from lazyfast import bench
-    from lazyfast._store import check_writable
-
     for flag in ("--json", "--markdown"):  # output paths checked before minutes of benchmarking
         for i, a in enumerate(argv):
             path = argv[i + 1] if a == flag and i + 1 < len(argv) else a[len(flag) + 1:] if a.startswith(flag + "=") else None
@@ -332,7 +314,6 @@ def _bench(argv) -> int:
 
 def _guarded(command: str, fn, *a) -> int:
     """Runs a subcommand; bad arguments and unusable files become one ``error:`` line, exit 2."""
-    from lazyfast._store import IntegrityError
 
     try:
         return int(fn(*a) or 0)

@@ -22,7 +22,9 @@ from torch.overrides import TorchFunctionMode
 
 from lazyfast import ntk as _ntk
 from lazyfast._validation import check_input, check_module, check_positive_finite
+from lazyfast.data import teacher_student
 from lazyfast.lazy import LazyModel, Linearized, square_loss
+from lazyfast.models import TwoLayer
 
 __all__ = ["relative_weight_change", "activation_pattern_stability", "relu_patterns", "kernel_distance",
            "lazy_linearized_gap", "rate_check", "parameter_distance"]
@@ -246,7 +248,6 @@ def rate_check(alphas: Sequence[float] = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
     R(α h)/α², R = (1/2n)Σ(f − y)², horizon T = lr·steps) is run from the same w0 on the
     lazy model α h(w) and on the linearized model α h̄(w̄), with h(w0) = 0 obtained by
     ``init``:
-
     * ``"centered"`` (default): i.i.d. Gaussian init, h(w) = f(w) − f(w0)
       (``LazyModel(center=True)``) — the generic case of the theorem;
     * ``"symmetric"``: the paper's symmetrized init (``TwoLayer(symmetric=True)``,
@@ -287,8 +288,6 @@ def rate_check(alphas: Sequence[float] = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
         ``curves`` (the sup values per α, same keys), ``final_loss`` (lazy training loss at
         the end, per α) and the settings.
     """
-    from lazyfast.data import teacher_student
-    from lazyfast.models import TwoLayer
 
     alphas = [check_positive_finite(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
     if len(set(alphas)) < 2:
@@ -319,9 +318,6 @@ class _Uncentered(nn.Module):
 
 
 def _rate_check(alphas, n, d, m, k, activation, init, steps, lr, seed, dtype):
-    from lazyfast.data import teacher_student
-    from lazyfast.models import TwoLayer
-
     data = teacher_student(n, 1, d, seed=seed, dtype=dtype)
     x, y = data["x_train"], data["y_train"].expand(n, k).contiguous()
     torch.manual_seed(seed)

@@ -27,9 +27,13 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lazyfast import _store
-from lazyfast._validation import check_bool, check_input, check_mode, check_module, probe_out_features
+from lazyfast._engine.state import _plain_attrs
+from lazyfast._validation import (check_bool, check_input, check_mode, check_module, check_positive_finite,
+                                  probe_out_features)
+from lazyfast.lazy import scaled_loss
 from lazyfast.ntk import empirical_ntk
 
 MANIFEST = "manifest.json"
@@ -90,7 +94,6 @@ def fingerprint(model: nn.Module, *tensors: Optional[torch.Tensor]) -> str:
         h.update(_tensor_bytes(t))
     # what the model computes, beyond its values: each module's class and plain attributes
     # (activation names, strides, eps, ...); identical on every rank (no ids, no reprs)
-    from lazyfast._engine.structured import _plain_attrs
 
     for name, m in model.named_modules():
         h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training}".encode())
@@ -310,10 +313,6 @@ def train_data_parallel(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     Returns:
         dict with ``losses`` (global batch objective before each step) and ``state_dict``.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
-    from lazyfast.lazy import scaled_loss
-    from lazyfast._validation import check_positive_finite
 
     check_positive_finite(lr, "lr")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

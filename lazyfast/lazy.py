@@ -28,16 +28,17 @@ from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lazyfast import ntk as _ntk
+from lazyfast import _ext, ntk as _ntk
+from lazyfast._engine import two_layer
 from lazyfast._engine.generic import math_attention as _math_attention
 from lazyfast._engine.outputs import ModelForwardError, model_output, run_forward, with_output
 from lazyfast._engine.uses import AliasGuard, storage_key
-from lazyfast._validation import (check_alpha, check_bool, check_input, check_int, check_module,
-                                  model_param_info)
+from lazyfast._validation import check_alpha, check_bool, check_input, check_int, check_module, model_param_info
 
 LOSSES = ("square", "cross_entropy")
 
@@ -282,8 +283,6 @@ class _DualPass:
     equivalent composites (:class:`_DualGuard`)."""
 
     def __init__(self, lin: "Linearized", x: torch.Tensor, deltas: List[torch.Tensor], graph: bool = True):
-        import torch.autograd.forward_ad as fwad
-
         initial = lin._initial
         self.leaves = [d.detach().requires_grad_(graph) for d in deltas]
         with torch.set_grad_enabled(graph), fwad.dual_level(), _math_attention():
@@ -402,7 +401,6 @@ class Linearized(nn.Module):
     at w0); ``self.model0`` is a frozen copy at w0 (its parameters do not require grad).
     The output is exact and the gradients are exact VJPs at w0. Ways to compute them
     (``implementation``):
-
     * ``"dual"`` — one forward pass of the network at w0 with forward-mode dual parameters
       (w0, w − w0) gives f(w0, x) and J(w0, x)(w − w0) together (:class:`_DualPass`); the
       backward is one ordinary backward pass through that pass's tangent graph, with the
@@ -554,8 +552,6 @@ class Linearized(nn.Module):
     def _fused_serves(self) -> bool:
         """True when the compiled two-layer JVP/VJP kernels serve ``model0`` as it is (all
         parameters linearized, a kernel dtype, kernels built for its device)."""
-        from lazyfast import _ext
-        from lazyfast._engine import two_layer
 
         # the trainable copy has model0's class, forward and hooks, and the caller's requires_grad
         # flags: the fused route applies to model0 exactly when two_layer.fused_applicable accepts it

@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from lazyfast import reference, selfcheck
-from lazyfast._engine import two_layer
-from lazyfast._engine.outputs import ModelForwardError, with_output
+from lazyfast._engine import generic, structured, two_layer
 from lazyfast._engine.generic import _transform_errors
-from lazyfast._validation import (check_chunk_size, check_finite, check_input, check_memory_budget, check_mode, check_module,
-                                  model_param_info)
+from lazyfast._engine.outputs import ModelForwardError, output_dim, with_output
+from lazyfast._engine.state import no_fastpath
+from lazyfast._validation import (check_chunk_size, check_finite, check_input, check_memory_budget, check_mode,
+                                  check_module, model_param_info)
+from lazyfast.models import MLP, TwoLayer
 
 NTK_IMPLEMENTATIONS = ("auto", "fused", "structured", "jacobian", "ntk_vp")
 PRODUCT_IMPLEMENTATIONS = ("auto", "fused", "reference")
@@ -52,11 +54,9 @@ def _n_params(model: nn.Module) -> int:
 
 def _out_features(model: nn.Module, x: torch.Tensor) -> int:
     """k: declared by an exact lazyfast model, else from a state-preserving probe forward."""
-    from lazyfast.models import MLP, TwoLayer
 
     if type(model) in (MLP, TwoLayer) and "forward" not in model.__dict__:
         return int(model.out_features)
-    from lazyfast._engine.structured import output_dim
 
     return output_dim(model, x)
 
@@ -92,8 +92,6 @@ def choose_implementation(model: nn.Module, x1: torch.Tensor, x2: Optional[torch
                           mode: str = "trace", memory_budget: int = DEFAULT_MEMORY_BUDGET, info: Optional[dict] = None):
     """What ``implementation="auto"`` runs for these arguments: ``("fused", None)``,
     ``("structured", plan)`` or ``(generic choice, plan)`` by the FLOP model (docs/engine.md)."""
-    from lazyfast._engine import generic
-    from lazyfast._engine import structured
 
     if two_layer.fused_applicable(model):
         return "fused", None
@@ -176,8 +174,6 @@ def _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget):
     """(kernel, k, implementation used, forward FLOPs per sample or None)."""
     if _use_fused(model, implementation):
         return two_layer.model_ntk(model, x1, x2, mode=mode).detach(), int(model.out_features), "fused", None
-    from lazyfast._engine import generic
-    from lazyfast._engine import structured
 
     structured.check_independent(model)
     plan = None
@@ -224,7 +220,6 @@ def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
         return two_layer.model_jvp(model, x, tangents)
     with _naming("x"):  # the model's forward on x's per-sample shape: a clear error naming x, not torch's
         _out_features(model, x)
-    from lazyfast._engine.structured import no_fastpath
 
     with no_fastpath(), _naming('x'), _transform_errors(model, x):
         return reference.jvp(model, x, tangents)
@@ -263,7 +258,6 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
                 for n, p in model.named_parameters() if p.requires_grad}
     if _use_fused(model, implementation):
         return two_layer.model_vjp(model, x, cotangent)
-    from lazyfast._engine.structured import no_fastpath
 
     with no_fastpath(), _naming('x'), _transform_errors(model, x):
         return reference.vjp(model, x, cotangent)
@@ -292,7 +286,6 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
         return torch.zeros((x1.shape[0], v.shape[1]), dtype=v.dtype, device=x1.device)
     if _use_fused(model, implementation):
         return two_layer.model_ntk_vp(model, x1, v, x2)
-    from lazyfast._engine.structured import no_fastpath
 
     with no_fastpath(), _naming('x1'), _transform_errors(model, x1):
         return reference.ntk_vp(model, x1, v, x2)

@@ -14,17 +14,18 @@ Notation: Θ(x, x')_{ab} = ⟨∂f_a(x)/∂w, ∂f_b(x')/∂w⟩. ``mode="full"`
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp as _func_jvp, vjp as _func_vjp, vmap
+from torch.func import functional_call, jacrev, jvp as _func_jvp, vmap
 
 from lazyfast._engine.generic import functional_model
-from lazyfast._engine.outputs import model_output
 # The torch.func JVP / VJP / NTK·v users write (vmap(jvp), vjp, vjp then jvp) are the baselines of the
 # fused products; the engine's products path runs the same code, so it is defined once, there.
 from lazyfast._engine.products import check_tangents, jvp, ntk_vp, vjp  # noqa: F401 (baselines)
+from lazyfast.models import activation_fn, check_activation
 
 Params = Dict[str, torch.Tensor]
 
@@ -149,8 +150,6 @@ def activation_deriv(name: str, z: torch.Tensor) -> torch.Tensor:
 
 
 def _two_layer_features(x, A, c, activation):
-    from lazyfast.models import activation_fn
-
     z = x @ A.T if c is None else torch.addmm(c, x, A.T)
     return activation_fn(activation)(z), activation_deriv(activation, z)
 
@@ -227,7 +226,6 @@ def two_layer_ntk_vp_dense(x1: torch.Tensor, x2: Optional[torch.Tensor], A: torc
 # with δ_l = ∂f/∂z_l, γ_l = weight_multiplier_l² and β_l = 1 for a bias, 0 without.
 def activation_derivative(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """σ' as a function, for an activation name of :mod:`lazyfast.models` (ReLU'(0) = 0, as autograd)."""
-    from lazyfast.models import check_activation
 
     check_activation(name)
     return lambda z: activation_deriv(name, z)
@@ -244,7 +242,6 @@ def mlp_factors(mlp, x: torch.Tensor):
     ``gammas[l]`` = weight_multiplier_l² (the gradient w.r.t. W_l is mult·δ_l h_{l−1}ᵀ),
     ``betas[l]`` = 1.0 with a bias, else 0.0.
     """
-    from lazyfast.models import activation_fn
 
     act = activation_fn(mlp.activation)
     dact = activation_derivative(mlp.activation)
@@ -377,7 +374,6 @@ def linearized_step_torch_func(model: nn.Module, x: torch.Tensor, y: torch.Tenso
     Returns ``(step, params)``: ``step()`` performs one SGD step and returns the loss before
     it; ``params`` is the dict of trainable tensors being updated.
     """
-    import copy
 
     model0 = copy.deepcopy(model)
     w0 = {k: v.detach() for k, v in model0.named_parameters() if v.requires_grad}

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lazyfast._engine.outputs import model_output
+from lazyfast._engine.state import StateGuard
 
 __all__ = ["SelfCheckError", "self_check", "check_cost_fraction", "CHECK_SAMPLES", "AUTO_MAX_FRACTION"]
 
@@ -130,7 +131,6 @@ def self_check(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], K
         ``tolerance``, ``samples`` (indices), ``directions``, ``seconds``. Raises
         :class:`SelfCheckError` on a failure when ``raise_on_failure``.
     """
-    from lazyfast._engine.structured import StateGuard
 
     t0 = time.perf_counter()
     same = x2 is None

@@ -32,6 +32,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from lazyfast.models import MLP, resnet18 as _resnet18, vgg11 as _vgg11
+
 __all__ = ["sequential_mlp", "as_lazyfast_mlp", "SharedLinear", "shared_linear", "torchvision_resnet18",
            "TransformerRegressor", "transformer", "token_transformer", "ConvNet3", "conv3", "vgg11", "resnet18",
            "inputs", "MODELS", "build", "double", "TIMM_MODELS", "HF_MODELS", "OPTIONAL", "timm_model", "hf_model",
@@ -68,7 +70,6 @@ def sequential_mlp(d: int = 100, width: int = 1024, depth: int = 3, k: int = 1, 
 def as_lazyfast_mlp(seq: nn.Sequential):
     """The same network as a :class:`lazyfast.MLP` (standard parametrization, weights copied):
     identical outputs and tangent kernel."""
-    from lazyfast.models import MLP
 
     lins = [m for m in seq if isinstance(m, nn.Linear)]
     if not lins or any(not isinstance(m, (nn.Linear, nn.ReLU)) for m in seq):
@@ -241,14 +242,12 @@ def conv3(channels: int = 64, k: int = 1, *, seed: int = 0, dtype=None) -> ConvN
 
 def vgg11(num_classes: int = 10, *, seed: int = 0, dtype=None):
     """:func:`lazyfast.vgg11` (BN-free), seeded."""
-    from lazyfast.models import vgg11 as _vgg11
 
     return _to(_seeded(seed, lambda: _vgg11(num_classes)), dtype)
 
 
 def resnet18(num_classes: int = 10, *, seed: int = 0, dtype=None):
     """:func:`lazyfast.resnet18` (BN-free), seeded."""
-    from lazyfast.models import resnet18 as _resnet18
 
     return _to(_seeded(seed, lambda: _resnet18(num_classes)), dtype)
 

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp as _func_jvp, vjp as _func_vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from lazyfast._engine.outputs import ModelForwardError, _forward_detail, model_output
+from lazyfast._engine.outputs import ModelForwardError, _forward_detail, model_output, output_dim
+from lazyfast._engine.state import StateGuard
 from lazyfast._engine.uses import AliasGuard, parameter_storages
 
 Params = Dict[str, torch.Tensor]
@@ -94,7 +96,6 @@ def _transform_errors(model: nn.Module, x: Optional[torch.Tensor] = None):
 def _k(model, x1, x2, k):
     if k is not None:
         return k
-    from lazyfast._engine.structured import output_dim
 
     return output_dim(model, x1 if x1.shape[0] or x2 is None else x2)
 
@@ -103,9 +104,6 @@ def _k(model, x1, x2, k):
 def forward_flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of one forward pass on one sample, counted by ``torch.utils.flop_counter``
     (matmuls and convolutions); at least 2·P so elementwise-only models are not free."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lazyfast._engine.structured import StateGuard
 
     p = sum(t.numel() for t in model.parameters())
     if x.shape[0] == 0:
@@ -118,7 +116,6 @@ def forward_flops_per_sample(model: nn.Module, x: torch.Tensor) -> float:
 def activation_numel_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     """Numbers produced by the leaf modules in one forward pass of one sample: what a
     backward pass must keep (used to bound vmapped backward passes)."""
-    from lazyfast._engine.structured import StateGuard
 
     total = [0]
 
@@ -341,7 +338,6 @@ def generic_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] =
     """
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
         raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
-    from lazyfast._engine.structured import StateGuard
 
     with StateGuard(model), _transform_errors(model, x1):
         k = _k(model, x1, x2, k)

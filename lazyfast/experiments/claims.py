@@ -15,6 +15,8 @@ import math
 import pathlib
 from typing import Callable, Dict, List, Optional, Tuple
 
+from lazyfast.experiments import cnn_sweep
+
 FIGURES = pathlib.Path(__file__).resolve().parents[2] / "docs" / "figures"
 
 HEADER = ["| experiment | preset run here | claim of the paper (from the paper and its code: docs/REPRODUCTION.md) "
@@ -168,8 +170,6 @@ def demo(d: dict) -> Row:
 
 
 def cnn_sweep_rows(d: dict) -> List[str]:
-    from lazyfast.experiments import cnn_sweep
-
     return cnn_sweep.table_rows(d)
 
 
@@ -263,7 +263,6 @@ def cnn_alpha_section(figures: Optional[pathlib.Path] = None) -> str:
 
 def cnn_sweep_section(figures: Optional[pathlib.Path] = None) -> str:
     """The results of the committed cnn-sweep runs (docs/figures/cnn-sweep*.json), or what is missing."""
-    from lazyfast.experiments import cnn_sweep
 
     figures = pathlib.Path(figures or FIGURES)
     found = [f for f in CNN_SWEEP_FILES if (figures / f).exists()]
@@ -287,7 +286,6 @@ def cnn_sweep_section(figures: Optional[pathlib.Path] = None) -> str:
 def cnn_gpu_sizing_section(figures: Optional[pathlib.Path] = None) -> str:
     """docs/REPRODUCTION.md's size and time of the cnn-sweep `gpu` preset, from
     docs/figures/cnn-gpu-sizing.json (``python scripts/size_cnn_gpu.py``)."""
-    from lazyfast.experiments import cnn_sweep
 
     figures = pathlib.Path(figures or FIGURES)
     path = figures / "cnn-gpu-sizing.json"

@@ -12,7 +12,6 @@ serves every α). One run = one (α, η0) pair, or the linearized model for one 
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from lazyfast import FrozenPatternNet, LazyModel, Linearized
 from lazyfast.experiments import common, image_data
-from lazyfast.models import VGG11_CFG
+from lazyfast.models import VGG11_CFG, vgg11
 
 NAME = "cnn-alpha"
 
@@ -100,8 +100,6 @@ class NarrowVGG11(nn.Module):
 def make_vgg11(in_channels: int, num_classes: int = 10, *, divisor: int = 1, gain: float = 1.0) -> nn.Module:
     """``lazyfast.vgg11`` (divisor 1) or its narrow variant."""
     if divisor == 1:
-        from lazyfast.models import vgg11
-
         return vgg11(num_classes, in_channels, 1, gain)
     return NarrowVGG11(num_classes, in_channels, divisor, gain)
 
@@ -186,8 +184,6 @@ def _train(cfg: Config, model: nn.Module, alpha: float, lr0: float, data: dict, 
 
 
 def run_alpha(cfg: Config, alpha: float, lr0: float, data: Optional[dict] = None) -> dict:
-    from lazyfast import FrozenPatternNet, LazyModel
-
     dtype, device = common.resolve_dtype(cfg.dtype), common.resolve_device(cfg.device)
     data = data or load_data(cfg)
     net = _initial_model(cfg, data, dtype, device)
@@ -217,7 +213,6 @@ def run_alpha(cfg: Config, alpha: float, lr0: float, data: Optional[dict] = None
 def run_linearized(cfg: Config, lr0: float, data: Optional[dict] = None) -> dict:
     """The true tangent model α·J(w0)(w − w0) trained with the same recipe (α = 1: the scaled
     objective makes its predictor dynamics independent of α)."""
-    from lazyfast import LazyModel, Linearized
 
     dtype, device = common.resolve_dtype(cfg.dtype), common.resolve_device(cfg.device)
     data = data or load_data(cfg)

@@ -19,6 +19,8 @@ from typing import List, Optional
 
 import torch
 
+import lazyfast
+from lazyfast import KernelGradientFlow, LazyModel, Linearized
 from lazyfast.data import teacher_student
 from lazyfast.experiments import common
 
@@ -92,9 +94,6 @@ def _gd(model, x_tr, y_tr, x_te, alpha, lr, steps, log_at, desc, show):
 
 
 def _run(cfg: Config) -> dict:
-    import lazyfast
-    from lazyfast import KernelGradientFlow, LazyModel, Linearized
-
     dtype, device = common.resolve_dtype(cfg.dtype), common.resolve_device(cfg.device)
     data = teacher_student(cfg.n_train, cfg.n_test, cfg.d, seed=cfg.seed, dtype=torch.float64)
     cast = lambda t: t.to(device, dtype)

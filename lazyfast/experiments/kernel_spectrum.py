@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+import lazyfast
+from lazyfast import LazyModel
 from lazyfast.experiments import common, image_data
 from lazyfast.experiments.cnn_alpha import make_vgg11
 
@@ -56,7 +58,6 @@ def first_images(cfg: Config) -> dict:
 
 def full_kernel(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (k·N)×(k·N) eNTK, row k·n + i, accumulated in float64."""
-    import lazyfast
 
     K = lazyfast.empirical_ntk(model, x, mode="full", implementation="auto")  # (N, N, k, k)
     N, _, k, _ = K.shape
@@ -76,8 +77,6 @@ def spectrum_stats(ev: torch.Tensor) -> dict:
 
 
 def _run(cfg: Config) -> dict:
-    from lazyfast import LazyModel
-
     dtype, device = common.resolve_dtype(cfg.dtype), common.resolve_device(cfg.device)
     imgs = first_images(cfg)
     x = image_data.normalize(imgs["x"], imgs["mean"], imgs["std"]).to(device, dtype)

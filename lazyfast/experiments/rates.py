@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from lazyfast.diagnostics import rate_check  # the engine's implementation
 from lazyfast.experiments import common
 
 NAME = "rates"
@@ -60,8 +61,6 @@ def _series(cfg: Config) -> List[dict]:
 
 
 def _run_series(cfg: Config, setting: dict) -> dict:
-    from lazyfast.diagnostics import rate_check  # the engine's implementation
-
     res = rate_check(cfg.alphas, n=cfg.n, d=cfg.d, m=cfg.m, k=1, activation=setting["activation"],
                      init=setting["init"], steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
                      dtype=common.resolve_dtype(cfg.dtype))

@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from lazyfast._store import atomic_write
-from lazyfast.experiments import common, get
+from lazyfast.experiments import common, get, plots
+from lazyfast.experiments.image_data import FASHION_MNIST_DIR
 
 RUNS_FILE = "runs.jsonl"
 RESULTS_FILE = "results.json"
@@ -54,8 +55,6 @@ def reproduce(name: str, preset: str = "quick", out: Optional[str] = None, *, pl
         os.makedirs(out, exist_ok=True)
         files = []
         if plot:
-            from lazyfast.experiments import plots
-
             files = plots.plot(result, out)
         result["files"] = [os.path.relpath(p, out) for p in files]
         text = json.dumps(common.json_safe(result), indent=1, allow_nan=False)
@@ -71,8 +70,6 @@ def data_fingerprint(name: str, cfg) -> str:
     files = []
     source = getattr(cfg, "data", "auto")
     if hasattr(cfg, "data_dir") and source != "synthetic":
-        from lazyfast.experiments.image_data import FASHION_MNIST_DIR
-
         d = cfg.data_dir or (FASHION_MNIST_DIR if source in ("auto", "fashion-mnist") else None)
         if d and os.path.isdir(d):
             files = [os.path.join(d, f) for f in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, f))]

@@ -31,11 +31,18 @@ import os
 import platform
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict
+from typing import List, Optional
 
 import torch
+
+import lazyfast
+from lazyfast import reference as R
+from lazyfast.bench import models as _bench_models
+from lazyfast.bench.protocol import Case, Row, _sync, gemm_gflops, git_commit, loadavg, stamp, time_call  # noqa: F401
+from lazyfast.lazy import Linearized, square_loss
+from lazyfast.models import TwoLayer
+from lazyfast.solvers import kernel_regression_cg
 
 # Main-job sizes. "quick" keeps every workload to well under a second per call on 2 cores.
 PRESETS = {
@@ -49,65 +56,6 @@ PRESETS = {
 AGREE_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
 
-def git_commit() -> Optional[str]:
-    """The commit the results were measured at (``+dirty`` when tracked code differs from it);
-    ``LAZYFAST_SOURCE_COMMIT`` names it for a source tree that is not a git checkout."""
-    if os.environ.get("LAZYFAST_SOURCE_COMMIT"):
-        return os.environ["LAZYFAST_SOURCE_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        # "+dirty": tracked code differs from the commit (results files being rewritten do not count)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results", ":(exclude)README.md"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip()[:12] + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def loadavg() -> Optional[str]:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return None
-
-
-def stamp(command: Optional[str] = None) -> dict:
-    """Where and when a result was measured: every results file carries this (machine, load, date, commit)."""
-    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_avg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": git_commit(), "command": command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
-
-
-@dataclass
-class Case:
-    """One workload: implementations (name → zero-argument callable), the first baseline is
-    the agreement reference; ``flops`` of one call (None: not a FLOP workload);
-    ``tol`` overrides the agreement tolerance."""
-    impls: Dict[str, Callable[[], object]]
-    flops: Optional[float] = None
-    tol: Optional[float] = None
-    note: str = ""
-
-
-@dataclass
-class Row:
-    workload: str
-    implementation: str
-    seconds: float
-    gflops: Optional[float] = None
-    gemm_fraction: Optional[float] = None
-    peak_mb: Optional[float] = None
-    rel_err: Optional[float] = None
-    agrees: bool = True
-    speedup: Dict[str, float] = field(default_factory=dict)  # lazyfast rows: baseline → time ratio
-
-
 # ----------------------------------------------------------------------------- workloads
 def _flat(out) -> torch.Tensor:
     if isinstance(out, dict):
@@ -118,7 +66,6 @@ def _flat(out) -> torch.Tensor:
 
 
 def _two_layer(d, m, k, dtype, device, seed=0):
-    from lazyfast.models import TwoLayer
 
     torch.manual_seed(seed)
     return TwoLayer(d, m, k, activation="relu", dtype=dtype, device=device)
@@ -130,8 +77,6 @@ def _inputs(n, d, dtype, device, seed):
 
 
 def case_two_layer_gram(p, dtype, device, func_max_bytes):
-    import lazyfast
-    from lazyfast import reference as R
 
     n, d, m = p["n"], p["d"], p["m"]
     model = _two_layer(d, m, 1, dtype, device)
@@ -155,8 +100,6 @@ def _product_setup(p, dtype, device):
 
 
 def case_two_layer_jvp(p, dtype, device, func_max_bytes):
-    import lazyfast
-    from lazyfast import reference as R
 
     model, x, n, d, m = _product_setup(p, dtype, device)
     T = p["T"]
@@ -175,8 +118,6 @@ def case_two_layer_jvp(p, dtype, device, func_max_bytes):
 
 
 def case_two_layer_vjp(p, dtype, device, func_max_bytes):
-    import lazyfast
-    from lazyfast import reference as R
 
     model, x, n, d, m = _product_setup(p, dtype, device)
     r = _inputs(n, 1, dtype, device, 5)
@@ -188,8 +129,6 @@ def case_two_layer_vjp(p, dtype, device, func_max_bytes):
 
 
 def case_two_layer_ntk_vp(p, dtype, device, func_max_bytes):
-    import lazyfast
-    from lazyfast import reference as R
 
     model, x, n, d, m = _product_setup(p, dtype, device)
     v = _inputs(n, 1, dtype, device, 6)
@@ -201,8 +140,6 @@ def case_two_layer_ntk_vp(p, dtype, device, func_max_bytes):
 
 
 def case_mlp_ntk(p, dtype, device, func_max_bytes):
-    import lazyfast
-    from lazyfast import reference as R
 
     n, d, w = p["n"], p["d"], p["w"]
     torch.manual_seed(0)
@@ -220,8 +157,6 @@ def case_mlp_ntk(p, dtype, device, func_max_bytes):
 
 
 def case_linearized_step(p, dtype, device, func_max_bytes):
-    from lazyfast import reference as R
-    from lazyfast.lazy import Linearized, square_loss
 
     n, d, m = p["n"], p["d"], p["m"]
     x, y = _inputs(n, d, dtype, device, 8), _inputs(n, 1, dtype, device, 9)
@@ -271,8 +206,6 @@ def _stepper(step, params, compare):
 
 
 def case_kernel_regression(p, dtype, device, func_max_bytes):
-    import lazyfast
-    from lazyfast.solvers import kernel_regression_cg
 
     n, d, m = p["n"], p["d"], p["m"]
     model = _two_layer(d, m, 1, dtype, device)
@@ -293,9 +226,7 @@ def case_kernel_regression(p, dtype, device, func_max_bytes):
 
 
 def case_models(p, dtype, device, func_max_bytes):
-    from lazyfast.bench_models import case  # the models users bring (issue 14), tiny sizes
-
-    return case(p, dtype, device, func_max_bytes)
+    return _bench_models.case(p, dtype, device, func_max_bytes)  # the models users bring, tiny sizes
 
 
 WORKLOADS = {
@@ -317,32 +248,6 @@ def build_case(name: str, preset: str, dtype, device) -> Case:
 
 
 # ----------------------------------------------------------------------------- measurement
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(fn, device, repeats: int) -> float:
-    """One warm-up call (also the compared output), then the best of ``repeats`` timed calls."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def gemm_gflops(shape, dtype, device, repeats=3) -> float:
-    m, k, n = shape
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
-    t = time_call(lambda: a @ b, device, repeats)
-    return 2.0 * m * k * n / t / 1e9
-
-
 def _rss_kb(field_name):
     with open("/proc/self/status") as f:
         for line in f:
@@ -392,7 +297,6 @@ def run(preset: str = "quick", *, workloads: Optional[List[str]] = None, dtype=t
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
         raise ValueError(f"unknown workloads {unknown}; choose from {sorted(WORKLOADS)}")
-    import lazyfast
 
     started = stamp()  # the load average before this run's own work
     rows: List[Row] = []
@@ -506,6 +410,3 @@ def main(argv=None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The timing protocol every lazyfast benchmark shares: result stamps (machine, load, date, commit),
+the workload and row records, and the warm best-of-N timer."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+def git_commit() -> Optional[str]:
+    """The commit the results were measured at (``+dirty`` when tracked code differs from it);
+    ``LAZYFAST_SOURCE_COMMIT`` names it for a source tree that is not a git checkout."""
+    if os.environ.get("LAZYFAST_SOURCE_COMMIT"):
+        return os.environ["LAZYFAST_SOURCE_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        # "+dirty": tracked code differs from the commit (results files being rewritten do not count)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results", ":(exclude)README.md"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip()[:12] + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def loadavg() -> Optional[str]:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
+
+
+def stamp(command: Optional[str] = None) -> dict:
+    """Where and when a result was measured: every results file carries this (machine, load, date, commit)."""
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": git_commit(), "command": command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+
+
+@dataclass
+class Case:
+    """One workload: implementations (name → zero-argument callable), the first baseline is
+    the agreement reference; ``flops`` of one call (None: not a FLOP workload);
+    ``tol`` overrides the agreement tolerance."""
+    impls: Dict[str, Callable[[], object]]
+    flops: Optional[float] = None
+    tol: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    workload: str
+    implementation: str
+    seconds: float
+    gflops: Optional[float] = None
+    gemm_fraction: Optional[float] = None
+    peak_mb: Optional[float] = None
+    rel_err: Optional[float] = None
+    agrees: bool = True
+    speedup: Dict[str, float] = field(default_factory=dict)  # lazyfast rows: baseline → time ratio
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device, repeats: int) -> float:
+    """One warm-up call (also the compared output), then the best of ``repeats`` timed calls."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def gemm_gflops(shape, dtype, device, repeats=3) -> float:
+    m, k, n = shape
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    t = time_call(lambda: a @ b, device, repeats)
+    return 2.0 * m * k * n / t / 1e9
