@@ -7,7 +7,7 @@ Group ``linearized_step``: one training step (forward + backward + SGD update) o
 * ``lazyfast``     — :class:`lazyfast.Linearized` with ``implementation="auto"``: on a
   reused (full) batch, the linearization at w0 is cached as autograd graphs, so a step is
   one backward pass through each (JVP by the double-VJP trick, VJP);
-* ``lazyfast_ntk`` — ``implementation="ntk"``: every step one JVP and one VJP at w0
+* ``lazyfast_ntk`` — ``implementation="products"``: every step one JVP and one VJP at w0
   through the public ``lazyfast.jvp`` / ``lazyfast.vjp`` (the fused kernels once merged);
 * ``torch_func``   — the baseline: ``f(w0, x) + torch.func.jvp(f(·, x), w0, w − w0)`` with
   autograd through the JVP (neural-tangents' ``linearize`` recipe; primal recomputed).
@@ -94,7 +94,7 @@ def torch_func_step(net, x, y):
 
 
 def lazyfast_ntk_step(net, x, y):
-    return lazyfast_step(net, x, y, implementation="ntk")
+    return lazyfast_step(net, x, y, implementation="products")
 
 
 STEPS = {"standard": standard_step, "lazyfast": lazyfast_step, "lazyfast_ntk": lazyfast_ntk_step,

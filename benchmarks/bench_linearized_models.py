@@ -10,7 +10,7 @@ SGD step (momentum 0.9) on 0.5·mean‖out − onehot‖² is timed four ways:
 * ``torch_func``    — the linearization as tangent-space fine-tuning code writes it:
   ``f0, t = torch.func.jvp(lambda p: functional_call(model0, p, (x,)), (w0,), (w − w0,))``,
   ``loss(f0 + t).backward()`` (attention by SDPA's math backend, which has forward-mode AD);
-* ``lazyfast_ntk``  — ``Linearized(model, implementation="ntk")``: one JVP and one VJP at w0 per step
+* ``lazyfast_ntk``  — ``Linearized(model, implementation="products")``: one JVP and one VJP at w0 per step
   (the path before the dual forward).
 
 Protocol: all methods of a model in one process, warm (2 steps each first), then ``--rounds``
@@ -64,7 +64,7 @@ def make_method(method: str, model: torch.nn.Module):
     """A step function step(x, y) for ``method`` on its own copy of ``model`` (same w0)."""
     if method in ("standard", "lazyfast", "lazyfast_ntk"):
         net = (copy.deepcopy(model) if method == "standard"
-               else Linearized(model, implementation="auto" if method == "lazyfast" else "ntk"))
+               else Linearized(model, implementation="auto" if method == "lazyfast" else "products"))
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=LR, momentum=0.9)
 
         def step(x, y):

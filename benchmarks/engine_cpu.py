@@ -15,7 +15,7 @@ variant: ``--warmup`` steps, then the best of ``--repeat`` (the same for all).
 
 Variants of one linearized training step (see bench_linearized.py): standard, lazyfast
 (Linearized, implementation="auto": cached linearization on the reused batch),
-lazyfast_ntk (Linearized, implementation="ntk": public jvp/vjp every step) and
+lazyfast_ntk (Linearized, implementation="products": public jvp/vjp every step) and
 torch_func (torch.func.jvp + autograd baseline). Then matrix-free CG kernel regression.
 """
 from __future__ import annotations

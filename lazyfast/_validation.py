@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -180,6 +181,46 @@ def check_alpha(value, name: str = "alpha", dtype: Optional[torch.dtype] = None)
             raise ValueError(f"{name}={value!r} is outside [{1 / bound:.3g}, {bound:.3g}] for a {dtype} model: "
                              f"{name}·h or its square loss would overflow or underflow in {dtype}; use float64")
     return a
+
+
+# ----------------------------------------------------------------------------- one implementation= vocabulary
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of working memory every eNTK path may hold at once (the one default)
+
+# Every ``implementation=`` of the public API takes its values from this one vocabulary (docs/engine.md,
+# "One vocabulary"); each entry point accepts the subset that applies to it (IMPLEMENTATIONS_OF).
+VOCABULARY = {
+    "auto": "the cheapest applicable backend, by the FLOP model",
+    "fused": "the compiled kernels of an exact TwoLayer",
+    "structured": "the structured engine: exact per-layer rules, the rest by the generic path",
+    "generic": "the generic path's own choice between jacobian and ntk_vp",
+    "jacobian": "per-sample Jacobians (vmap(jacrev)), contracted; chunked over samples and parameter blocks",
+    "ntk_vp": "one VJP + one JVP per kernel column; never holds a Jacobian",
+    "dual": "one forward with forward-mode dual parameters and one backward (Linearized)",
+    "cached": "the linearization kept as autograd graphs for a batch seen again (Linearized)",
+    "products": "the public jvp / vjp at w0 on every call: fused kernels where they serve (Linearized)",
+}
+IMPLEMENTATIONS_OF = {
+    "empirical_ntk": ("auto", "fused", "structured", "generic", "jacobian", "ntk_vp"),
+    "products": ("auto", "fused", "generic"),  # jvp, vjp, ntk_vp
+    "extract_kernel": ("auto", "structured", "jacobian"),
+    "Linearized": ("auto", "dual", "cached", "products"),
+}
+# 0.1 values, accepted for one release with a FutureWarning
+RENAMED_IMPLEMENTATIONS = {"products": {"reference": "generic"}, "extract_kernel": {"layerwise": "structured"},
+                           "Linearized": {"ntk": "products"}}
+
+
+def check_implementation(value, where: str) -> str:
+    """``value`` as one of ``IMPLEMENTATIONS_OF[where]``; a 0.1 name warns and maps to its 0.2 name."""
+    renamed = RENAMED_IMPLEMENTATIONS.get(where, {})
+    if isinstance(value, str) and value in renamed:
+        warnings.warn(f"implementation={value!r} is renamed {renamed[value]!r} in lazyfast 0.2; the old name is "
+                      "removed in 0.3", FutureWarning, stacklevel=3)
+        return renamed[value]
+    allowed = IMPLEMENTATIONS_OF[where]
+    if value not in allowed:
+        raise ValueError(f"implementation must be one of {allowed}, got {value!r}")
+    return value
 
 
 def check_memory_budget(value, name: str = "memory_budget") -> int:

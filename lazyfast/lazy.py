@@ -38,7 +38,8 @@ from lazyfast._engine import two_layer
 from lazyfast._engine.generic import math_attention as _math_attention
 from lazyfast._engine.outputs import ModelForwardError, model_output, run_forward, with_output
 from lazyfast._engine.uses import AliasGuard, storage_key
-from lazyfast._validation import check_alpha, check_bool, check_input, check_int, check_module, model_param_info
+from lazyfast._validation import (IMPLEMENTATIONS_OF, check_alpha, check_bool, check_implementation, check_input, check_int,
+                                  check_module, model_param_info)
 
 LOSSES = ("square", "cross_entropy")
 
@@ -182,7 +183,7 @@ def scaled_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, lo
 
 
 # ----------------------------------------------------------------------------- linearized model
-LINEARIZED_IMPLEMENTATIONS = ("auto", "dual", "cached", "ntk")
+LINEARIZED_IMPLEMENTATIONS = IMPLEMENTATIONS_OF["Linearized"]
 
 
 def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor, guard=AliasGuard):
@@ -411,7 +412,7 @@ class Linearized(nn.Module):
       backend in this pass; hardsigmoid and GLU by equivalent composites. A model with an
       op that has no forward-mode formula takes, for that call, the double-VJP of
       ``"cached"`` (reverse mode only), and the other paths from then on.
-    * ``"ntk"`` — every call does one JVP at w0 with the single tangent w − w0 and its
+    * ``"products"`` (0.1: ``"ntk"``) — every call does one JVP at w0 with the single tangent w − w0 and its
       backward one VJP at w0, through the public :func:`lazyfast.ntk.jvp` /
       :func:`lazyfast.ntk.vjp`: fused kernels serve ``TwoLayer`` (and MLPs) wherever they
       are compiled, with their bounded memory; ``torch.func`` serves any other module.
@@ -420,7 +421,7 @@ class Linearized(nn.Module):
       autograd graphs (see :class:`_CachedLinearization`): a step then costs about one
       forward and one backward pass, like a standard training step, but the batch's
       activations at w0 stay in memory (``cache_size`` batches at most).
-    * ``"auto"`` (default) — ``"ntk"`` for a ``TwoLayer`` served by the compiled kernels
+    * ``"auto"`` (default) — ``"products"`` for a ``TwoLayer`` served by the compiled kernels
       (their fused JVP + VJP cost less than a standard training step at n = 4096,
       m = 65536: measured in ``benchmarks/results/engine_cpu.json``, ``python benchmarks/engine_cpu.py``);
       otherwise ``"cached"`` from the second time a batch is seen (full-batch training, a
@@ -442,7 +443,7 @@ class Linearized(nn.Module):
 
     Args:
         model: a network mapping (n, ...) → (n, k); not modified.
-        implementation: ``"auto"``, ``"dual"``, ``"cached"`` or ``"ntk"`` (see above).
+        implementation: ``"auto"``, ``"dual"``, ``"cached"`` or ``"products"`` (see above).
         output_fn: for a model whose output is a tuple, dict or ModelOutput, which tensor
             is the output (a key or attribute such as ``"logits"``, an index, or a callable),
             as in :func:`lazyfast.empirical_ntk`.
@@ -456,8 +457,7 @@ class Linearized(nn.Module):
         super().__init__()
         check_module(model)
         model = with_output(model, output_fn)  # a tuple / dict / ModelOutput seen through output_fn
-        if implementation not in LINEARIZED_IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {LINEARIZED_IMPLEMENTATIONS}, got {implementation!r}")
+        implementation = check_implementation(implementation, "Linearized")
         check_int(cache_size, "cache_size", minimum=0)
         if implementation == "cached" and cache_size == 0:
             raise ValueError("implementation='cached' needs cache_size >= 1")
@@ -564,7 +564,7 @@ class Linearized(nn.Module):
     def _linearization(self, e: Optional[_CacheEntry], x: torch.Tensor):
         """How this call computes J(w0, x)·δ: a :class:`_CachedLinearization`, ``"dual"`` (one
         :class:`_DualPass`) or None (the public JVP / VJP)."""
-        if self.implementation == "ntk" or torch.is_inference_mode_enabled():
+        if self.implementation == "products" or torch.is_inference_mode_enabled():
             return None  # under torch.inference_mode no autograd graph can be built: one JVP
         if self.implementation == "auto" and self._fused_serves():
             return None  # the fused JVP + VJP cost less than a standard step: nothing to cache

@@ -1,16 +1,18 @@
 """Public eNTK / JVP / VJP / NTK·v API with an ``implementation=`` switch (docs/engine.md).
 
 ``implementation``:
-  * ``"structured"`` — the structured engine (:mod:`lazyfast.structured`) for any module:
+  * ``"structured"`` — the structured engine (:mod:`lazyfast._engine.structured`) for any module:
     per-layer exact rules (Linear of any rank, Conv1d/2d/3d, Embedding, norm affines, weight
     sharing) from one forward and one k-wide batched backward, the cheaper contraction order per
     layer, the compiled ``hadamard_gram_sum`` op for 2-D linear layers (all of ``lazyfast.MLP``);
     parameters no rule covers go to the generic path restricted to them. Chunked over samples
     within ``memory_budget``.
+  * ``"generic"`` — the generic path (:mod:`lazyfast._engine.generic`) with its own choice, by its
+    FLOP model, between:
   * ``"jacobian"`` — per-sample Jacobians (``vmap(jacrev)``), contracted; chunked over
-    samples and parameter blocks (:mod:`lazyfast.generic`).
+    samples and parameter blocks.
   * ``"ntk_vp"`` — one VJP + one JVP per kernel column (never holds a Jacobian).
-  * ``"fused"`` — the compiled two-layer kernels (:mod:`lazyfast.two_layer`): only for an
+  * ``"fused"`` — the compiled two-layer kernels (:mod:`lazyfast._engine.two_layer`): only for an
     exact :class:`~lazyfast.models.TwoLayer` (no subclass, no hooks) with all parameters trainable.
   * ``"auto"`` — ``"fused"`` for an exact TwoLayer; else ``"structured"`` when rules cover every
     parameter or the FLOP model says the rules-plus-remainder split is cheaper than the generic
@@ -19,6 +21,10 @@
 Every kernel is a plain tensor (no autograd graph). The eNTK entry points accept integer inputs
 (token ids) and refuse models whose samples are coupled or random (BatchNorm in training mode,
 active dropout: call ``model.eval()``); no call changes a module's state.
+
+``jvp`` / ``vjp`` / ``ntk_vp`` take ``"auto"``, ``"fused"`` or ``"generic"`` (torch.func on any module;
+0.1 called it ``"reference"``, still accepted for one release with a FutureWarning). All the
+``implementation=`` values of the API come from one vocabulary (:data:`lazyfast._validation.VOCABULARY`).
 """
 from __future__ import annotations
 
@@ -33,19 +39,13 @@ from lazyfast._engine import generic, structured, two_layer
 from lazyfast._engine.generic import _transform_errors
 from lazyfast._engine.outputs import ModelForwardError, output_dim, with_output
 from lazyfast._engine.state import no_fastpath
-from lazyfast._validation import (check_chunk_size, check_finite, check_input, check_memory_budget, check_mode,
+from lazyfast._validation import (DEFAULT_MEMORY_BUDGET, IMPLEMENTATIONS_OF, check_chunk_size, check_finite,
+                                  check_implementation, check_input, check_memory_budget, check_mode,
                                   check_module, model_param_info)
 from lazyfast.models import MLP, TwoLayer
 
-NTK_IMPLEMENTATIONS = ("auto", "fused", "structured", "jacobian", "ntk_vp")
-PRODUCT_IMPLEMENTATIONS = ("auto", "fused", "reference")
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of Jacobians held at once by the generic path
-
-
-def _check_impl(implementation, allowed):
-    if implementation not in allowed:
-        raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}")
-    return implementation
+NTK_IMPLEMENTATIONS = IMPLEMENTATIONS_OF["empirical_ntk"]
+PRODUCT_IMPLEMENTATIONS = IMPLEMENTATIONS_OF["products"]
 
 
 def _n_params(model: nn.Module) -> int:
@@ -156,7 +156,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     _check_pair(model, x1, x2, allow_integer=True)
     check_mode(mode)
     chunk_size = check_chunk_size(chunk_size)
-    _check_impl(implementation, NTK_IMPLEMENTATIONS)
+    implementation = check_implementation(implementation, "empirical_ntk")
     memory_budget = check_memory_budget(memory_budget)
     # the kernel is not differentiable in the inputs: treat them as constants
     x1 = x1.detach()
@@ -179,8 +179,8 @@ def _kernel(model, x1, x2, mode, implementation, chunk_size, memory_budget):
     plan = None
     if implementation == "auto":
         implementation, plan = choose_implementation(model, x1, x2, mode=mode, memory_budget=memory_budget)
-        if implementation == "generic":
-            implementation = "auto"
+    if implementation == "generic":
+        implementation = "auto"  # the generic path's own choice between jacobian and ntk_vp
     if implementation == "structured":
         K = structured.structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget, chunk_size=chunk_size,
                                       plan=plan)
@@ -209,7 +209,7 @@ def jvp(model: nn.Module, x: torch.Tensor, tangents: Dict[str, torch.Tensor], *,
     check_module(model)
     model = with_output(model, output_fn)
     check_input(x, "x", model, allow_integer=True)
-    _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    implementation = check_implementation(implementation, "products")
     if x.shape[0] == 0:  # k from the model, not guessed
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         T = reference.check_tangents(params, tangents)
@@ -252,7 +252,7 @@ def vjp(model: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, *, implement
     check_input(x, "x", model, allow_integer=True)
     with _naming("x"):
         _check_cotangent(model, x, cotangent, "cotangent")
-    _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    implementation = check_implementation(implementation, "products")
     if x.shape[0] == 0:
         return {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
                 for n, p in model.named_parameters() if p.requires_grad}
@@ -281,7 +281,7 @@ def ntk_vp(model: nn.Module, x1: torch.Tensor, v: torch.Tensor, x2: Optional[tor
     xb = x1 if x2 is None else x2
     with _naming("x1" if x2 is None else "x2"):
         _check_cotangent(model, xb, v, "v")
-    _check_impl(implementation, PRODUCT_IMPLEMENTATIONS)
+    implementation = check_implementation(implementation, "products")
     if x1.shape[0] == 0 or xb.shape[0] == 0:
         return torch.zeros((x1.shape[0], v.shape[1]), dtype=v.dtype, device=x1.device)
     if _use_fused(model, implementation):

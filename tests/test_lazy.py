@@ -55,7 +55,7 @@ def flat_delta(lin):
                       zip(lin.model.named_parameters(), lin.model0.parameters())])
 
 
-@pytest.mark.parametrize("impl", ["ntk", "cached", "auto"])
+@pytest.mark.parametrize("impl", ["products", "cached", "auto"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_linearized_forward_and_gradient_match_oracle(name, impl):
     make, shape = MODELS[name]
@@ -93,7 +93,7 @@ def test_linearized_forward_and_gradient_match_oracle(name, impl):
     assert all(torch.equal(p, q) for p, q in zip(lin.model0.parameters(), net.parameters()))
 
 
-@pytest.mark.parametrize("impl", ["ntk", "cached"])
+@pytest.mark.parametrize("impl", ["products", "cached"])
 def test_linearized_gradcheck(impl):
     torch.manual_seed(0)
     net = TwoLayer(3, 6, 2, activation="tanh", bias=True, dtype=F64)
@@ -109,7 +109,7 @@ def test_linearized_gradcheck(impl):
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("impl", ["ntk", "cached"])
+@pytest.mark.parametrize("impl", ["products", "cached"])
 def test_linearized_only_trainable_parameters_move(impl):
     torch.manual_seed(0)
     net = TwoLayer(4, 6, 1, bias=True, dtype=F64)
@@ -365,7 +365,7 @@ def test_frozen_pattern_net_surrogate():
         FrozenPatternNet(tiny_cnn(), alpha=0.0)
 
 
-@pytest.mark.parametrize("impl", ["ntk", "cached"])
+@pytest.mark.parametrize("impl", ["products", "cached"])
 def test_linearized_float32_matches_float64(impl):
     torch.manual_seed(0)
     net = TwoLayer(6, 33, 3, activation="gelu", bias=True, dtype=F64)

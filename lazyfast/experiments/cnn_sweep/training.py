@@ -172,7 +172,7 @@ def train_run(cfg: Config, arch_index: int, seed: int, kind: str, alpha: float, 
     net = initial_network(cfg, arch_index, seed, data["x_train"].shape[1], dtype, device)
     if kind == "linearized":
         alpha = 1.0
-        model = LazyModel(Linearized(net, implementation="ntk", cache_size=0), 1.0, center=True)
+        model = LazyModel(Linearized(net, implementation="products", cache_size=0), 1.0, center=True)
     else:
         model = LazyModel(net, alpha, center=True)
     params = [p for p in model.parameters() if p.requires_grad]
