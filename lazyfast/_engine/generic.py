@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lazyfast._engine.outputs import ModelForwardError, _forward_detail, model_output, output_dim
 from lazyfast._engine.state import StateGuard
 from lazyfast._engine.uses import AliasGuard, parameter_storages
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET
 
 Params = Dict[str, torch.Tensor]
 
@@ -178,7 +179,7 @@ def _contract_blocks(j1s, j2s, mode: str, k: int) -> torch.Tensor:
 
 
 def ntk_jacobian_blocked(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *,
-                         mode: str = "trace", memory_budget: int = 2 * 1024**3,
+                         mode: str = "trace", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                          chunk_size: Optional[int] = None, names: Optional[Sequence[str]] = None,
                          k: Optional[int] = None, act_numel: Optional[int] = None) -> torch.Tensor:
     """Jacobian contraction that never holds more than about ``memory_budget`` bytes of
@@ -325,7 +326,7 @@ def choose_generic_implementation(model: nn.Module, x1: torch.Tensor, x2: Option
 
 def generic_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
                 implementation: str = "auto", chunk_size: Optional[int] = None,
-                memory_budget: int = 2 * 1024**3, names: Optional[Sequence[str]] = None,
+                memory_budget: int = DEFAULT_MEMORY_BUDGET, names: Optional[Sequence[str]] = None,
                 k: Optional[int] = None, forward_flops: Optional[float] = None,
                 act_numel: Optional[int] = None) -> torch.Tensor:
     """eNTK of any module within ``memory_budget`` bytes of working memory.

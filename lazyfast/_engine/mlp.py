@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 
 from lazyfast._engine.structured import structured_ntk
-from lazyfast._validation import check_chunk_size, check_input, check_mode
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET, check_chunk_size, check_input, check_mode
 from lazyfast.models import MLP
 
 
 def mlp_ntk(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
-            chunk_size: Optional[int] = None, memory_budget: int = 2 * 1024**3) -> torch.Tensor:
+            chunk_size: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
     """Structured eNTK of a :class:`lazyfast.models.MLP` (any depth, activation, bias,
     parametrization, k ≥ 1, frozen parameters) by the structured engine.
 
