@@ -1,15 +1,18 @@
 """The house (CONTRIBUTING.md, "Where things live"): zero import cycles, no imports inside function
 bodies but optional dependencies, one ``implementation=`` vocabulary, the 0.1 names as warning aliases."""
 import ast
+import importlib
 import os
 import subprocess
 import sys
 import warnings
 
 import pytest
+import torch
 
 import lazyfast
 from lazyfast import _deprecated, _validation
+from lazyfast._engine.state import StateGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "lazyfast")
@@ -135,8 +138,6 @@ def test_old_implementation_names_warn_and_map():
 
 @pytest.mark.parametrize("old", sorted(_deprecated.MOVED_MODULES))
 def test_the_0_1_modules_are_warning_aliases(old):
-    import importlib
-
     mod = importlib.import_module(f"lazyfast.{old}")
     names = [n for home in _deprecated.MOVED_MODULES[old][0].split()
              for n in vars(importlib.import_module(home)) if not n.startswith("_")]
@@ -157,3 +158,21 @@ def test_public_surface_is_underscore_free_and_complete():
         assert hasattr(lazyfast, name), name
     for internal in ("structured", "generic", "mlp", "two_layer", "ops", "rules", "bench_models"):
         assert internal not in lazyfast.__all__
+
+
+def test_state_guard_is_reentrant_and_the_outer_guard_restores():
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+
+    m = Counter()
+    with pytest.raises(ValueError, match="seen"):
+        with StateGuard(m):
+            with StateGuard(m) as inner:
+                assert inner.inner
+                m.seen += 1
+            assert float(m.seen) == 1.0  # the inner guard did nothing: the outer one checks
+    assert float(m.seen) == 0.0  # ... and restored
+    with StateGuard(m) as g:
+        assert not g.inner  # closed guards leave nothing behind

@@ -5,6 +5,7 @@ Imports no other lazyfast module: every backend uses these, and nothing here dep
 from __future__ import annotations
 
 import copy
+import threading
 
 from typing import Dict
 
@@ -59,12 +60,23 @@ class StateGuard:
     """Context manager: the model's buffers, training flags and plain attributes (numbers,
     strings, flags and short lists / tuples / dicts of them, e.g. a step counter) are the same
     after as before. A forward that changed a buffer or a plain attribute is undone and reported
-    (ValueError naming what changed); a forward that changed a parameter in place is reported."""
+    (ValueError naming what changed); a forward that changed a parameter in place is reported.
+
+    Re-entrant: a guard entered while a guard of the same model is open on this thread (the public
+    call's guard around the engine's own) does nothing, so buffers are cloned once per call, and the
+    outermost guard checks and restores everything."""
+
+    _open = threading.local()
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
+        open_ = self._open.__dict__.setdefault("ids", set())
+        self.inner = id(self.model) in open_
+        if self.inner:
+            return self
+        open_.add(id(self.model))
         self.fast = no_fastpath().__enter__()
         self.bufs = [(n, b, b._version, b.detach().clone()) for n, b in self.model.named_buffers()]
         self.flags = [(m, m.training) for m in self.model.modules()]
@@ -73,6 +85,9 @@ class StateGuard:
         return self
 
     def __exit__(self, *exc):
+        if self.inner:
+            return False
+        self._open.ids.discard(id(self.model))
         self.fast.__exit__(*exc)
         changed = []
         for n, b, v, saved in self.bufs:
