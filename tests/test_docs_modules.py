@@ -1,4 +1,4 @@
-"""The documents name files that exist.
+"""The documents name files that exist, and CONTRIBUTING.md's "Where things live" names every file.
 
 1. Every module path that README.md, CONTRIBUTING.md or a page of docs/ names — a path such as
    ``lazyfast/_engine/uses.py``, ``csrc/cuda/*.cu``, ``benchmarks/bench_nt.py``, or a dotted name such
@@ -7,9 +7,12 @@
    the deprecated 0.1 aliases (``lazyfast/structured.py``, ``lazyfast.generic``, ...) as if it held
    code must say on that line that it is an alias.
 2. Every relative link of those documents points at a file that exists, and at a heading of it.
+3. "Where things live" has exactly one line per tracked file (``git ls-files``; data under
+   benchmarks/results/ and docs/figures/ excepted), and each of its lines names a file that exists.
 """
 import pathlib
 import re
+import subprocess
 from collections import Counter
 
 import pytest
@@ -20,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 # The planned modules of the structured engine's split (lazyfast/_engine/structured/__init__.py into
-# these files), which lands in a separate change: docs/design.md already names them.
+# these files), which lands in a separate change: docs/design.md and CONTRIBUTING.md already name them.
 # They may be missing ONLY while listed here. EMPTY THIS SET once the split is merged (then a planned
 # name that did not land, or was renamed, fails like any other stale name).
 PLANNED = {
@@ -175,3 +178,37 @@ def test_every_relative_link_points_at_a_file_and_heading(doc):
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
                 bad.append(f"{i}: {target} (no such heading)")
     assert bad == [], f"{doc.relative_to(ROOT)}: {bad}"
+
+
+# ----------------------------------------------------------------------------- Where things live
+def _where_entries():
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    assert "\n## Where things live\n" in text, 'CONTRIBUTING.md has a "Where things live" section'
+    section = text.split("\n## Where things live\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^- `([^`]+)` — \S", section, re.M)
+
+
+def _tracked():
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout.strip():
+        pytest.skip("not a git checkout")
+    return [f for f in out.stdout.splitlines()
+            if not f.startswith("benchmarks/results/") and not (f.startswith("docs/figures/") and not f.endswith(".py"))]
+
+
+def test_where_things_live_lists_every_tracked_file():
+    entries = _where_entries()
+    missing = sorted(set(_tracked()) - set(entries))
+    assert missing == [], ('CONTRIBUTING.md, "Where things live": add one line "- `PATH` — what it owns" for '
+                           f"each of {missing}")
+
+
+def test_where_things_live_names_only_files_that_exist_once():
+    entries = _where_entries()
+    dups = sorted(e for e, c in Counter(entries).items() if c > 1)
+    assert dups == [], f'CONTRIBUTING.md, "Where things live": listed twice: {dups}'
+    gone = [e for e in entries if not ((ROOT / e).exists() or _planned(e))]
+    assert gone == [], f'CONTRIBUTING.md, "Where things live": no such file (remove or rename the line): {gone}'
