@@ -1,25 +1,28 @@
-"""Generates every performance table of README.md from the committed results files.
+"""Generates every generated block of the documents from the committed results files.
 
-Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` and is rebuilt from
-one results file written by a benchmark command (the table's first line names the file, the
-command, and the stamp: date, commit, load average):
+Each block sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; ``DOCS`` (below) says which
+document holds which blocks (each block is in exactly one). The performance tables, in
+docs/benchmarks.md, are each rebuilt from one results file written by a benchmark command (the
+table's first line names the file, the command, and the stamp: date, commit, load average):
 
-    bench-quick      benchmarks/results/bench-quick-cpu.json   lazyfast bench --quick --json … --markdown …
-    two-layer        benchmarks/results/two_layer_cpu.json     python benchmarks/two_layer_report.py
-    mlp              benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
-    engine           benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
-    models           benchmarks/results/models_cpu.json        python benchmarks/bench_models.py …
-                     (+ models_cpu_update.json: later runs of some rows, --out …_update)
-    nt               benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
+    bench-quick        benchmarks/results/bench-quick-cpu.json   lazyfast bench --quick --json … --markdown …
+    two-layer          benchmarks/results/two_layer_cpu.json     python benchmarks/two_layer_report.py
+    mlp                benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
+    engine             benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
+    models             benchmarks/results/models_cpu.json        python benchmarks/bench_models.py …
+                       (+ models_cpu_update.json, models_cpu_full_mode.json: later runs of some rows, --out …)
+    nt                 benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
+    linearized-models  benchmarks/results/linearized_models_cpu.json   python benchmarks/bench_linearized_models.py
 
-    python scripts/update_readme.py            # rewrite the tables in README.md
-    python scripts/update_readme.py --check    # exit 1 if a table and its results file disagree
+The reproduction blocks (docs/REPRODUCTION.md: ``reproduction``, ``cnn-alpha``, ``cnn-sweep``,
+``cnn-gpu-sizing``) are rebuilt from docs/figures/*.json by lazyfast/experiments/claims.py. README.md
+holds one block, ``summary``: a few headline rows from both, each linking to its table.
 
-The reproduction summary table (README.md and docs/REPRODUCTION.md, ``<!-- reproduction:… -->``) is
-rebuilt from docs/figures/*.json by lazyfast/experiments/claims.py.
+    python scripts/update_readme.py            # rewrite the blocks of README.md, docs/benchmarks.md, docs/REPRODUCTION.md
+    python scripts/update_readme.py --check    # exit 1 if a block and its results files disagree
 
-tests/test_readme_tables.py runs the check, so a table edited by hand, or a results file
-regenerated without updating the README, fails CI.
+tests/test_readme_tables.py runs the check, so a block edited by hand, or a results file
+regenerated without updating the documents, fails CI.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Callable, Dict, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "docs" / "figures"
 sys.path.insert(0, str(ROOT))
 
 
@@ -313,6 +317,138 @@ def table_linearized_models(results: pathlib.Path) -> str:
     return mod.markdown(_load("linearized_models_cpu.json", results))
 
 
+# ----------------------------------------------------------------------------- the README's summary
+def _lin_models(results: pathlib.Path) -> dict:
+    return _load("linearized_models_cpu.json", results)
+
+
+def _range(vals) -> str:
+    lo, hi = min(vals), max(vals)
+    return _x(lo) if _x(lo) == _x(hi) else f"{_x(lo)}–{_x(hi)}"
+
+
+def _repro_row(figures: pathlib.Path) -> str:
+    """The reproduction row of the summary: the verdict of every row of the reproduction table."""
+    from lazyfast.experiments import claims
+
+    rows = [line for line in claims.table(figures).splitlines() if line.startswith("| `")]
+    holds, other = [], []
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name = cells[0].split(" (")[0]  # "`cnn-sweep` vgg11 (÷8 widths, …)" → "`cnn-sweep` vgg11"
+        (holds if cells[-1] == "yes" else other).append((name, cells[-1]))
+    text = f"**{len(holds)} of {len(rows)}** rows hold: " + ", ".join(n for n, _ in holds)
+    if other:
+        text += "; " + "; ".join(f"{n}: {v}" for n, v in other)
+    return (f"| the paper's claims, one row per experiment | {text} | "
+            f"[summary table and figures](docs/REPRODUCTION.md#summary) (docs/figures/*.json) |")
+
+
+def table_summary(results: pathlib.Path, figures: pathlib.Path) -> str:
+    """README.md's one table: a few headline rows from the results files and docs/figures, each
+    linking to the table it comes from (docs/benchmarks.md, docs/REPRODUCTION.md)."""
+    bm = "docs/benchmarks.md"
+    rows = ["| result | measured | details |", "|---|---|---|", _repro_row(figures)]
+
+    g = _load("two_layer_cpu.json", results)["gram"]
+    sh, t = g["shape"], g["time_s"]
+    if "torch_func_sym" in t:
+        rows.append(f"| two-layer eNTK Gram, n = {sh['n']}, d = {sh['d']}, m = {sh['m']} | {_s(t['fused_sym'])}: "
+                    f"**{_x(g['speedup_vs_torch_func_sym'])}** the torch.func Jacobian contraction "
+                    f"({_s(t['torch_func_sym'])}), {_x(g['speedup_vs_dense_sym'])} the same math as dense GEMMs | "
+                    f"[two-layer table]({bm}#two-layer-kernels-at-the-target-sizes) (two_layer_cpu.json) |")
+
+    b = {x["name"]: x for x in _load("mlp_cpu.json", results)["benchmarks"]}
+    e = b["test_mlp_torchfunc_jacobian"]["extra_info"]
+    lf, lw = b["test_mlp_lazyfast"]["stats"]["min"], b["test_mlp_layerwise_pytorch"]["stats"]["min"]
+    jc = b["test_mlp_torchfunc_jacobian"]["stats"]["min"]
+    rows.append(f"| MLP eNTK, 100 → 2048³ → 1 | n = {e['n']}: **{_x(jc / e['lazyfast_same_n_s'])}** the torch.func "
+                f"Jacobian contraction; n = 1024: {_x(lw / lf)} the layerwise formula | "
+                f"[MLP / VGG-11 table]({bm}#structured-mlp-entk-and-the-vgg-11-kernel) (mlp_cpu.json) |")
+
+    _, merged = merged_models(results)
+    tut = {}
+    for row, _ in merged:
+        by = {x["method"]: x for x in row["results"]}
+        a, tt = by.get("lazyfast auto"), by.get("torch.func tutorial (J once)")
+        if a and a.get("seconds") and tt and tt.get("seconds"):
+            tut[f"{row['model']}, n = {row['n']}, {row['mode']}"] = tt["seconds"] / a["seconds"]
+    tg = [x for x in _bench_models().targets([row for row, _ in merged]) if x["met"] is not None]
+    lo, hi = min(tut, key=tut.get), max(tut, key=tut.get)
+    rows.append(f"| eNTK of the models users bring (MLPs, weight sharing, VGG-11, ResNet-18s, Transformers; "
+                f"{len(merged)} rows) | **{_x(tut[lo])}–{_x(tut[hi])}** the torch.func tutorial "
+                f"({_x(tut[lo])}: {lo}; {_x(tut[hi])}: {hi}); {sum(x['met'] for x in tg)} of {len(tg)} targets met | "
+                f"[models table]({bm}#the-models-users-bring) (models_cpu*.json) |")
+
+    nt = _load("nt_compare_cpu.json", results)
+    sp = [x["speedup_vs_nt"] for row in nt["rows"] for x in row["results"] if "speedup_vs_nt" in x]
+    fast = [x.get("speedup_vs_nt_fastest", x["speedup_vs_nt"]) for row in nt["rows"] for x in row["results"]
+            if "speedup_vs_nt" in x]
+    rows.append(f"| against neural-tangents (JAX, jit) on MLPs, TwoLayer, a CNN | **{_range(sp)}** its structured "
+                f"derivatives, {_range(fast)} its fastest method; {sum(x['met'] for x in nt['targets'])} of "
+                f"{len(nt['targets'])} targets met | [neural-tangents table]({bm}#against-neural-tangents) "
+                f"(nt_compare_cpu.json) |")
+
+    r = _load("engine_cpu.json", results)
+    if "cg" in r:
+        c = r["cg"]
+        rows.append(f"| matrix-free kernel regression (CG on Θ + λI), n = {c['n']:,} | {c['iterations']} iterations, "
+                    f"{_s(c['seconds'])}, **{c['peak_mb']:.0f} MB** peak (a dense Θ would need "
+                    f"{c['dense_theta_gb']:.0f} GB) | [engine table]({bm}#linearized-training-and-matrix-free-regression) "
+                    f"(engine_cpu.json) |")
+    if "step" in r:
+        s = r["step"]
+        v = s["variants"]
+        std, tf, lz = v["standard"]["min"], v["torch_func"]["min"], v["lazyfast"]["min"]
+        rows.append(f"| `Linearized(TwoLayer)` training step, n = {s['n']}, m = {s['m']} | **{lz / std:.2f}×** the "
+                    f"standard step, {_x(tf / lz)} faster than the torch.func.jvp linearization | "
+                    f"[engine table]({bm}#linearized-training-and-matrix-free-regression) (engine_cpu.json) |")
+
+    lm = _lin_models(results)["models"]
+    ls = [m["ratios"]["lazyfast/standard"]["median"] for m in lm]
+    tl = [m["ratios"]["torch_func/lazyfast"]["median"] for m in lm]
+    rows.append(f"| `Linearized(model)` training step on {len(lm)} timm / Hugging Face models | **{_range(ls)}** a "
+                f"standard step (target ≤ 1.4×: {sum(v <= 1.4 for v in ls)} of {len(lm)} met); torch.func jvp + vjp "
+                f"takes {_range(tl)} its time (target ≥ 1.5×: {sum(v >= 1.5 for v in tl)} of {len(lm)} met) | "
+                f"[linearized-models table]({bm}#linearized-training-on-the-models-users-bring) "
+                f"(linearized_models_cpu.json) |")
+    files = ("two_layer_cpu.json, mlp_cpu.json, models_cpu*.json, nt_compare_cpu.json, engine_cpu.json, "
+             "linearized_models_cpu.json")
+    return (f"*Generated by `python scripts/update_readme.py` from benchmarks/results/ ({files}) and docs/figures/*.json; "
+            "float32 on the project's shared 2-core CPU; each linked table names the command, date, commit and load "
+            "average of its run.*\n\n" + "\n".join(rows))
+
+
+# ----------------------------------------------------------------------------- the reproduction blocks
+def _claims():
+    from lazyfast.experiments import claims
+
+    return claims
+
+
+def table_reproduction(results: pathlib.Path, figures: pathlib.Path) -> str:
+    return _claims().table(figures)
+
+
+def section_cnn_alpha(results: pathlib.Path, figures: pathlib.Path) -> str:
+    return _claims().cnn_alpha_section(figures)
+
+
+def section_cnn_sweep(results: pathlib.Path, figures: pathlib.Path) -> str:
+    return _claims().cnn_sweep_section(figures)
+
+
+def section_cnn_gpu_sizing(results: pathlib.Path, figures: pathlib.Path) -> str:
+    return _claims().cnn_gpu_sizing_section(figures)
+
+
+def _results_only(fn: Callable[[pathlib.Path], str]) -> Callable[[pathlib.Path, pathlib.Path], str]:
+    return lambda results, figures: fn(results)
+
+
+# Every generated block: name → its generator(results, figures). The performance tables read
+# benchmarks/results/ only (each stamped with the file, the command and the run); the reproduction
+# blocks read docs/figures/ only (lazyfast/experiments/claims.py); the README's summary reads both.
 TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
     "bench-quick": table_bench_quick,
     "two-layer": table_two_layer,
@@ -322,103 +458,96 @@ TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
     "nt": table_nt,
     "linearized-models": table_linearized_models,
 }
+GENERATORS: Dict[str, Callable[[pathlib.Path, pathlib.Path], str]] = {
+    **{name: _results_only(fn) for name, fn in TABLES.items()},
+    "summary": table_summary,
+    "reproduction": table_reproduction,
+    "cnn-alpha": section_cnn_alpha,
+    "cnn-sweep": section_cnn_sweep,
+    "cnn-gpu-sizing": section_cnn_gpu_sizing,
+}
+
+# Which document holds which blocks (paths relative to the repository root); every block is in
+# exactly one document.
+DOCS: Dict[str, Tuple[str, ...]] = {
+    "README.md": ("summary",),
+    "docs/benchmarks.md": ("bench-quick", "two-layer", "mlp", "engine", "models", "nt", "linearized-models"),
+    "docs/REPRODUCTION.md": ("reproduction", "cnn-alpha", "cnn-sweep", "cnn-gpu-sizing"),
+}
 
 
 def _markers(name: str) -> Tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def blocks(readme: str) -> Dict[str, str]:
-    """The current text of every generated block in ``readme`` (name → text between the markers)."""
+def blocks(text: str, names=None, doc: str = "README.md") -> Dict[str, str]:
+    """The current text of the generated blocks ``names`` (default: those DOCS gives ``doc``) in
+    ``text`` (name → text between the markers). A document must hold each of its blocks exactly once,
+    and no block of another document."""
+    names = DOCS[doc] if names is None else names
     out = {}
-    for name in TABLES:
+    for name in names:
         start, end = _markers(name)
-        if readme.count(start) != 1 or readme.count(end) != 1:
-            raise ValueError(f"README.md must contain exactly one {start} … {end} block")
-        out[name] = readme.split(start, 1)[1].split(end, 1)[0].strip("\n")
+        if text.count(start) != 1 or text.count(end) != 1:
+            raise ValueError(f"{doc} must contain exactly one {start} … {end} block")
+        out[name] = text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+    own = set(DOCS.get(doc, ())) | set(names)
+    for other in GENERATORS:
+        if other not in own and any(m in text for m in _markers(other)):
+            raise ValueError(f"{doc} holds a <!-- {other}:… --> marker, but that block belongs to another document "
+                             f"(scripts/update_readme.py, DOCS)")
     return out
 
 
-def render(readme: str, results: pathlib.Path = RESULTS) -> str:
-    """``readme`` with every generated block rebuilt from ``results``."""
-    for name, fn in TABLES.items():
+def render(text: str, names=None, results: pathlib.Path = RESULTS, figures: pathlib.Path = FIGURES,
+           doc: str = "README.md") -> str:
+    """``text`` (the document ``doc``) with its generated blocks rebuilt from ``results`` and ``figures``."""
+    names = DOCS[doc] if names is None else names
+    blocks(text, names, doc)  # validates the markers
+    for name in names:
         start, end = _markers(name)
-        blocks(readme)  # validates the markers
-        head, rest = readme.split(start, 1)
-        _, tail = rest.split(end, 1)
-        readme = f"{head}{start}\n{fn(results)}\n{end}{tail}"
-    return readme
-
-
-def check(readme_path: pathlib.Path = ROOT / "README.md", results: pathlib.Path = RESULTS) -> list:
-    """Names of the blocks whose README text differs from what their results file gives."""
-    readme = readme_path.read_text()
-    want = blocks(render(readme, results))
-    have = blocks(readme)
-    return [k for k in TABLES if want[k] != have[k]]
-
-
-# ----------------------------------------------------------------------------- reproduction results
-# The reproduction summary table, in README.md and docs/REPRODUCTION.md, from docs/figures/*.json
-# (lazyfast/experiments/claims.py computes each row's result and verdict).
-FIGURES = ROOT / "docs" / "figures"
-REPRO_DOCS = (ROOT / "README.md", ROOT / "docs" / "REPRODUCTION.md")
-
-
-def _repro_blocks():
-    """block name → (generator(figures), the documents that must hold it)."""
-    from lazyfast.experiments import claims
-
-    return {"reproduction": (claims.table, REPRO_DOCS),
-            "cnn-alpha": (claims.cnn_alpha_section, REPRO_DOCS[1:]),
-            "cnn-sweep": (claims.cnn_sweep_section, REPRO_DOCS[1:]),
-            "cnn-gpu-sizing": (claims.cnn_gpu_sizing_section, REPRO_DOCS[1:])}
-
-
-def render_reproduction(text: str, figures: pathlib.Path = FIGURES, path: pathlib.Path = None) -> str:
-    """``text`` with its generated reproduction blocks rebuilt from ``figures`` (the blocks a
-    document must hold are in ``_repro_blocks``; ``path`` names the document, default README.md)."""
-    path = pathlib.Path(path or REPRO_DOCS[0])
-    for name, (fn, docs) in _repro_blocks().items():
-        if path.name not in {d.name for d in docs}:
-            continue
-        start, end = _markers(name)
-        if text.count(start) != 1 or text.count(end) != 1:
-            raise ValueError(f"{path.name} must contain exactly one {start} … {end} block")
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{fn(figures)}\n{end}{tail}"
+        text = f"{head}{start}\n{GENERATORS[name](results, figures)}\n{end}{tail}"
     return text
 
 
-def check_reproduction(paths=REPRO_DOCS, figures: pathlib.Path = FIGURES) -> list:
-    """The documents whose generated reproduction blocks differ from what docs/figures gives."""
-    return [str(p) for p in paths if render_reproduction(p.read_text(), figures, p) != p.read_text()]
+def check(root: pathlib.Path = ROOT, results: pathlib.Path = RESULTS, figures: pathlib.Path = FIGURES) -> list:
+    """Names of the blocks whose text in the documents under ``root`` differs from what ``results``
+    and ``figures`` give."""
+    bad = []
+    for doc, names in DOCS.items():
+        text = (pathlib.Path(root) / doc).read_text()
+        want, have = blocks(render(text, names, results, figures, doc), names, doc), blocks(text, names, doc)
+        bad += [k for k in names if want[k] != have[k]]
+    return bad
+
+
+def write(root: pathlib.Path = ROOT, results: pathlib.Path = RESULTS, figures: pathlib.Path = FIGURES) -> None:
+    for doc, names in DOCS.items():
+        path = pathlib.Path(root) / doc
+        path.write_text(render(path.read_text(), names, results, figures, doc))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md and the results files disagree")
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--check", action="store_true", help="exit 1 if a document and the results files disagree")
+    ap.add_argument("--root", default=str(ROOT), help="the tree whose documents (DOCS) are read and written")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--figures", default=str(FIGURES))
     args = ap.parse_args(argv)
-    path, results = pathlib.Path(args.readme), pathlib.Path(args.results)
+    root, results, figures = pathlib.Path(args.root), pathlib.Path(args.results), pathlib.Path(args.figures)
     if args.check:
-        bad = check(path, results)
+        bad = check(root, results, figures)
         if bad:
-            print(f"README.md tables out of date with their results files: {bad}; run python scripts/update_readme.py")
+            print(f"generated blocks out of date with benchmarks/results or docs/figures: {bad}; "
+                  "run python scripts/update_readme.py")
             return 1
-        bad = check_reproduction()
-        if bad:
-            print(f"reproduction tables out of date with docs/figures: {bad}; run python scripts/update_readme.py")
-            return 1
-        print("README.md tables match their results files; the reproduction tables match docs/figures")
+        print(f"every generated block of {', '.join(DOCS)} matches benchmarks/results and docs/figures")
         return 0
-    path.write_text(render(path.read_text(), results))
-    for doc in REPRO_DOCS:
-        doc.write_text(render_reproduction(doc.read_text(), FIGURES, doc))
-    print(f"{path}: tables {', '.join(TABLES)} regenerated from {results}; reproduction tables in "
-          f"{', '.join(p.name for p in REPRO_DOCS)} regenerated from {FIGURES}")
+    write(root, results, figures)
+    for doc, names in DOCS.items():
+        print(f"{doc}: {', '.join(names)} regenerated")
     return 0
 
 

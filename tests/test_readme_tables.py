@@ -1,6 +1,8 @@
-"""README.md's performance tables are generated from committed results files
-(scripts/update_readme.py): a table edited by hand, or a results file regenerated without
-regenerating the README, fails here."""
+"""The generated blocks of README.md, docs/benchmarks.md and docs/REPRODUCTION.md
+(scripts/update_readme.py, DOCS: which document holds which block) are rebuilt from committed files:
+the performance tables from benchmarks/results/, the reproduction blocks from docs/figures/, the
+README's summary from both. A block edited by hand, or a results file regenerated without
+regenerating the documents, fails here."""
 import importlib.util
 import json
 import pathlib
@@ -15,20 +17,44 @@ update_readme = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(update_readme)
 
 
-def test_every_table_matches_its_results_file():
+def _copy_docs(tmp_path) -> pathlib.Path:
+    """A tree holding copies of the documents with generated blocks (to edit in a test)."""
+    for doc in update_readme.DOCS:
+        (tmp_path / doc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / doc, tmp_path / doc)
+    return tmp_path
+
+
+def test_every_block_matches_its_results_file():
     assert update_readme.check() == [], "run: python scripts/update_readme.py"
 
 
-def test_every_table_names_a_stamped_results_file():
-    blocks = update_readme.blocks((ROOT / "README.md").read_text())
-    assert set(blocks) == set(update_readme.TABLES)
-    for name, text in blocks.items():
+def test_every_block_is_in_exactly_one_document():
+    names = [n for names in update_readme.DOCS.values() for n in names]
+    assert sorted(names) == sorted(update_readme.GENERATORS)
+    for doc, names in update_readme.DOCS.items():
+        assert set(update_readme.blocks((ROOT / doc).read_text(), names, doc)) == set(names)
+
+
+def test_every_performance_table_names_a_stamped_results_file():
+    docs = {n: doc for doc, names in update_readme.DOCS.items() for n in names}
+    assert set(update_readme.TABLES) <= set(docs)
+    for name in update_readme.TABLES:
+        text = update_readme.blocks((ROOT / docs[name]).read_text(), [name], docs[name])[name]
         m = re.match(r"\*Generated from `(benchmarks/results/[^`]+)` \(`([^`]+)`; (\d{4}-\d\d-\d\d [\d:]+ UTC), "
                      r"commit (\S+), load average ([^,]+),", text)
         assert m, (name, text[:200])
         assert (ROOT / m.group(1)).exists(), m.group(1)
         assert m.group(4) not in ("None", ""), (name, "no commit recorded")
         assert m.group(5) != "None", (name, "no load average recorded")
+
+
+def test_the_readme_summary_links_to_the_detail():
+    text = update_readme.blocks((ROOT / "README.md").read_text(), ["summary"])["summary"]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| result ")]
+    assert 3 <= len(rows) <= 10, "a few headline rows"
+    for row in rows:
+        assert re.search(r"\]\(docs/(benchmarks|REPRODUCTION)\.md#[\w-]+\)", row), row
 
 
 @pytest.mark.parametrize("table,file,edit", [
@@ -43,24 +69,42 @@ def test_a_changed_results_file_is_detected(tmp_path, table, file, edit):
     data = json.loads((results / file).read_text())
     edit(data)
     (results / file).write_text(json.dumps(data))
-    assert table in update_readme.check(ROOT / "README.md", results)
+    assert table in update_readme.check(ROOT, results)
+
+
+def test_a_changed_results_file_changes_the_readme_summary(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    data = json.loads((results / "engine_cpu.json").read_text())
+    data["cg"]["peak_mb"] *= 2
+    (results / "engine_cpu.json").write_text(json.dumps(data))
+    assert {"engine", "summary"} <= set(update_readme.check(ROOT, results))
 
 
 def test_a_hand_edited_table_is_detected(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- two-layer:start -->")
-    i = readme.index("**", start) + 2  # first bold figure in the table
-    edited = readme[:i] + "9" + readme[i:]
-    path = tmp_path / "README.md"
-    path.write_text(edited)
-    assert "two-layer" in update_readme.check(path)
+    root = _copy_docs(tmp_path)
+    path = root / "docs" / "benchmarks.md"
+    text = path.read_text()
+    start = text.index("<!-- two-layer:start -->")
+    i = text.index("**", start) + 2  # first bold figure in the table
+    path.write_text(text[:i] + "9" + text[i:])
+    assert update_readme.check(root) == ["two-layer"]
 
 
 def test_missing_markers_are_an_error(tmp_path):
-    path = tmp_path / "README.md"
-    path.write_text((ROOT / "README.md").read_text().replace("<!-- engine:end -->", ""))
+    root = _copy_docs(tmp_path)
+    path = root / "docs" / "benchmarks.md"
+    path.write_text(path.read_text().replace("<!-- engine:end -->", ""))
     with pytest.raises(ValueError, match="engine"):
-        update_readme.check(path)
+        update_readme.check(root)
+
+
+def test_a_block_in_the_wrong_document_is_an_error(tmp_path):
+    root = _copy_docs(tmp_path)
+    path = root / "README.md"
+    path.write_text(path.read_text() + "\n<!-- engine:start -->\n<!-- engine:end -->\n")
+    with pytest.raises(ValueError, match="another document"):
+        update_readme.check(root)
 
 
 # Files outside the repository must not be cited by what ships in it (the design notes, anchors and
@@ -69,7 +113,8 @@ _PRIVATE = re.compile("DES" + r"IGN\.md|" + "ANCH" + "ORS" + "|" + "paper" + "-n
 
 
 def test_no_citation_of_files_outside_the_repository():
-    paths = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "docs" / "design.md", ROOT / "lazyfast" / "_ext.py",
+    paths = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "docs" / "design.md", ROOT / "docs" / "benchmarks.md",
+             ROOT / "docs" / "guide.md", ROOT / "lazyfast" / "_ext.py",
              ROOT / "lazyfast" / "__init__.py", ROOT / "lazyfast" / "bench.py", ROOT / "setup.py"]
     paths += sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "scripts").glob("*"))
     paths += sorted((ROOT / "tests").glob("*.py"))
@@ -97,7 +142,7 @@ def test_cuda_only_line_table_matches_the_sources():
 
 
 def test_reproduction_tables_match_docs_figures():
-    assert update_readme.check_reproduction() == [], "run: python scripts/update_readme.py"
+    assert update_readme.check(ROOT) == [], "run: python scripts/update_readme.py"
 
 
 def test_a_changed_figure_file_changes_the_reproduction_table_and_its_verdict(tmp_path):
@@ -113,7 +158,8 @@ def test_a_changed_figure_file_changes_the_reproduction_table_and_its_verdict(tm
     after = claims.table(figures)
     row = next(line for line in after.splitlines() if line.startswith("| `rates`"))
     assert row.endswith("| **no** |") and "−1.500" in row
-    assert update_readme.check_reproduction(figures=figures) == [str(p) for p in update_readme.REPRO_DOCS]
+    # the reproduction table and the README's summary row of the claims both move
+    assert update_readme.check(ROOT, figures=figures) == ["summary", "reproduction"]
     assert before != after
 
 
