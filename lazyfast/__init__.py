@@ -1,6 +1,6 @@
 """lazyfast: fast empirical NTKs, JVPs and lazy/linearized training for PyTorch.
 
-Public API (README.md, "API"; every name here is documented there):
+Public API (README.md, "API tour"; every name here is documented there, details in docs/guide.md):
   empirical_ntk, jvp, vjp, ntk_vp   the eNTK and its products; implementation="auto" picks the fused,
                                     structured or generic backend (lazyfast.ntk)
   explain, Explanation              which backend and per-parameter path a call would take, and why

@@ -25,7 +25,8 @@ def git_commit() -> Optional[str]:
             return None
         # "+dirty": tracked code differs from the commit (results files being rewritten do not count)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results", ":(exclude)README.md"], cwd=root,
+                                ":(exclude)benchmarks/results", ":(exclude)README.md",
+                                ":(exclude)docs/benchmarks.md", ":(exclude)docs/REPRODUCTION.md"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip()[:12] + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

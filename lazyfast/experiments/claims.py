@@ -1,4 +1,4 @@
-"""The reproduction summary table (README.md, docs/REPRODUCTION.md), computed from the committed
+"""The reproduction summary table (docs/REPRODUCTION.md; its verdicts row in the README summary), computed from the committed
 results files in docs/figures/ — never typed.
 
 Each experiment has one row: the preset that was run, the paper's claim as a reproduction must
