@@ -1,13 +1,14 @@
 """Thin Python wrappers over the compiled ops, with their fake kernels (for
 ``torch.compile``) and autograd formulas. Each wrapper routes to
-:mod:`lazyfast.reference` when no compiled kernel serves the input's device."""
+:mod:`lazyfast._ops.dense` when no compiled kernel serves the input's device."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from lazyfast import _ext, reference
+from lazyfast import _ext
+from lazyfast._ops import dense
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -53,7 +54,7 @@ def gram(j1: torch.Tensor, j2: Optional[torch.Tensor] = None, *, accumulate_f64:
             raise ValueError(f"j2 has {j2.shape[1]} columns but j1 has {j1.shape[1]}")
     if j1.dtype in _KERNEL_DTYPES and _ext.kernels_for(j1.device):
         return torch.ops.lazyfast.gram(j1, j2, bool(accumulate_f64))
-    return reference.gram(j1, j2, accumulate_f64=accumulate_f64)
+    return dense.gram(j1, j2, accumulate_f64=accumulate_f64)
 
 
 if _ext._C is not None:

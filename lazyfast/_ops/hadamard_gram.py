@@ -4,7 +4,7 @@ For a 2-D linear layer the per-example gradient w.r.t. W_l is mult_l·δ_l h_{l�
 
     Θ(x, x')_ab = Σ_l ⟨δ_l,a(x), δ_l,b(x')⟩ · (mult_l² ⟨h_{l−1}(x), h_{l−1}(x')⟩ + 1_bias).
 
-The structured engine (:mod:`lazyfast.structured`) captures δ_l for all k outputs in one
+The structured engine (:mod:`lazyfast._engine.structured`) captures δ_l for all k outputs in one
 batched backward and h_{l−1} in the forward, then calls the fused op, which tiles the output
 and never holds a full per-layer Gram: O(n²·Σ_l width_l) instead of O(n²·P).
 :func:`lazyfast._engine.mlp.mlp_ntk` is that engine applied to a :class:`lazyfast.models.MLP`.
@@ -12,11 +12,12 @@ and never holds a full per-layer Gram: O(n²·Σ_l width_l) instead of O(n²·P)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from lazyfast import _ext, reference
+from lazyfast import _ext
+from lazyfast._ops import dense
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -100,7 +101,7 @@ def hadamard_gram_sum(d1: Sequence[torch.Tensor], h1: Sequence[torch.Tensor],
     if dt in _KERNEL_DTYPES and _ext.kernels_for(dev):
         return torch.ops.lazyfast.hadamard_gram_sum(list(d1), list(h1), list(d2 or []), list(h2 or []),
                                                     h_scale, beta, mode == "full")
-    return reference.hadamard_gram_sum(list(d1), list(h1), d2, h2, h_scale, beta, mode=mode)
+    return dense.hadamard_gram_sum(list(d1), list(h1), d2, h2, h_scale, beta, mode=mode)
 
 
 def _op_dense_backward(d1, h1, d2, h2, h_scale, beta, full, grad):

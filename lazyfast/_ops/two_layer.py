@@ -4,7 +4,7 @@ Thin wrappers over ``torch.ops.lazyfast.two_layer_*`` with their fake kernels (f
 ``torch.compile``) and autograd formulas; :mod:`lazyfast._engine.two_layer` applies them to a
 :class:`lazyfast.models.TwoLayer`. Where no compiled kernel serves
 the inputs' device (or dtype), the wrappers warn once and use the dense GEMM
-formulas of :mod:`lazyfast.reference`.
+formulas of :mod:`lazyfast._ops.dense`.
 
 Differentiability: ``two_layer_jvp`` is linear in its tangents (its backward is a
 VJP), ``two_layer_vjp`` is linear in its cotangent (its backward is a JVP) and
@@ -15,11 +15,12 @@ with respect to inputs or weights (x, A, c, B) are not supported and raise.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from lazyfast import _ext, reference
+from lazyfast import _ext
+from lazyfast._ops import dense
 from lazyfast._validation import check_finite
 from lazyfast.models import ACTIVATION_CODES, check_activation
 
@@ -121,7 +122,7 @@ def two_layer_ntk(x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, A: tor
     check_finite(x1=x1, x2=x2, A=A, c=c, B=B)
     if _use_kernels(x1):
         return torch.ops.lazyfast.two_layer_ntk(x1, x2, A, c, B, s, code, mode == "full")
-    return reference.two_layer_ntk_dense(x1, x2, A, c, B, s, activation, mode)
+    return dense.two_layer_ntk_dense(x1, x2, A, c, B, s, activation, mode)
 
 
 def two_layer_jvp(x: torch.Tensor, *, A: torch.Tensor, B: torch.Tensor, c: Optional[torch.Tensor] = None,
@@ -159,7 +160,7 @@ def two_layer_jvp(x: torch.Tensor, *, A: torch.Tensor, B: torch.Tensor, c: Optio
     check_finite(x=x, A=A, c=c, B=B, dA=dA, dc=dc, dB=dB)
     if _use_kernels(x):
         return torch.ops.lazyfast.two_layer_jvp(x, A, c, B, s, code, dA, dc, dB)
-    return reference.two_layer_jvp_dense(x, A, c, B, s, activation, dA, dc, dB)
+    return dense.two_layer_jvp_dense(x, A, c, B, s, activation, dA, dc, dB)
 
 
 def two_layer_vjp(x: torch.Tensor, r: torch.Tensor, *, A: torch.Tensor, B: torch.Tensor,
@@ -182,7 +183,7 @@ def two_layer_vjp(x: torch.Tensor, r: torch.Tensor, *, A: torch.Tensor, B: torch
     check_finite(x=x, r=r, A=A, c=c, B=B)
     if _use_kernels(x):
         return tuple(torch.ops.lazyfast.two_layer_vjp(x, A, c, B, s, code, r))
-    return reference.two_layer_vjp_dense(x, A, c, B, s, activation, r)
+    return dense.two_layer_vjp_dense(x, A, c, B, s, activation, r)
 
 
 def two_layer_ntk_vp(x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tensor] = None, *, A: torch.Tensor,
@@ -207,7 +208,7 @@ def two_layer_ntk_vp(x1: torch.Tensor, v: torch.Tensor, x2: Optional[torch.Tenso
     check_finite(x1=x1, x2=x2, v=v, A=A, c=c, B=B)
     if _use_kernels(x1):
         return torch.ops.lazyfast.two_layer_ntk_vp(x1, x2, A, c, B, s, code, v)
-    return reference.two_layer_ntk_vp_dense(x1, x2, A, c, B, s, activation, v)
+    return dense.two_layer_ntk_vp_dense(x1, x2, A, c, B, s, activation, v)
 
 
 # ----------------------------------------------------------------------------- fake kernels + autograd
@@ -349,6 +350,6 @@ if _ext._C is not None:
 
     def _ntk_backward(ctx, grad):
         raise RuntimeError("two_layer_ntk is not differentiable (gradients of the eNTK with respect to inputs or "
-                           "weights are not implemented); use lazyfast.reference.ntk_jacobian under autograd")
+                           "weights are not implemented); use lazyfast.dense.ntk_jacobian under autograd")
 
     torch.library.register_autograd("lazyfast::two_layer_ntk", _ntk_backward, setup_context=_ntk_setup)
