@@ -645,7 +645,7 @@ def test_explain_names_every_parameter_path_and_reason():
     r = Raw().double()
     e = lazyfast.explain(r, X())
     paths = {p["name"]: p for p in e.parameters}
-    assert paths["inner.0.weight"]["path"] == "rule" and paths["inner.0.weight"]["order"] in ("jacobian", "structured")
+    assert paths["inner.0.weight"]["path"] == "rule" and paths["inner.0.weight"]["contraction"] in ("gradients", "pairs")
     assert paths["scale"]["path"] == "remainder" and "no rule for Raw" in paths["scale"]["reason"]
     assert e.implementation in ("structured", "generic") and e.k == 2
     assert 0 < e.rule_fraction < 1 and "remainder (generic path)" in str(e)

@@ -69,15 +69,15 @@ def _cnn():
     return _randomize_norms(CNN().double()).eval()
 
 
-@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
-def test_cnn_bn_eval_groups_depthwise_padding_modes(method):
+@pytest.mark.parametrize("contraction", ["auto", "gradients", "pairs"])
+def test_cnn_bn_eval_groups_depthwise_padding_modes(contraction):
     m = _cnn()
     x1, x2 = _x(4, 3, 8, 8), _x(3, 3, 8, 8, seed=1)
     for mode in ("trace", "full"):
         for b in (x2, None):
             want = reference.ntk_oracle(m, x1, b, mode=mode)
-            got = structured.structured_ntk(m, x1, b, mode=mode, method=method)
-            assert_close_rel(got, want, rtol=1e-10, what=f"{method} {mode} {b is None}")
+            got = structured.structured_ntk(m, x1, b, mode=mode, contraction=contraction)
+            assert_close_rel(got, want, rtol=1e-10, what=f"{contraction} {mode} {b is None}")
 
 
 def test_batched_backward_and_loop_and_chunks_agree():
@@ -188,9 +188,9 @@ def test_embedding_integer_inputs_padding_idx_layernorm():
     i1 = torch.randint(0, 9, (5, 6), generator=_g(0))
     i1[:, 0] = 0  # padding positions get no gradient
     i2 = torch.randint(0, 9, (3, 6), generator=_g(1))
-    for method in ("jacobian", "structured"):
+    for contraction in ("gradients", "pairs"):
         for mode in ("trace", "full"):
-            got = structured.structured_ntk(m, i1, i2, mode=mode, method=method)
+            got = structured.structured_ntk(m, i1, i2, mode=mode, contraction=contraction)
             assert_close_rel(got, reference.ntk_oracle(m, i1, i2, mode=mode), rtol=1e-10)
     _check(m, i1, None, impl="auto")
 

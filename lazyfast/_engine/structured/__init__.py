@@ -8,8 +8,8 @@ outputs at once. Each layer then adds its exact kernel
     Θ_l[(i,a),(j,b)] = Σ_{p,p'} ⟨δ_a(x_i)_p, δ_b(x_j)_p'⟩ · (γ⟨u(x_i)_p, u(x_j)_p'⟩ + 1_bias)
 
 (p: positions; u: the input patch; γ: the squared weight multiplier), by the cheaper of two
-exact contraction orders under a FLOP model: per-example gradient blocks ("jacobian") or
-position-pair Grams ("structured"). Single-call 2-D linear layers go through the compiled
+exact contraction orders under a FLOP model: per-example gradient blocks ("gradients") or
+position-pair Grams ("pairs"). Single-call 2-D linear layers go through the compiled
 ``hadamard_gram_sum`` op. Rules: ``nn.Linear`` (and lazyfast's ``_Dense``) on inputs of any rank,
 ``nn.Conv1d/2d/3d`` (stride, padding of every mode, dilation, groups), ``nn.Embedding``, the
 affine parameters of ``LayerNorm``/``GroupNorm``/``BatchNorm*d`` (eval)/``InstanceNorm*d``, and the
@@ -43,7 +43,9 @@ from lazyfast.models import _Dense
 from lazyfast._engine.structured.rules import _RULES, _register_builtin, find_rule, rule_for
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-METHODS = ("auto", "jacobian", "structured")
+# a layer's contraction order: "gradients" (per-example gradient blocks J1 J2ᵀ) or "pairs"
+# (position-pair Grams); "auto" lets the FLOP model choose (docs/engine.md, "Contraction orders")
+CONTRACTIONS = ("auto", "gradients", "pairs")
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -111,7 +113,7 @@ class _Layer:
     clone_in: List[bool] = field(default_factory=list)
     in_shapes: List[tuple] = field(default_factory=list)  # per sample (batch dim removed)
     out_shapes: List[tuple] = field(default_factory=list)
-    method: str = "jacobian"
+    contraction: str = "gradients"  # "gradients" | "pairs" ("auto" for an embedding: per chunk pair)
     gamma: float = 1.0
     site: Optional[tuple] = None  # an operator rule's (kind, id(weight), id(bias)); None: a module rule
     folds: List[int] = field(default_factory=list)  # per call: rows per sample when the batch is folded
@@ -352,7 +354,7 @@ _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _copy_plan(plan: Plan) -> Plan:
-    """A plan whose layers can take their own contraction orders (``choose_methods`` writes them)."""
+    """A plan whose layers can take their own contraction orders (``choose_contractions`` writes them)."""
     return dataclasses.replace(plan, layers=[copy.copy(L) for L in plan.layers])
 
 
@@ -948,9 +950,9 @@ def _costs(L: _Layer, n1: int, n2: int, k: int, mode: str) -> Tuple[float, float
     for s in L.out_shapes:
         P += math.prod(s[1:]) if L.kind == "conv" else math.prod(s[:-1])
     kk = k * k if mode == "full" else k
-    jac = (n1 + n2) * k * g * o * q * P + n1 * n2 * kk * g * o * q
-    st = n1 * n2 * P * P * (kk * g * o + g * q + (kk if mode == "full" else 1) * g)
-    return 2.0 * jac, 2.0 * st
+    grads = (n1 + n2) * k * g * o * q * P + n1 * n2 * kk * g * o * q
+    pairs = n1 * n2 * P * P * (kk * g * o + g * q + (kk if mode == "full" else 1) * g)
+    return 2.0 * grads, 2.0 * pairs
 
 
 @dataclass
@@ -961,7 +963,7 @@ class _Factors:
     hh: List[torch.Tensor] = field(default_factory=list)        # hadamard: u (n, v)
     hg: List[float] = field(default_factory=list)
     hb: List[float] = field(default_factory=list)
-    st: List[tuple] = field(default_factory=list)               # (layer, u (n,g,P,q), δ (k,n,g,P,o))
+    pairs: List[tuple] = field(default_factory=list)            # (layer, u (n,g,P,q), δ (k,n,g,P,o))
     emb: List[tuple] = field(default_factory=list)              # (layer, idx (n,P), δ (k,n,P,dim))
 
 
@@ -977,7 +979,7 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
     caps = _capture(model, plan, x, batched)
     f = _Factors(x.shape[0])
     for L in plan.layers:
-        if sink is not None and (f.jac or f.st or f.emb):
+        if sink is not None and (f.jac or f.pairs or f.emb):
             hd, hh, hg, hb = f.hd, f.hh, f.hg, f.hb
             f.hd, f.hh, f.hg, f.hb = [], [], [], []
             sink(f)
@@ -1001,13 +1003,13 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
             f.hb.append(1.0 if L.b_on else 0.0)
         else:
             u, d = _uniform(L, cap)
-            if L.method == "jacobian" or not L.w_on:
+            if L.contraction == "gradients" or not L.w_on:
                 f.jac.extend(_lin_jac(L, u, d))
             else:
-                f.st.append((L, u, d))
+                f.pairs.append((L, u, d))
         del cap
     if sink is not None:
-        if f.jac or f.st or f.emb or f.hd:
+        if f.jac or f.pairs or f.emb or f.hd:
             sink(f)
         return None
     return f
@@ -1022,7 +1024,7 @@ def _add_jac(acc, j1, j2, k, mode):
         acc.addmm_(a, b.T) if acc.dtype == a.dtype else acc.add_((a @ b.T).to(acc.dtype))
 
 
-def _add_structured(acc, L, u1, d1, u2, d2, mode, budget):
+def _add_pairs(acc, L, u1, d1, u2, d2, mode, budget):
     k, n1, g, P, o = d1.shape
     n2 = d2.shape[1]
     beta = 1.0 if L.b_on else 0.0
@@ -1053,7 +1055,7 @@ def _add_structured(acc, L, u1, d1, u2, d2, mode, budget):
             del m, gg
 
 
-def _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, method):
+def _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, contraction):
     k, n1, P, e = d1.shape
     n2, P2 = d2.shape[1], d2.shape[2]
     pad = L.module.padding_idx
@@ -1063,11 +1065,11 @@ def _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, method):
     uniq, inv = torch.unique(torch.cat([i1.reshape(-1), i2.reshape(-1)]), return_inverse=True)
     U = uniq.numel()
     kk = k * k if mode == "full" else k
-    jac_cost = (n1 + n2) * k * P * e + n1 * n2 * kk * U * e
-    st_cost = n1 * n2 * P * P2 * (kk * e + kk)
-    if method == "auto":
-        method = "jacobian" if jac_cost <= st_cost else "structured"
-    if method == "jacobian":
+    grads_cost = (n1 + n2) * k * P * e + n1 * n2 * kk * U * e
+    pairs_cost = n1 * n2 * P * P2 * (kk * e + kk)
+    if contraction == "auto":
+        contraction = "gradients" if grads_cost <= pairs_cost else "pairs"
+    if contraction == "gradients":
         inv1, inv2 = inv[:n1 * P].reshape(n1, P), inv[n1 * P:].reshape(n2, P2)
 
         def scatter(d, inv, n, p):
@@ -1088,7 +1090,7 @@ def _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, method):
     acc.add_(blk.to(acc.dtype))
 
 
-def _contract(acc, f1: _Factors, f2: Optional[_Factors], k, mode, budget, emb_method):
+def _contract(acc, f1: _Factors, f2: Optional[_Factors], k, mode, budget, emb_contraction):
     """Adds Θ(chunk1, chunk2) into acc ((n1·k, n2·k) full, (n1, n2) trace, sums over a);
     f2 None: the symmetric diagonal block."""
     same = f2 is None
@@ -1106,10 +1108,10 @@ def _contract(acc, f1: _Factors, f2: Optional[_Factors], k, mode, budget, emb_me
             acc.add_(t.permute(0, 2, 1, 3).reshape(acc.shape).to(acc.dtype))
         else:
             acc.add_((t * k).to(acc.dtype))
-    for (L, u1, d1), (_, u2, d2) in zip(f1.st, f2.st):
-        _add_structured(acc, L, u1, d1, u2, d2, mode, budget)
+    for (L, u1, d1), (_, u2, d2) in zip(f1.pairs, f2.pairs):
+        _add_pairs(acc, L, u1, d1, u2, d2, mode, budget)
     for (L, i1, d1), (_, i2, d2) in zip(f1.emb, f2.emb):
-        _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, emb_method)
+        _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, emb_contraction)
 
 
 def _factor_numel(plan: Plan) -> Tuple[int, int]:
@@ -1122,8 +1124,8 @@ def _factor_numel(plan: Plan) -> Tuple[int, int]:
         trans += ins + k * outs
         if L.kind == "conv" and L.w_on:
             trans += L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
-        if L.kind in ("norm", "scale", "shift", "custom") or (L.kind in ("linear", "conv") and (L.method == "jacobian" or not L.w_on)
-                                and not _is_hadamard(L)):
+        if L.kind in ("norm", "scale", "shift", "custom") or (
+                L.kind in ("linear", "conv") and (L.contraction == "gradients" or not L.w_on) and not _is_hadamard(L)):
             held += k * sum(p.numel() for p in _wb(L.module) if p is not None)
         elif L.kind == "conv":
             held += k * outs + L.module.weight[0].numel() * sum(math.prod(s[1:]) for s in L.out_shapes)
@@ -1132,35 +1134,35 @@ def _factor_numel(plan: Plan) -> Tuple[int, int]:
     return held, trans
 
 
-def choose_methods(plan: Plan, n1: int, n2: int, mode: str, method: str = "auto") -> List[str]:
+def choose_contractions(plan: Plan, n1: int, n2: int, mode: str, contraction: str = "auto") -> List[str]:
     """Sets (and returns) each layer's contraction order for chunk pairs of n1 × n2 samples."""
     out = []
     for L in plan.layers:
-        fixed = _fixed_order(L, method)
+        fixed = _fixed_order(L, contraction)
         if fixed is not None:
-            L.method = fixed
+            L.contraction = fixed
         else:
-            jc, st = _costs(L, n1, n2, plan.k, mode)
-            L.method = "jacobian" if jc <= st else "structured"
-        out.append(L.method)
+            gc, pc = _costs(L, n1, n2, plan.k, mode)
+            L.contraction = "gradients" if gc <= pc else "pairs"
+        out.append(L.contraction)
     return out
 
 
-def _fixed_order(L: _Layer, method: str) -> Optional[str]:
+def _fixed_order(L: _Layer, contraction: str) -> Optional[str]:
     """The contraction order of a layer whose order is not the FLOP model's to choose (None: it is)."""
     if L.kind in ("norm", "scale", "shift", "custom") or (L.kind in ("linear", "conv") and not L.w_on):
-        return "jacobian"
+        return "gradients"
     if L.kind == "embedding":
-        return method  # chosen per chunk pair by _add_embedding when "auto"
+        return contraction  # chosen per chunk pair by _add_embedding when "auto"
     if _is_hadamard(L):
-        return "structured"
-    return None if method == "auto" else method
+        return "pairs"
+    return None if contraction == "auto" else contraction
 
 
 def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
     """FLOP estimate of the rule part: captures (forward + k-wide backward) and contractions."""
     k = plan.k
-    choose_methods(plan, n1, n2, mode)
+    choose_contractions(plan, n1, n2, mode)
     total = (n1 + n2) * (1 + 2 * k) * plan.forward_flops
     for L in plan.layers:
         if L.kind in ("linear", "conv") and L.w_on and not _is_hadamard(L):
@@ -1175,31 +1177,32 @@ def _flippable(L: _Layer) -> bool:
     return L.kind in ("linear", "conv") and L.w_on and not _is_hadamard(L)
 
 
-def _layer_orders(plan: Plan, n_cap: float, pairs: float, mode: str, method: str, set_orders: bool = True) -> float:
+def _layer_orders(plan: Plan, n_cap: float, pairs: float, mode: str, contraction: str,
+                  set_orders: bool = True) -> float:
     """The FLOP model of the contractions of a kernel of ``pairs`` sample pairs whose samples are
     captured ``n_cap`` times in all (a per-sample gradient block is formed once per capture).
-    With ``set_orders``, first sets each layer's order to its cheaper one (``method="auto"``)
-    or to ``method``."""
+    With ``set_orders``, first sets each layer's order to its cheaper one (``contraction="auto"``)
+    or to ``contraction``."""
     k = plan.k
     total = 0.0
     for L in plan.layers:
         if _flippable(L):
             jf, _ = _costs(L, 1, 0, k, mode)  # forming one sample's gradient block
             jc, sc = _costs(L, 1, 1, k, mode)
-            jac, st = n_cap * jf + pairs * (jc - 2 * jf), pairs * sc
+            grads, pair_grams = n_cap * jf + pairs * (jc - 2 * jf), pairs * sc
             if set_orders:
-                L.method = _fixed_order(L, method) or ("jacobian" if jac <= st else "structured")
-            total += jac if L.method == "jacobian" else st
+                L.contraction = _fixed_order(L, contraction) or ("gradients" if grads <= pair_grams else "pairs")
+            total += grads if L.contraction == "gradients" else pair_grams
         else:
             if set_orders:
-                L.method = _fixed_order(L, method)
+                L.contraction = _fixed_order(L, contraction)
             p = sum(t.numel() for t in _wb(L.module) if t is not None)
             total += 2.0 * pairs * k * (k if mode == "full" else 1) * p
     return total
 
 
 def _schedule(plan: Plan, n1: int, n2: int, same: bool, budget: int, c0: int, mode: str,
-              method: str = "auto") -> Tuple[int, int]:
+              contraction: str = "auto") -> Tuple[int, int]:
     """Chunk size c, panel size (samples of x1 whose factors are held at once, a multiple of c)
     and each layer's contraction order, minimising the FLOP model of the whole kernel within
     ``budget`` numbers (sets the orders). Every x1 sample is captured once, in its panel; x2's
@@ -1224,40 +1227,40 @@ def _schedule(plan: Plan, n1: int, n2: int, same: bool, budget: int, c0: int, mo
             n_cap = n1 + n2 * npanel
         blocks = (-(-n1 // c)) * (-(-n2 // c)) / (2 if same else 1)
         # a block costs its kernel launches and Python too (~5e6 FLOPs-equivalent per layer)
-        cost = (n_cap * capture + _layer_orders(plan, n_cap, pairs, mode, method, set_orders=False)
+        cost = (n_cap * capture + _layer_orders(plan, n_cap, pairs, mode, contraction, set_orders=False)
                 + blocks * 5e6 * len(plan.layers))
         return cost, panel
 
     cands = sorted({c0} | {c for c in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if c < c0}, reverse=True)
     best = None
     for c in cands:
-        _layer_orders(plan, n1 + (0 if same else n2), pairs, mode, method)  # per layer, no recapture
+        _layer_orders(plan, n1 + (0 if same else n2), pairs, mode, contraction)  # per layer, no recapture
         cur = evaluate(c)
-        if method == "auto" and cur is not None and cur[1] < n1:
+        if contraction == "auto" and cur is not None and cur[1] < n1:
             # recaptures: greedily move layers to the order that improves the whole (memory included)
             for _ in range(len(plan.layers)):
                 trial = None
                 for L in plan.layers:
                     if not _flippable(L):
                         continue
-                    old = L.method
-                    L.method = "structured" if old == "jacobian" else "jacobian"
+                    old = L.contraction
+                    L.contraction = "pairs" if old == "gradients" else "gradients"
                     r = evaluate(c)
                     if r is not None and r[0] < (trial[0][0] if trial else cur[0]):
-                        trial = (r, L, L.method)
-                    L.method = old
+                        trial = (r, L, L.contraction)
+                    L.contraction = old
                 if trial is None:
                     break
-                cur, trial[1].method = trial[0], trial[2]
+                cur, trial[1].contraction = trial[0], trial[2]
         if cur is None and c > 1:
             continue
         if cur is None:
             cur = (float("inf"), c)
         if best is None or cur[0] < 0.9 * best[0]:  # a smaller chunk must win clearly (GEMM efficiency)
-            best = (cur[0], c, cur[1], [L.method for L in plan.layers])
+            best = (cur[0], c, cur[1], [L.contraction for L in plan.layers])
     _, c, panel, orders = best
     for L, m in zip(plan.layers, orders):
-        L.method = m
+        L.contraction = m
     return c, panel
 
 
@@ -1269,7 +1272,7 @@ def _check_budget(memory_budget):
 
 def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
                    memory_budget: int = DEFAULT_MEMORY_BUDGET, chunk_size: Optional[int] = None,
-                   method: str = "auto", out_dtype: Optional[torch.dtype] = None, flat: bool = False,
+                   contraction: str = "auto", out_dtype: Optional[torch.dtype] = None, flat: bool = False,
                    info: Optional[dict] = None, batched: bool = True, plan: Optional[Plan] = None,
                    remainder: str = "auto") -> torch.Tensor:
     """Exact eNTK of any module by per-layer rules plus the generic path for the rest.
@@ -1281,10 +1284,10 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         memory_budget: bytes of working memory (captures, factors, per-layer blocks); samples
             are chunked to stay within it.
         chunk_size: caps the samples per chunk.
-        method: per-layer contraction order: ``"auto"`` (FLOP model), ``"jacobian"`` or
-            ``"structured"`` for every layer.
+        contraction: per-layer contraction order: ``"auto"`` (FLOP model), ``"gradients"``
+            (per-example gradient blocks) or ``"pairs"`` (position-pair Grams) for every layer.
         out_dtype: dtype the kernel is accumulated and returned in (default the model's).
-        info: filled with ``methods`` (per rule layer), ``layers`` (module class names),
+        info: filled with ``contractions`` (per rule layer), ``layers`` (module class names),
             ``remainder`` (parameter names left to the generic path), ``k``, ``chunk``.
         batched: one batched backward for the k outputs (False: a loop over the outputs).
         remainder: implementation of the generic path for uncovered parameters.
@@ -1293,8 +1296,8 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
     """
     from lazyfast._engine.generic import generic_ntk, math_attention
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if contraction not in CONTRACTIONS:
+        raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}")
     if mode not in ("trace", "full"):
         raise ValueError(f"mode must be 'trace' or 'full', got {mode!r}")
     _check_budget(memory_budget)
@@ -1316,7 +1319,7 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         if n1 == 0 or n2 == 0:
             shape = (n1 * k, n2 * k) if (mode == "full" and flat) else (n1, n2) if mode == "trace" else (n1, n2, k, k)
             if info is not None:
-                info.update(methods=[], chunk=0)
+                info.update(contractions=[], chunk=0)
             return torch.zeros(shape, dtype=out_dtype, device=x1.device)
         itemsize = torch.empty((), dtype=dtype).element_size()
         budget = max(1, memory_budget // itemsize)
@@ -1325,9 +1328,9 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         if plan.layers:
             n_max = max(n1, n2)
             c0 = min(n_max, chunk_size or n_max)
-            c, panel = _schedule(plan, n1, n2, same, budget, c0, mode, method)
+            c, panel = _schedule(plan, n1, n2, same, budget, c0, mode, contraction)
             if info is not None:
-                info.update(methods=[L.method for L in plan.layers], chunk=c, panel=panel,
+                info.update(contractions=[L.contraction for L in plan.layers], chunk=c, panel=panel,
                             cached=panel >= n1 and same)
             starts1 = list(range(0, n1, c))
             starts2 = starts1 if same else list(range(0, n2, c))
@@ -1335,7 +1338,7 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
             if same and len(starts1) == 1:  # one chunk: each layer is contracted as soon as it is formed
                 def sink(f):
                     with torch.no_grad():
-                        _contract(acc, f, None, k, mode, budget, method)
+                        _contract(acc, f, None, k, mode, budget, contraction)
 
                 _factors(model, plan, x1, batched, sink=sink)
                 starts1 = []
@@ -1354,14 +1357,14 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
                             s1 = starts1[i]
                             e1 = min(s1 + c, n1)
                             blk = torch.zeros((e1 - s1) * rows, (e2 - s2) * rows, dtype=out_dtype, device=x1.device)
-                            _contract(blk, f1, None if (same and i == j) else f2, k, mode, budget, method)
+                            _contract(blk, f1, None if (same and i == j) else f2, k, mode, budget, contraction)
                             acc[s1 * rows:e1 * rows, s2 * rows:e2 * rows] = blk
                             if same and i != j:
                                 acc[s2 * rows:e2 * rows, s1 * rows:e1 * rows] = blk.T
                     del f2
                 held.clear()
         elif info is not None:
-            info.update(methods=[], chunk=0)
+            info.update(contractions=[], chunk=0)
         if plan.remainder:
             kw = dict(mode=mode, memory_budget=memory_budget, names=plan.remainder, k=k,
                       forward_flops=plan.forward_flops, act_numel=plan.act_numel)

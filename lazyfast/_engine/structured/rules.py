@@ -12,10 +12,10 @@ layer type. The protocol:
 * **What the rule returns**: ``per_example_gradients(module, calls) -> [g_1, g_2]``, one tensor
   (k, n, *param.shape) per declared parameter (the gradient of output a of sample i with respect
   to the parameter). The engine flattens them to (n·k, P) blocks and contracts them with the other
-  layers' (the "jacobian" contraction order of docs/engine.md; a rule has that one order).
+  layers' (the "gradients" contraction order of docs/engine.md; a rule has that one order).
 * **Its cost model**: ``flops(module, n, k) -> float``, the FLOPs of forming the per-example
   gradients of n samples (default: 2·n·k·P·(positions), counted from the captured shapes). Memory:
-  the engine holds k·P numbers per sample for the rule, like a built-in rule in the jacobian order.
+  the engine holds k·P numbers per sample for the rule, like a built-in rule in the gradients order.
 
 The real call verifies a custom rule like a built-in one (calls, shapes, uses of its parameters
 outside the module's own forward, aliases) and the self-check compares the kernel with autograd.
