@@ -1,5 +1,8 @@
 """The structured eNTK engine (lazyfast.structured) and `auto` routing to it, against the
 per-example autograd oracle (float64, 1e-10) on the models users bring."""
+import ast
+import pathlib
+
 import pytest
 import torch
 from torch import nn
@@ -501,3 +504,44 @@ def test_plan_follows_a_list_attribute_that_reroutes_the_forward():
     m.order = ["a", "a", "b"]  # `a` now runs twice: a new plan, still exact
     assert structured.plan_fingerprint(m, x) != before
     _check(m, x, impl="auto")
+
+
+def test_engine_modules_own_one_thing_each_and_import_in_one_direction():
+    """The house: each module of the structured engine says in its first docstring line what it owns,
+    imports at module level only (no import inside a function), and the imports among them form a
+    DAG. The package re-exports no module global a test or benchmark patches (``_VERIFY``,
+    ``ParamUses``): a patch of the package would then change nothing; it must fail instead."""
+    pkg = pathlib.Path(structured.__file__).parent
+    names = {}
+    for p in pkg.rglob("*.py"):
+        parts = ("lazyfast._engine.structured",) + p.relative_to(pkg).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    edges = {}
+    for name, p in names.items():
+        tree = ast.parse(p.read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and doc.splitlines()[0].strip(), f"{p} has no first docstring line"
+        inner = [n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not inner, f"{p}: imports inside functions at lines {inner}"
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        # a module's own packages are not its dependencies (a package imports its parts)
+        edges[name] = {d for d in deps if d in names and d != name and not name.startswith(d + ".")}
+    done, stack = set(), []
+
+    def visit(m):
+        assert m not in stack, "import cycle: " + " -> ".join(stack[stack.index(m):] + [m])
+        if m in done:
+            return
+        stack.append(m)
+        for d in edges[m]:
+            visit(d)
+        stack.pop()
+        done.add(m)
+
+    for m in names:
+        visit(m)
+    assert not hasattr(structured, "_VERIFY") and not hasattr(structured, "ParamUses")
