@@ -142,7 +142,7 @@ def test_vgg11_lazyfast_extract(benchmark, vgg_problem):
     net, x = vgg_problem
     info = {}
     _run(benchmark, "vgg_lazyfast", lambda: kernels.extract_kernel(net, x, info=info), rounds=VGG_ROUNDS)
-    benchmark.extra_info["layer_methods"] = info.get("methods")
+    benchmark.extra_info["layer_contractions"] = info.get("contractions")
 
 
 @pytest.mark.benchmark(group="vgg11_kernel")

@@ -31,8 +31,10 @@ import torch  # noqa: E402
 
 import lazyfast  # noqa: E402
 from lazyfast import bench, selfcheck, zoo  # noqa: E402
+from lazyfast._engine import state as _state
 from lazyfast._engine import uses as _uses
 from lazyfast._engine import structured
+from lazyfast._engine.structured import capture as _capture, plan as _plan
 
 ROWS = [  # (id, zoo model, n, mode)
     ("mlp", "mlp1024", 256, "trace"),
@@ -58,12 +60,12 @@ def cost_row(rid, name, n, mode, rounds):
     x = zoo.inputs(name, n)
 
     def call(check, verify=True):
-        old = structured._VERIFY
-        structured._VERIFY = verify
+        old = _capture._VERIFY
+        _capture._VERIFY = verify
         try:
             return lazyfast.empirical_ntk(model, x, mode=mode, check=check)
         finally:
-            structured._VERIFY = old
+            _capture._VERIFY = old
 
     plan = structured.make_plan(model, x)
     k = plan.k
@@ -99,14 +101,16 @@ class _Blind(_uses.ParamUses):
 def _unverified(fn):
     """fn() with the engine as it was: no per-call verification, the probe blind to parameter
     uses outside a layer, no alias guard, no attribute restore."""
-    saved = (structured._VERIFY, structured.ParamUses, _uses.AliasGuard._arg, structured._plain_attrs)
-    structured._VERIFY, structured.ParamUses = False, _Blind
+    # each name is patched in the module that reads it: the capture's _VERIFY, the probe's
+    # ParamUses, StateGuard's _plain_attrs (lazyfast._engine.state)
+    saved = (_capture._VERIFY, _plan.ParamUses, _uses.AliasGuard._arg, _state._plain_attrs)
+    _capture._VERIFY, _plan.ParamUses = False, _Blind
     _uses.AliasGuard._arg = lambda self, t: None
-    structured._plain_attrs = lambda m: {}
+    _state._plain_attrs = lambda m: {}
     try:
         return fn()
     finally:
-        structured._VERIFY, structured.ParamUses, _uses.AliasGuard._arg, structured._plain_attrs = saved
+        _capture._VERIFY, _plan.ParamUses, _uses.AliasGuard._arg, _state._plain_attrs = saved
 
 
 def detection_rows():

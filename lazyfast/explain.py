@@ -21,7 +21,9 @@ __all__ = ["Explanation", "explain"]
 @dataclass
 class Explanation:
     """What a kernel call would run. ``parameters``: one dict per trainable parameter (``name``,
-    ``numel``, ``path`` = ``"rule"`` or ``"remainder"``, ``layer``, ``rule``, ``order``, ``reason``);
+    ``numel``, ``path`` = ``"rule"`` or ``"remainder"``, ``layer``, ``rule``, ``contraction`` (the
+    layer's contraction order: ``"gradients"``, ``"pairs"``, or for an embedding ``"auto"``, chosen per
+    chunk pair), ``reason``);
     ``implementation``: the route ``"auto"`` takes; ``costs``: the FLOP model's estimates;
     ``schedule``: chunk, panel and the factor / transient numbers per sample; ``k``."""
     implementation: str
@@ -52,7 +54,7 @@ class Explanation:
         lines.append(f"{'parameter':<{w}}  {'numbers':>9}  path")
         for p in self.parameters:
             if p["path"] == "rule":
-                what = f"rule {p['rule']} [{p['layer']}], order {p['order']}"
+                what = f"rule {p['rule']} [{p['layer']}], contraction {p['contraction']}"
             else:
                 what = f"remainder (generic path): {p['reason']}"
             lines.append(f"{p['name']:<{w}}  {p['numel']:>9}  {what}")
@@ -60,7 +62,7 @@ class Explanation:
 
 
 def explain(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
-            memory_budget: int = 2 * 1024**3, output_fn=None) -> Explanation:
+            memory_budget: int = structured.DEFAULT_MEMORY_BUDGET, output_fn=None) -> Explanation:
     """Explains the route of ``empirical_ntk(model, x1, x2, mode=mode, implementation="auto")``
     without computing the kernel (it probes the model: forwards on copies of one sample).
 
@@ -81,7 +83,7 @@ def explain(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = Non
     if two_layer.fused_applicable(model):
         return Explanation("fused", int(model.out_features),
                            [dict(name=n, numel=p.numel(), path="rule", layer="<model>", rule="fused two-layer",
-                                 order="fused", reason="") for n, p in named], n1=n1, n2=n2, mode=mode)
+                                 contraction="fused", reason="") for n, p in named], n1=n1, n2=n2, mode=mode)
     info: dict = {}
     impl, plan = choose_implementation(model, x1, x2, mode=mode, memory_budget=memory_budget, info=info)
     plan = structured._copy_plan(plan)
@@ -100,13 +102,13 @@ def explain(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = Non
         else:
             label, rule = structured.module_name(model, L.module), f"{L.kind} ({type(L.module).__name__})"
         for name in L.names:
-            by_name[name] = dict(layer=label, rule=rule, order=L.method)
+            by_name[name] = dict(layer=label, rule=rule, contraction=L.contraction)
     params = []
     for n, p in named:
         if n in by_name:
             params.append(dict(name=n, numel=p.numel(), path="rule", reason="", **by_name[n]))
         else:
-            params.append(dict(name=n, numel=p.numel(), path="remainder", layer="", rule="", order="",
+            params.append(dict(name=n, numel=p.numel(), path="remainder", layer="", rule="", contraction="",
                                reason=plan.reasons.get(n, "no rule covers it")))
     costs = dict(info.get("costs", {}))
     return Explanation("structured" if impl == "structured" else "generic", plan.k, params, costs, sched,

@@ -10,13 +10,19 @@ parameters no rule covers go to the generic path restricted to them.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
+from lazyfast._deprecated import REMOVED_IN
+from lazyfast._engine.generic import ntk_jacobian_blocked
+from lazyfast._engine.state import check_independent
+from lazyfast._engine.structured import CONTRACTIONS, DEFAULT_MEMORY_BUDGET, structured_ntk
 
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+# layerwise_ntk(method=), the deprecated spelling of contraction=: old word → new word
+_OLD_METHODS = {"auto": "auto", "jacobian": "gradients", "structured": "pairs"}
 
 
 # ----------------------------------------------------------------------------- centering
@@ -42,7 +48,8 @@ def centered(model: nn.Module) -> Centered:
 
 def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "full",
                   memory_budget: int = DEFAULT_MEMORY_BUDGET, out_dtype: Optional[torch.dtype] = None,
-                  method: str = "auto", flat: bool = False, info: Optional[dict] = None) -> torch.Tensor:
+                  contraction: str = "auto", flat: bool = False, info: Optional[dict] = None,
+                  method: Optional[str] = None) -> torch.Tensor:
     """eNTK of any module by the structured engine, samples processed independently.
 
     Args:
@@ -51,14 +58,25 @@ def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
             ``"trace"`` → (n1, n2).
         memory_budget: bytes of working memory (captures, factors, per-layer blocks).
         out_dtype: dtype of the result (accumulated in it); default the model's.
-        method: ``"auto"`` (per-layer FLOP choice), ``"jacobian"`` or ``"structured"`` for all layers.
-        info: optional dict filled with the method chosen per layer (``methods``), ``k``,
+        contraction: each layer's contraction order: ``"auto"`` (per-layer FLOP choice),
+            ``"gradients"`` (per-example gradient blocks) or ``"pairs"`` (position-pair Grams) for all layers.
+        info: optional dict filled with the order chosen per layer (``contractions``), ``k``,
             ``layers`` and the ``remainder`` parameter names.
+        method: deprecated spelling of ``contraction`` (``"jacobian"`` → ``"gradients"``,
+            ``"structured"`` → ``"pairs"``); warns, removed in 0.3.
     """
-    from lazyfast._engine.structured import structured_ntk
-
+    if method is not None:
+        if method not in _OLD_METHODS:
+            raise ValueError(f"method must be one of {tuple(_OLD_METHODS)}, got {method!r} (method= is deprecated: "
+                             f"use contraction= with one of {CONTRACTIONS})")
+        if contraction != "auto":
+            raise TypeError("layerwise_ntk: pass contraction= only (method= is its deprecated spelling)")
+        contraction = _OLD_METHODS[method]
+        warnings.warn(f"layerwise_ntk(method={method!r}) is deprecated and will be removed in {REMOVED_IN}; use "
+                      f"contraction={contraction!r} (the per-layer orders are now 'gradients' and 'pairs')",
+                      FutureWarning, stacklevel=2)
     return structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget, out_dtype=out_dtype,
-                          method=method, flat=flat, info=info)
+                          contraction=contraction, flat=flat, info=info)
 
 
 def extract_kernel(model: nn.Module, x: torch.Tensor, *, implementation: str = "auto",
@@ -78,9 +96,6 @@ def extract_kernel(model: nn.Module, x: torch.Tensor, *, implementation: str = "
         raise ValueError(f"x must be a batch tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
     if implementation in ("auto", "layerwise"):
         return layerwise_ntk(model, x, mode="full", flat=True, memory_budget=memory_budget, out_dtype=dtype, info=info)
-    from lazyfast._engine.generic import ntk_jacobian_blocked
-    from lazyfast._engine.structured import check_independent
-
     check_independent(model)
     full = ntk_jacobian_blocked(model, x, mode="full", memory_budget=memory_budget)
     n, k = full.shape[0], full.shape[2]

@@ -15,6 +15,8 @@ from torch import nn
 import lazyfast
 from lazyfast import selfcheck
 from lazyfast._engine import structured
+from lazyfast._engine.structured import capture as structured_capture, plan as structured_plan
+from lazyfast._engine.uses import ParamUses
 
 D = torch.float64
 IMPLS = ("auto", "structured", "jacobian")
@@ -479,8 +481,9 @@ def test_plain_attributes_are_restored():
 
 # ----------------------------------------------------------------------------- the self-check
 def _old_engine(monkeypatch):
-    """The engine without the per-call verification (what main did before): the plan is trusted."""
-    monkeypatch.setattr(structured, "_VERIFY", False)
+    """The engine without the per-call verification (what main did before): the plan is trusted.
+    Patched where it is read: the capture's module."""
+    monkeypatch.setattr(structured_capture, "_VERIFY", False)
 
 
 @pytest.mark.parametrize("case", ("prehook", "branch_stale"))
@@ -495,9 +498,10 @@ def test_self_check_catches_what_an_unverified_plan_gets_wrong(case, monkeypatch
         if case == "branch_stale":
             GLOBAL_FLAG["on"] = True
         _old_engine(monkeypatch)
-        # probe-time detection still works for the pre-hook, so emulate the old probe too
+        # probe-time detection still works for the pre-hook, so emulate the old probe too (the
+        # probe reads ParamUses in the plan's module)
         if case == "prehook":
-            monkeypatch.setattr(structured, "ParamUses", _BlindUses)
+            monkeypatch.setattr(structured_plan, "ParamUses", _BlindUses)
         K = lazyfast.empirical_ntk(m, x, implementation="structured", check=False)
         assert rel(K, batch_oracle(m, x)) > 1e-3  # the unverified kernel is wrong ...
         with pytest.raises(selfcheck.SelfCheckError, match="self-check failed"):
@@ -508,7 +512,7 @@ def test_self_check_catches_what_an_unverified_plan_gets_wrong(case, monkeypatch
         GLOBAL_FLAG["on"] = False
 
 
-class _BlindUses(structured.ParamUses):
+class _BlindUses(ParamUses):
     def _arg(self, t):
         return None
 
@@ -645,7 +649,7 @@ def test_explain_names_every_parameter_path_and_reason():
     r = Raw().double()
     e = lazyfast.explain(r, X())
     paths = {p["name"]: p for p in e.parameters}
-    assert paths["inner.0.weight"]["path"] == "rule" and paths["inner.0.weight"]["order"] in ("jacobian", "structured")
+    assert paths["inner.0.weight"]["path"] == "rule" and paths["inner.0.weight"]["contraction"] in ("gradients", "pairs")
     assert paths["scale"]["path"] == "remainder" and "no rule for Raw" in paths["scale"]["reason"]
     assert e.implementation in ("structured", "generic") and e.k == 2
     assert 0 < e.rule_fraction < 1 and "remainder (generic path)" in str(e)

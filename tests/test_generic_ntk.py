@@ -70,18 +70,37 @@ def test_cost_model_choice():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
+@pytest.mark.parametrize("contraction", ["auto", "gradients", "pairs"])
 @pytest.mark.parametrize("mode", ["trace", "full"])
-def test_layerwise_matches_oracle(bias, method, mode):
+def test_layerwise_matches_oracle(bias, contraction, mode):
     m = _model(bias)
     x1, x2 = _x(4), _x(3, 1)
     info = {}
-    got = kernels.layerwise_ntk(m, x1, x2, mode=mode, method=method, info=info)
+    got = kernels.layerwise_ntk(m, x1, x2, mode=mode, contraction=contraction, info=info)
     assert_close_rel(got, reference.ntk_oracle(m, x1, x2, mode=mode), rtol=1e-10)
-    got = kernels.layerwise_ntk(m, x1, mode=mode, method=method, memory_budget=3_000)  # tiny blocks
+    got = kernels.layerwise_ntk(m, x1, mode=mode, contraction=contraction, memory_budget=3_000)  # tiny blocks
     assert_close_rel(got, reference.ntk_oracle(m, x1, mode=mode), rtol=1e-10)
-    if method == "auto":
-        assert info["methods"][0] == "jacobian" and info["methods"][-1] == "structured"
+    if contraction == "auto":
+        assert info["contractions"][0] == "gradients" and info["contractions"][-1] == "pairs"
+
+
+@pytest.mark.parametrize("old, new", [("auto", "auto"), ("jacobian", "gradients"), ("structured", "pairs")])
+def test_layerwise_method_is_the_deprecated_spelling_of_contraction(old, new):
+    """layerwise_ntk(method=) keeps working for one release: a FutureWarning, the old words mapped to
+    the new ones (the per-layer orders are no longer named like the engines)."""
+    m = _model()
+    x = _x(3)
+    info, want_info = {}, {}
+    with pytest.warns(FutureWarning, match=f"contraction={new!r}"):
+        got = kernels.layerwise_ntk(m, x, method=old, info=info)
+    want = kernels.layerwise_ntk(m, x, contraction=new, info=want_info)
+    assert torch.equal(got, want) and info["contractions"] == want_info["contractions"]
+    with pytest.raises(ValueError, match="contraction="):
+        kernels.layerwise_ntk(m, x, method="gradients")  # the new words are not old spellings
+    with pytest.raises(TypeError, match="contraction= only"):
+        kernels.layerwise_ntk(m, x, method=old, contraction="pairs")
+    with pytest.raises(ValueError, match="contraction must be one of"):
+        kernels.layerwise_ntk(m, x, contraction="jacobian")  # nor the old words new ones
 
 
 def test_layerwise_frozen_batchnorm_and_coupled():

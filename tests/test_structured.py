@@ -1,5 +1,8 @@
 """The structured eNTK engine (lazyfast.structured) and `auto` routing to it, against the
 per-example autograd oracle (float64, 1e-10) on the models users bring."""
+import ast
+import pathlib
+
 import pytest
 import torch
 from torch import nn
@@ -69,15 +72,15 @@ def _cnn():
     return _randomize_norms(CNN().double()).eval()
 
 
-@pytest.mark.parametrize("method", ["auto", "jacobian", "structured"])
-def test_cnn_bn_eval_groups_depthwise_padding_modes(method):
+@pytest.mark.parametrize("contraction", ["auto", "gradients", "pairs"])
+def test_cnn_bn_eval_groups_depthwise_padding_modes(contraction):
     m = _cnn()
     x1, x2 = _x(4, 3, 8, 8), _x(3, 3, 8, 8, seed=1)
     for mode in ("trace", "full"):
         for b in (x2, None):
             want = reference.ntk_oracle(m, x1, b, mode=mode)
-            got = structured.structured_ntk(m, x1, b, mode=mode, method=method)
-            assert_close_rel(got, want, rtol=1e-10, what=f"{method} {mode} {b is None}")
+            got = structured.structured_ntk(m, x1, b, mode=mode, contraction=contraction)
+            assert_close_rel(got, want, rtol=1e-10, what=f"{contraction} {mode} {b is None}")
 
 
 def test_batched_backward_and_loop_and_chunks_agree():
@@ -188,9 +191,9 @@ def test_embedding_integer_inputs_padding_idx_layernorm():
     i1 = torch.randint(0, 9, (5, 6), generator=_g(0))
     i1[:, 0] = 0  # padding positions get no gradient
     i2 = torch.randint(0, 9, (3, 6), generator=_g(1))
-    for method in ("jacobian", "structured"):
+    for contraction in ("gradients", "pairs"):
         for mode in ("trace", "full"):
-            got = structured.structured_ntk(m, i1, i2, mode=mode, method=method)
+            got = structured.structured_ntk(m, i1, i2, mode=mode, contraction=contraction)
             assert_close_rel(got, reference.ntk_oracle(m, i1, i2, mode=mode), rtol=1e-10)
     _check(m, i1, None, impl="auto")
 
@@ -501,3 +504,44 @@ def test_plan_follows_a_list_attribute_that_reroutes_the_forward():
     m.order = ["a", "a", "b"]  # `a` now runs twice: a new plan, still exact
     assert structured.plan_fingerprint(m, x) != before
     _check(m, x, impl="auto")
+
+
+def test_engine_modules_own_one_thing_each_and_import_in_one_direction():
+    """The house: each module of the structured engine says in its first docstring line what it owns,
+    imports at module level only (no import inside a function), and the imports among them form a
+    DAG. The package re-exports no module global a test or benchmark patches (``_VERIFY``,
+    ``ParamUses``): a patch of the package would then change nothing; it must fail instead."""
+    pkg = pathlib.Path(structured.__file__).parent
+    names = {}
+    for p in pkg.rglob("*.py"):
+        parts = ("lazyfast._engine.structured",) + p.relative_to(pkg).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    edges = {}
+    for name, p in names.items():
+        tree = ast.parse(p.read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and doc.splitlines()[0].strip(), f"{p} has no first docstring line"
+        inner = [n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not inner, f"{p}: imports inside functions at lines {inner}"
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        # a module's own packages are not its dependencies (a package imports its parts)
+        edges[name] = {d for d in deps if d in names and d != name and not name.startswith(d + ".")}
+    done, stack = set(), []
+
+    def visit(m):
+        assert m not in stack, "import cycle: " + " -> ".join(stack[stack.index(m):] + [m])
+        if m in done:
+            return
+        stack.append(m)
+        for d in edges[m]:
+            visit(d)
+        stack.pop()
+        done.add(m)
+
+    for m in names:
+        visit(m)
+    assert not hasattr(structured, "_VERIFY") and not hasattr(structured, "ParamUses")

@@ -110,10 +110,15 @@ class ParamUses(_Watch):
     ``owner``: id of each parameter a rule covers → the rule's module; ``stack``: the rule modules
     whose own forward is running (kept by the engine). Fills ``foreign`` (names of covered
     parameters used outside their layer's forward) and ``aliased`` (names of trainable
-    parameters used through a tensor made before the forward that shares their storage)."""
+    parameters used through a tensor made before the forward that shares their storage).
+
+    Operator-rule sites (docs/engine.md, "Operator rules") are found by ``match``, the rules'
+    matcher (:func:`lazyfast._engine.structured.rules.ops.match_op`): ``match(name, func, args,
+    kwargs, is_param)`` → (kind, input, weight, bias, meta) for a recognized op whose parameter
+    slots hold parameters ``is_param`` accepts, else None."""
 
     def __init__(self, model: nn.Module, owner: Dict[int, nn.Module], stack: list, site_params=(), sites=None,
-                 record_site=None):
+                 record_site=None, match=None):
         trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         super().__init__(parameter_storages(model))
         self.owner, self.stack, self.names = owner, stack, trainable
@@ -125,25 +130,26 @@ class ParamUses(_Watch):
         self.site_params = set(site_params) | set(sites or ())
         self.planned = sites
         self.record_site = record_site
+        self.match = match
         self.key_of: Dict[int, tuple] = {}
         self.bad_keys: set = set()
         self.site_foreign: set = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.site_params:
-            name = _func_name(func)
-            if name in OP_NAMES:
-                m = match_op(name, func, args, kwargs or {}, lambda t: isinstance(t, torch.Tensor)
-                             and id(t) in self.site_params)
-                if m is not None and self._claim(m):
-                    kind, inp, w, b, meta = m
-                    for t in list(_tensors(args)) + list(_tensors(kwargs or {})):
-                        if t is not w and t is not b:
-                            self._arg(t)
-                    out = func(*args, **(kwargs or {}))
-                    rep = self.record_site((kind, _id(w), _id(b)), inp, out, meta) if self.record_site else None
-                    return out if rep is None else rep
+        if self.site_params and self.match is not None:
+            m = self.match(_func_name(func), func, args, kwargs or {}, self._is_site)
+            if m is not None and self._claim(m):
+                kind, inp, w, b, meta = m
+                for t in list(_tensors(args)) + list(_tensors(kwargs or {})):
+                    if t is not w and t is not b:
+                        self._arg(t)
+                out = func(*args, **(kwargs or {}))
+                rep = self.record_site((kind, _id(w), _id(b)), inp, out, meta) if self.record_site else None
+                return out if rep is None else rep
         return super().__torch_function__(func, types, args, kwargs)
+
+    def _is_site(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.site_params
 
     def _claim(self, m) -> bool:
         kind, _, w, b, _ = m
@@ -204,80 +210,3 @@ def alias_message(name: str) -> str:
             f"in __init__): lazyfast substitutes parameters by name and cannot follow such an alias, so the kernel "
             f"would be silently wrong. Compute the view inside forward() (x @ self.fc.weight.T) or reach the "
             f"parameter through its module")
-
-
-# ============================================================================= operator rules
-# Rules keyed on what the forward computes (docs/engine.md, "Operator rules"): a recognized op that
-# takes trainable parameters in its weight / bias slots is a rule site, whatever module calls it
-# (timm's LayerNorm2d, BatchNormAct2d, a layer-scale ``x * gamma``, Hugging Face's Conv1D addmm).
-_NORM_FUNCS = ("layer_norm", "group_norm", "batch_norm")
-_MUL = frozenset({"mul", "__mul__", "__rmul__", "multiply"})
-_ADD = frozenset({"add", "__add__", "__radd__"})
-OP_NAMES = frozenset(_NORM_FUNCS) | _MUL | _ADD | {"addmm"}
-_SIGS: dict = {}
-
-
-def _bind(func, args, kwargs):
-    import inspect
-
-    sig = _SIGS.get(func)
-    if sig is None:
-        sig = _SIGS[func] = inspect.signature(func)
-    ba = sig.bind(*args, **kwargs)
-    ba.apply_defaults()
-    return ba.arguments
-
-
-def match_op(name: str, func, args, kwargs, is_param):
-    """(kind, input, weight, bias, meta) when ``func(*args, **kwargs)`` is a recognized op whose
-    parameter slots hold parameters ``is_param`` accepts (and nothing else there), else None.
-    kind: ``layer_norm`` | ``group_norm`` | ``batch_norm`` (eval statistics) | ``scale``
-    (x * γ, γ broadcast into x) | ``shift`` (x + β) | ``linear_t`` (addmm(b, x, W), W (in, out))."""
-    if name in _NORM_FUNCS and getattr(func, "__module__", "") == "torch.nn.functional":
-        try:
-            a = _bind(func, args, kwargs)
-        except TypeError:
-            return None
-        w, b = a.get("weight"), a.get("bias")
-        if not (is_param(w) or is_param(b)) or (w is not None and not is_param(w)) or \
-                (b is not None and not is_param(b)):
-            return None
-        inp = a.get("input")
-        if not isinstance(inp, torch.Tensor):
-            return None
-        if name == "layer_norm":
-            meta = {"normalized_shape": tuple(a["normalized_shape"]), "eps": a["eps"]}
-        elif name == "group_norm":
-            meta = {"num_groups": a["num_groups"], "eps": a["eps"]}
-        else:
-            if a["training"] or a["running_mean"] is None or a["running_var"] is None:
-                return None
-            meta = {"running_mean": a["running_mean"], "running_var": a["running_var"], "eps": a["eps"]}
-        return name, inp, w, b, meta
-    if name in _MUL or name in _ADD:
-        if len(args) != 2 or kwargs:
-            return None
-        x, y = args
-        if is_param(x) and isinstance(y, torch.Tensor) and not is_param(y):
-            p, other = x, y
-        elif is_param(y) and isinstance(x, torch.Tensor) and not is_param(x):
-            p, other = y, x
-        else:
-            return None
-        try:
-            if tuple(torch.broadcast_shapes(p.shape, other.shape)) != tuple(other.shape) or p.dim() > other.dim():
-                return None
-        except RuntimeError:
-            return None
-        if name in _MUL:
-            return "scale", other, p, None, {}
-        return "shift", other, None, p, {}
-    if name == "addmm" and getattr(func, "__module__", "") == "torch":
-        if len(args) != 3 or kwargs:
-            return None
-        b, x, W = args
-        if not is_param(W) or W.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() != 2 or \
-                (b is not None and not is_param(b)) or (b is not None and tuple(b.shape) != (W.shape[1],)):
-            return None
-        return "linear_t", x, W, b, {}
-    return None

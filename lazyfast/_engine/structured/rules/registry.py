@@ -12,10 +12,10 @@ layer type. The protocol:
 * **What the rule returns**: ``per_example_gradients(module, calls) -> [g_1, g_2]``, one tensor
   (k, n, *param.shape) per declared parameter (the gradient of output a of sample i with respect
   to the parameter). The engine flattens them to (n·k, P) blocks and contracts them with the other
-  layers' (the "jacobian" contraction order of docs/engine.md; a rule has that one order).
+  layers' (the "gradients" contraction order of docs/engine.md; a rule has that one order).
 * **Its cost model**: ``flops(module, n, k) -> float``, the FLOPs of forming the per-example
   gradients of n samples (default: 2·n·k·P·(positions), counted from the captured shapes). Memory:
-  the engine holds k·P numbers per sample for the rule, like a built-in rule in the jacobian order.
+  the engine holds k·P numbers per sample for the rule, like a built-in rule in the gradients order.
 
 The real call verifies a custom rule like a built-in one (calls, shapes, uses of its parameters
 outside the module's own forward, aliases) and the self-check compares the kernel with autograd.
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["Rule", "register_rule", "unregister_rule", "registered_rules", "rule_for", "find_rule"]
 
@@ -50,12 +51,12 @@ class Rule:
 
 
 _RULES: Dict[type, Rule] = {}  # custom rules, by module type (they take precedence over built-in ones)
-_BUILTIN: List[Rule] = []  # the engine's rules, registered by lazyfast.structured at import, in order
+_BUILTIN: List[Rule] = []  # the engine's rules, registered by .builtin at import, in order
 
 
 def _register_builtin(module_type: type, kind: str, applies: Callable, params: Sequence[str] = ("weight", "bias"),
                       name: str = "") -> Rule:
-    """The door the engine's own rules come through (lazyfast/structured.py registers them)."""
+    """The door the engine's own rules come through (:mod:`.builtin` registers them)."""
     rule = Rule(module_type, tuple(params), None, True, None, name or module_type.__name__, kind, applies, True)
     _BUILTIN.append(rule)
     return rule
@@ -129,3 +130,10 @@ def find_rule(m: nn.Module) -> Optional[Rule]:
         if isinstance(m, r.module_type):
             return r if r.applies(m) else None
     return None
+
+
+def _plain_forward(m: nn.Module, base) -> bool:
+    """``m`` runs ``base``'s own forward: not overridden on its class or instance, not parametrized
+    (the applies-check the built-in rules share)."""
+    return (type(m).forward is base.forward and "forward" not in m.__dict__
+            and not parametrize.is_parametrized(m))
