@@ -11,9 +11,10 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from lazyfast._engine import structured
+from lazyfast._engine import structured, two_layer
 from lazyfast._engine.outputs import with_output
-from lazyfast._validation import check_input, check_memory_budget, check_mode, check_module
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET, check_input, check_memory_budget, check_mode, check_module
+from lazyfast.ntk import choose_implementation
 
 __all__ = ["Explanation", "explain"]
 
@@ -62,13 +63,11 @@ class Explanation:
 
 
 def explain(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
-            memory_budget: int = structured.DEFAULT_MEMORY_BUDGET, output_fn=None) -> Explanation:
+            memory_budget: int = DEFAULT_MEMORY_BUDGET, output_fn=None) -> Explanation:
     """Explains the route of ``empirical_ntk(model, x1, x2, mode=mode, implementation="auto")``
     without computing the kernel (it probes the model: forwards on copies of one sample).
 
     Returns an :class:`Explanation`; ``print(lazyfast.explain(model, x))`` shows it as a table."""
-    from lazyfast._engine import two_layer
-    from lazyfast.ntk import choose_implementation
 
     check_module(model)
     model = with_output(model, output_fn)

@@ -9,7 +9,6 @@ parameters no rule covers go to the generic path restricted to them.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Optional
 
@@ -19,7 +18,9 @@ from torch import nn
 from lazyfast._deprecated import REMOVED_IN
 from lazyfast._engine.generic import ntk_jacobian_blocked
 from lazyfast._engine.state import check_independent
-from lazyfast._engine.structured import CONTRACTIONS, DEFAULT_MEMORY_BUDGET, structured_ntk
+from lazyfast._engine.structured import CONTRACTIONS, structured_ntk
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET
+from lazyfast.lazy import frozen_copy
 
 # layerwise_ntk(method=), the deprecated spelling of contraction=: old word → new word
 _OLD_METHODS = {"auto": "auto", "jacobian": "gradients", "structured": "pairs"}
@@ -28,14 +29,20 @@ _OLD_METHODS = {"auto": "auto", "jacobian": "gradients", "structured": "pairs"}
 # ----------------------------------------------------------------------------- centering
 class Centered(nn.Module):
     """h(w)(x) = model(x) − model₀(x) with model₀ a frozen copy of the initial model, so
-    h(w₀) = 0 (the authors' CNN code: FC1(net(x)) − FC2(net2(x))). Only ``model`` trains."""
+    h(w₀) = 0 (the authors' CNN code: FC1(net(x)) − FC2(net2(x))). Only ``model`` trains; the
+    frozen copy is :func:`lazyfast.lazy.frozen_copy`'s (eval mode, as ``LazyModel(center=True)``'s),
+    and stays in eval mode."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.frozen = copy.deepcopy(model)
-        for p in self.frozen.parameters():
-            p.requires_grad_(False)
+        self.frozen = frozen_copy(model)
+
+    def train(self, mode: bool = True):
+        """Sets training mode of ``model``; the frozen copy always stays in eval mode."""
+        super().train(mode)
+        self.frozen.eval()
+        return self
 
     def forward(self, x):
         return self.model(x) - self.frozen(x)

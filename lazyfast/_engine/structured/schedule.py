@@ -10,9 +10,9 @@ from typing import List, Optional, Tuple
 from lazyfast._engine.structured.factors import _is_hadamard
 from lazyfast._engine.structured.plan import Plan, _Layer
 from lazyfast._engine.structured.rules.builtin import _wb
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET  # noqa: F401 (the one default; re-exported)
 
 # ----------------------------------------------------------------------------- tuning constants
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of working memory (captures, factors, per-layer blocks)
 CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # the chunk sizes tried below the largest one
 BLOCK_OVERHEAD_FLOPS = 5e6  # a chunk-pair block's kernel launches and Python, per rule layer, in FLOPs
 SMALLER_CHUNK_MARGIN = 0.9  # a smaller chunk must cost under this share of the best so far (GEMM efficiency)
