@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import lazyfast
 from lazyfast import reference
 from lazyfast._ops.hadamard_gram import hadamard_gram_sum
+from lazyfast.bench.protocol import cuda_time as _time
 from lazyfast.testing import rel_err
 
 N = int(os.environ.get("LAZYFAST_BENCH_GPU_N", "16384"))
@@ -39,20 +40,6 @@ def flops(n, d, widths, k=1):
     bwd = 2 * n * k * sum(a * b for a, b in zip(dims[1:-2], dims[2:-1]))
     gram = 2 * n * n * sum(dims[l] + k * dims[l + 1] for l in range(len(dims) - 1))
     return fwd + bwd, gram
-
-
-def _time(fn, reps=3):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
 
 
 def run(dtype):

@@ -33,23 +33,10 @@ from lazyfast import reference as R
 from lazyfast._ops import two_layer as TL
 from lazyfast._engine.two_layer import model_weights
 from lazyfast.models import TwoLayer
+from lazyfast.bench.protocol import cuda_time as _time
 from lazyfast.testing import rel_err
 
 N, D, M = 16384, 100, 16384
-
-
-def _time(fn, reps=3):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
 
 
 def gemm_rate(dtype):

@@ -97,3 +97,18 @@ def gemm_gflops(shape, dtype, device, repeats=3) -> float:
     b = torch.randn(k, n, dtype=dtype, device=device)
     t = time_call(lambda: a @ b, device, repeats)
     return 2.0 * m * k * n / t / 1e9
+
+
+def cuda_time(fn, reps: int = 3) -> float:
+    """One warm-up call, then the best of ``reps`` calls timed by CUDA events (the GPU benchmarks' timer)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
