@@ -19,7 +19,7 @@ from lazyfast._deprecated import REMOVED_IN
 from lazyfast._engine.generic import ntk_jacobian_blocked
 from lazyfast._engine.state import check_independent
 from lazyfast._engine.structured import CONTRACTIONS, structured_ntk
-from lazyfast._validation import DEFAULT_MEMORY_BUDGET
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET, check_implementation
 from lazyfast.lazy import frozen_copy
 
 # layerwise_ntk(method=), the deprecated spelling of contraction=: old word → new word
@@ -93,15 +93,14 @@ def extract_kernel(model: nn.Module, x: torch.Tensor, *, implementation: str = "
     authors extract it for the centered VGG-11: (N·k, N·k) with row = k·n + class, in
     ``dtype`` (float64 by default, as their stored kernel), gradients in the model's dtype.
 
-    ``implementation``: ``"auto"`` or ``"layerwise"`` (the structured engine), ``"jacobian"``
+    ``implementation``: ``"auto"`` or ``"structured"`` (the structured engine; 0.1: ``"layerwise"``), ``"jacobian"``
     (memory-bounded Jacobian contraction). Working memory stays within ``memory_budget``
     bytes. Example: ``extract_kernel(centered(vgg11()), images)``.
     """
-    if implementation not in ("auto", "layerwise", "jacobian"):
-        raise ValueError(f"implementation must be 'auto', 'layerwise' or 'jacobian', got {implementation!r}")
+    implementation = check_implementation(implementation, "extract_kernel")
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
-    if implementation in ("auto", "layerwise"):
+    if implementation in ("auto", "structured"):
         return layerwise_ntk(model, x, mode="full", flat=True, memory_budget=memory_budget, out_dtype=dtype, info=info)
     check_independent(model)
     full = ntk_jacobian_blocked(model, x, mode="full", memory_budget=memory_budget)

@@ -146,11 +146,15 @@ def test_centered_and_extract_kernel_layout():
     assert torch.equal(c(x), torch.zeros(4, 3, dtype=torch.float64))
     o = reference.ntk_oracle(m, x, mode="full")  # centering does not change the kernel
     want = o.permute(0, 2, 1, 3).reshape(12, 12)  # row = k·n + class
-    for impl in ("auto", "layerwise", "jacobian"):
+    for impl in ("auto", "structured", "jacobian"):
         got = kernels.extract_kernel(c, x, implementation=impl)
         assert got.dtype == torch.float64 and got.shape == (12, 12)
         assert_close_rel(got, want, rtol=1e-10, what=impl)
     assert_close_rel(reference.per_output_loop_kernel(c, x, batch_size=3), want, rtol=1e-10)
+    with pytest.warns(FutureWarning, match="renamed 'structured'"):  # the 0.1 name, for one release
+        assert_close_rel(kernels.extract_kernel(c, x, implementation="layerwise"), want, rtol=1e-10)
+    assert not c.frozen.training and not c.train().frozen.training  # the frozen copy stays in eval mode
+    assert c.model.training
 
 
 @pytest.mark.slow

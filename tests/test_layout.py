@@ -176,3 +176,13 @@ def test_state_guard_is_reentrant_and_the_outer_guard_restores():
     assert float(m.seen) == 0.0  # ... and restored
     with StateGuard(m) as g:
         assert not g.inner  # closed guards leave nothing behind
+
+
+def test_the_vocabulary_table_in_docs_matches_the_code():
+    text = open(os.path.join(ROOT, "docs", "engine.md")).read()
+    table = text[text.index("## One vocabulary"):]
+    for word, meaning in _validation.VOCABULARY.items():
+        row = next(line for line in table.splitlines() if line.startswith(f'| `"{word}"` |'))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == meaning
+        assert cells[2:] == ["✓" if word in allowed else "" for allowed in _validation.IMPLEMENTATIONS_OF.values()]
