@@ -19,7 +19,8 @@ from lazyfast._deprecated import REMOVED_IN
 from lazyfast._engine.generic import ntk_jacobian_blocked
 from lazyfast._engine.state import check_independent
 from lazyfast._engine.structured import CONTRACTIONS, structured_ntk
-from lazyfast._validation import DEFAULT_MEMORY_BUDGET, check_implementation
+from lazyfast._validation import (DEFAULT_MEMORY_BUDGET, check_implementation, check_memory_budget,
+                                  check_mode)
 from lazyfast.lazy import frozen_copy
 
 # layerwise_ntk(method=), the deprecated spelling of contraction=: old word → new word
@@ -82,6 +83,9 @@ def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         warnings.warn(f"layerwise_ntk(method={method!r}) is deprecated and will be removed in {REMOVED_IN}; use "
                       f"contraction={contraction!r} (the per-layer orders are now 'gradients' and 'pairs')",
                       FutureWarning, stacklevel=2)
+    check_mode(mode)
+    memory_budget = check_memory_budget(memory_budget)
+    check_independent(model)
     return structured_ntk(model, x1, x2, mode=mode, memory_budget=memory_budget, out_dtype=out_dtype,
                           contraction=contraction, flat=flat, info=info)
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from lazyfast._engine.structured import structured_ntk
-from lazyfast._validation import DEFAULT_MEMORY_BUDGET, check_chunk_size, check_input, check_mode
+from lazyfast._validation import DEFAULT_MEMORY_BUDGET, check_chunk_size, check_input, check_memory_budget, check_mode
 from lazyfast.models import MLP
 
 
@@ -27,6 +27,7 @@ def mlp_ntk(mlp, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: s
     if not isinstance(mlp, MLP):
         raise TypeError(f"mlp must be a lazyfast.models.MLP, got {type(mlp).__name__}")
     check_mode(mode)
+    memory_budget = check_memory_budget(memory_budget)
     check_input(x1, "x1", mlp)
     if x2 is not None:
         check_input(x2, "x2", mlp, like=x1)

@@ -8,17 +8,12 @@ import torch
 from torch import nn
 
 from lazyfast._engine.generic import generic_ntk, math_attention
-from lazyfast._engine.state import StateGuard, check_independent
+from lazyfast._engine.state import StateGuard
 from lazyfast._engine.structured.contract import _contract
 from lazyfast._engine.structured.factors import _factors
 from lazyfast._engine.structured.plan import (CONTRACTIONS, Plan, PlanMismatch, make_plan, probe_plan, remember_plan,
                                               revise_plan)
 from lazyfast._engine.structured.schedule import DEFAULT_MEMORY_BUDGET, PLAN_ATTEMPTS, _schedule
-
-
-def _check_budget(memory_budget):
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
 
 
 def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
@@ -43,14 +38,13 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
         batched: one batched backward for the k outputs (False: a loop over the outputs).
         remainder: implementation of the generic path for uncovered parameters.
 
-    Returns a plain tensor (no autograd graph).
+    Returns a plain tensor (no autograd graph). The caller has checked ``mode``, ``memory_budget``
+    and :func:`check_independent`.
     """
     if contraction not in CONTRACTIONS:
         raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}")
-    if mode not in ("trace", "full"):
-        raise ValueError(f"mode must be 'trace' or 'full', got {mode!r}")
-    _check_budget(memory_budget)
-    check_independent(model)
+    # mode, memory_budget and the samples' independence are the public caller's to check, once
+    # (lazyfast.empirical_ntk, kernels.layerwise_ntk, the MLP backend): this is their shared engine.
     same = x2 is None
     xb = x1 if same else x2
     n1, n2 = x1.shape[0], xb.shape[0]
