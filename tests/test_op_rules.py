@@ -1,6 +1,6 @@
 """Operator rules (docs/engine.md, "Operator rules"): parameters that no module rule takes but that
 the forward uses only as the weight / bias of a recognized op (F.layer_norm / group_norm /
-batch_norm in eval, x·γ, x + β, addmm with an (in, out) weight) take the structured path, whatever
+batch_norm in eval, x·γ, x + β, addmm with an (in, out) weight, F.linear) take the structured path, whatever
 module calls the op (timm-style LayerNorm2d, BatchNormAct, layer scale, Hugging Face Conv1D).
 Exact against autograd through the real model, float64 ≤ 1e-10, trace and full, x2 given or not.
 """
@@ -110,6 +110,29 @@ class ScaleAlsoElsewhere(nn.Module):
         return self.b(torch.tanh(self.a(x) * self.g) + self.g.exp())
 
 
+class TimmLinear(nn.Linear):
+    """timm's ``Linear``: an nn.Linear subclass with its own forward calling F.linear (the module rule
+    refuses an overridden forward; the ``linear`` operator rule takes it)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class FunctionalHead(nn.Module):
+    """Raw parameters through F.linear on a rank-3 input (no bias on the second), keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 4) * 0.5)
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(2, 6) * 0.5)
+        self.fc = TimmLinear(2, 3)
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.w1, self.b1))
+        return self.fc(F.linear(input=h, weight=self.w2).mean(1))
+
+
 def _init_bn(m):
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
@@ -128,6 +151,8 @@ CASES = {
                                                                      generator=torch.Generator().manual_seed(s))),
     "scale_twice": (lambda: ScaleTwice().double(), lambda n, s: torch.randn(n, 3, dtype=D,
                                                                              generator=torch.Generator().manual_seed(s))),
+    "functional_linear": (lambda: FunctionalHead().double(), lambda n, s: torch.randn(
+        n, 5, 4, dtype=D, generator=torch.Generator().manual_seed(s))),
     "scale_elsewhere": (lambda: ScaleAlsoElsewhere().double(), lambda n, s: torch.randn(
         n, 3, dtype=D, generator=torch.Generator().manual_seed(s))),
 }
@@ -150,7 +175,8 @@ def test_operator_rules_exact(case, mode, same):
     assert rel(K, ref) < 1e-10
 
 
-@pytest.mark.parametrize("case,expected", (("convnextish", 1.0), ("gptish", 1.0), ("scale_twice", 1.0)))
+@pytest.mark.parametrize("case,expected", (("convnextish", 1.0), ("gptish", 1.0), ("scale_twice", 1.0),
+                                            ("functional_linear", 1.0)))
 def test_operator_rules_take_the_parameters(case, expected):
     torch.manual_seed(0)
     mk, xs = CASES[case]

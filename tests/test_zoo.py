@@ -99,7 +99,15 @@ def test_timm_and_hugging_face_take_structured_plus_remainder(name):
     _optional(name)
     m, x = zoo.build(name), zoo.inputs(name, 8)
     e = lazyfast.explain(m, x)
-    assert e.implementation == "structured" and e.rule_fraction > 0.98
+    assert e.implementation == "structured" and e.rule_fraction >= RULE_SHARE[name], str(e)
+
+
+# The share of trainable numbers on layer rules, as measured (a regression floor; issue 19 asks >= 99 %):
+# what is left is the layer-scale gammas (convnext), class tokens (ViTs) and position embeddings whose
+# index is one (1, L) row shared by the batch (BERT, DistilBERT, GPT-2).
+RULE_SHARE = {"timm_resnet10t": 1.0, "timm_efficientnet_b0": 1.0, "timm_mobilenetv3": 1.0,
+              "timm_convnext_atto": 0.9994, "timm_vit_tiny": 0.9999, "hf_bert": 0.985, "hf_distilbert": 0.985,
+              "hf_gpt2": 0.984, "hf_vit": 0.9996}
 
 
 @pytest.mark.parametrize("name", ["timm_mobilenetv3", "hf_bert", "hf_gpt2", "hf_vit"])

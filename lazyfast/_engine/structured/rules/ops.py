@@ -19,7 +19,7 @@ from lazyfast._engine.structured.rules.scale import _ScaleShift
 _NORM_FUNCS = ("layer_norm", "group_norm", "batch_norm")
 _MUL = frozenset({"mul", "__mul__", "__rmul__", "multiply"})
 _ADD = frozenset({"add", "__add__", "__radd__"})
-OP_NAMES = frozenset(_NORM_FUNCS) | _MUL | _ADD | {"addmm"}
+OP_NAMES = frozenset(_NORM_FUNCS) | _MUL | _ADD | {"addmm", "linear"}
 _SIGS: dict = {}
 
 
@@ -36,7 +36,9 @@ def match_op(name: str, func, args, kwargs, is_param):
     """(kind, input, weight, bias, meta) when ``func(*args, **kwargs)`` is a recognized op whose
     parameter slots hold parameters ``is_param`` accepts (and nothing else there), else None.
     kind: ``layer_norm`` | ``group_norm`` | ``batch_norm`` (eval statistics) | ``scale``
-    (x * γ, γ broadcast into x) | ``shift`` (x + β) | ``linear_t`` (addmm(b, x, W), W (in, out))."""
+    (x * γ, γ broadcast into x) | ``shift`` (x + β) | ``linear_t`` (addmm(b, x, W), W (in, out)) |
+    ``linear`` (``F.linear(x, W, b)``, W (out, in), x of any rank: timm's ``Linear``, any module whose
+    own forward calls it)."""
     if name not in OP_NAMES:
         return None
     if name in _NORM_FUNCS and getattr(func, "__module__", "") == "torch.nn.functional":
@@ -86,6 +88,16 @@ def match_op(name: str, func, args, kwargs, is_param):
                 (b is not None and not is_param(b)) or (b is not None and tuple(b.shape) != (W.shape[1],)):
             return None
         return "linear_t", x, W, b, {}
+    if name == "linear" and getattr(func, "__module__", "") == "torch._C._nn":
+        if len(args) + len(kwargs) > 3 or set(kwargs) - {"input", "weight", "bias"}:
+            return None
+        slots = dict(zip(("input", "weight", "bias"), args), **kwargs)
+        x, W, b = slots.get("input"), slots.get("weight"), slots.get("bias")
+        if not is_param(W) or W.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() < 1 or \
+                x.shape[-1] != W.shape[1] or (b is not None and not is_param(b)) or \
+                (b is not None and tuple(b.shape) != (W.shape[0],)):
+            return None
+        return "linear", x, W, b, {}
     return None
 
 
@@ -94,6 +106,12 @@ def _op_shell(kind: str, w, b, meta: dict) -> nn.Module:
     factor code serves it (it shares the parameters; it is never called)."""
     if kind == "linear_t":
         return _LinearT(w, b)
+    if kind == "linear":
+        sh = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(sh)
+        sh._parameters["weight"], sh._parameters["bias"] = w, b
+        sh.in_features, sh.out_features = w.shape[1], w.shape[0]
+        return sh
     if kind in ("scale", "shift"):
         return _ScaleShift(w, b)
     cls = {"layer_norm": nn.LayerNorm, "group_norm": nn.GroupNorm, "batch_norm": nn.BatchNorm2d}[kind]
@@ -116,5 +134,5 @@ def _op_shell(kind: str, w, b, meta: dict) -> nn.Module:
     return sh
 
 
-_OP_KIND = {"layer_norm": "norm", "group_norm": "norm", "batch_norm": "norm", "linear_t": "linear",
+_OP_KIND = {"layer_norm": "norm", "group_norm": "norm", "batch_norm": "norm", "linear_t": "linear", "linear": "linear",
             "scale": "scale", "shift": "shift"}
