@@ -13,6 +13,7 @@ table's first line names the file, the command, and the stamp: date, commit, loa
                        (+ models_cpu_update.json, models_cpu_full_mode.json: later runs of some rows, --out …)
     nt                 benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
     linearized-models  benchmarks/results/linearized_models_cpu.json   python benchmarks/bench_linearized_models.py
+    users-models       benchmarks/results/users_models_cpu.json        python benchmarks/bench_users_models.py
 
 The reproduction blocks (docs/REPRODUCTION.md: ``reproduction``, ``cnn-alpha``, ``cnn-sweep``,
 ``cnn-gpu-sizing``) are rebuilt from docs/figures/*.json by lazyfast/experiments/claims.py. README.md
@@ -317,6 +318,17 @@ def table_linearized_models(results: pathlib.Path) -> str:
     return mod.markdown(_load("linearized_models_cpu.json", results))
 
 
+def table_users_models(results: pathlib.Path) -> str:
+    """Issue 19's table of timm / Hugging Face models, by the benchmark's own formatter
+    (benchmarks/bench_users_models.py: interleaved rounds, the floor, the share on rules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_users_models", ROOT / "benchmarks" / "bench_users_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.markdown(_load("users_models_cpu.json", results))
+
+
 # ----------------------------------------------------------------------------- the README's summary
 def _lin_models(results: pathlib.Path) -> dict:
     return _load("linearized_models_cpu.json", results)
@@ -457,6 +469,7 @@ TABLES: Dict[str, Callable[[pathlib.Path], str]] = {
     "models": table_models,
     "nt": table_nt,
     "linearized-models": table_linearized_models,
+    "users-models": table_users_models,
 }
 GENERATORS: Dict[str, Callable[[pathlib.Path, pathlib.Path], str]] = {
     **{name: _results_only(fn) for name, fn in TABLES.items()},
@@ -471,7 +484,8 @@ GENERATORS: Dict[str, Callable[[pathlib.Path, pathlib.Path], str]] = {
 # exactly one document.
 DOCS: Dict[str, Tuple[str, ...]] = {
     "README.md": ("summary",),
-    "docs/benchmarks.md": ("bench-quick", "two-layer", "mlp", "engine", "models", "nt", "linearized-models"),
+    "docs/benchmarks.md": ("bench-quick", "two-layer", "mlp", "engine", "models", "users-models", "nt",
+                           "linearized-models"),
     "docs/REPRODUCTION.md": ("reproduction", "cnn-alpha", "cnn-sweep", "cnn-gpu-sizing"),
 }
 
