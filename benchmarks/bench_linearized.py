@@ -26,6 +26,7 @@ import os
 import pytest
 import torch
 
+from lazyfast.bench.protocol import sgd_step
 from lazyfast.lazy import Linearized, square_loss
 from lazyfast.models import TwoLayer
 from lazyfast.reference import linearized_step_torch_func
@@ -62,30 +63,12 @@ def make_problem(n, d, m, k=1, dtype=torch.float32, seed=0):
 
 # ----------------------------------------------------------------------------- the three steps
 def standard_step(net, x, y):
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = square_loss(net(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step, net
+    return sgd_step(net, x, y, LR, square_loss), net
 
 
 def lazyfast_step(net, x, y, implementation="auto"):
     lin = Linearized(net, implementation=implementation)
-    opt = torch.optim.SGD([p for p in lin.parameters() if p.requires_grad], lr=LR)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = square_loss(lin(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step, lin.model
+    return sgd_step(lin, x, y, LR, square_loss), lin.model
 
 
 def torch_func_step(net, x, y):

@@ -24,7 +24,7 @@ from torch.func import functional_call, jacrev, jvp as _func_jvp, vmap
 from lazyfast._engine.generic import functional_model
 # The torch.func JVP / VJP / NTK·v users write (vmap(jvp), vjp, vjp then jvp) are the baselines of the
 # fused products; the engine's products path runs the same code, so it is defined once, there.
-from lazyfast._engine.products import check_tangents, jvp, ntk_vp, vjp  # noqa: F401 (baselines)
+from lazyfast._engine.products import _out_dim, check_tangents, jvp, ntk_vp, vjp  # noqa: F401 (baselines)
 # The dense formulas the compiled ops fall back to are the benchmarks' dense baselines: defined once, there.
 from lazyfast._ops.dense import (activation_deriv, gram, hadamard_gram_sum, two_layer_jvp_dense,  # noqa: F401
                                  two_layer_ntk_dense, two_layer_ntk_vp_dense, two_layer_vjp_dense)
@@ -37,11 +37,6 @@ def _chunks(n: int, size: Optional[int]):
     size = n if not size else size
     for s in range(0, n, max(size, 1)):
         yield s, min(s + size, n)
-
-
-def _out_dim(f, params, x) -> int:
-    with torch.no_grad():
-        return f(params, x[:1]).shape[1]
 
 
 # ----------------------------------------------------------------------------- Jacobians

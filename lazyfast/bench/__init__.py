@@ -39,7 +39,8 @@ import torch
 import lazyfast
 from lazyfast import reference as R
 from lazyfast.bench import models as _bench_models
-from lazyfast.bench.protocol import Case, Row, _sync, gemm_gflops, git_commit, loadavg, stamp, time_call  # noqa: F401
+from lazyfast.bench.protocol import (Case, Row, _sync, gemm_gflops, git_commit, loadavg, sgd_step,  # noqa: F401
+                                     stamp, time_call)
 from lazyfast.lazy import Linearized, square_loss
 from lazyfast.models import TwoLayer
 from lazyfast.solvers import kernel_regression_cg
@@ -66,7 +67,6 @@ def _flat(out) -> torch.Tensor:
 
 
 def _two_layer(d, m, k, dtype, device, seed=0):
-
     torch.manual_seed(seed)
     return TwoLayer(d, m, k, activation="relu", dtype=dtype, device=device)
 
@@ -77,7 +77,6 @@ def _inputs(n, d, dtype, device, seed):
 
 
 def case_two_layer_gram(p, dtype, device, func_max_bytes):
-
     n, d, m = p["n"], p["d"], p["m"]
     model = _two_layer(d, m, 1, dtype, device)
     x1, x2 = _inputs(n, d, dtype, device, 1), _inputs(n, d, dtype, device, 2)
@@ -100,7 +99,6 @@ def _product_setup(p, dtype, device):
 
 
 def case_two_layer_jvp(p, dtype, device, func_max_bytes):
-
     model, x, n, d, m = _product_setup(p, dtype, device)
     T = p["T"]
     g = torch.Generator().manual_seed(4)
@@ -118,7 +116,6 @@ def case_two_layer_jvp(p, dtype, device, func_max_bytes):
 
 
 def case_two_layer_vjp(p, dtype, device, func_max_bytes):
-
     model, x, n, d, m = _product_setup(p, dtype, device)
     r = _inputs(n, 1, dtype, device, 5)
     A, B = model.hidden.weight.detach(), model.output.weight.detach()
@@ -129,7 +126,6 @@ def case_two_layer_vjp(p, dtype, device, func_max_bytes):
 
 
 def case_two_layer_ntk_vp(p, dtype, device, func_max_bytes):
-
     model, x, n, d, m = _product_setup(p, dtype, device)
     v = _inputs(n, 1, dtype, device, 6)
     A, B = model.hidden.weight.detach(), model.output.weight.detach()
@@ -140,7 +136,6 @@ def case_two_layer_ntk_vp(p, dtype, device, func_max_bytes):
 
 
 def case_mlp_ntk(p, dtype, device, func_max_bytes):
-
     n, d, w = p["n"], p["d"], p["w"]
     torch.manual_seed(0)
     model = lazyfast.MLP(d, [w, w, w], 1, dtype=dtype, device=device)
@@ -157,7 +152,6 @@ def case_mlp_ntk(p, dtype, device, func_max_bytes):
 
 
 def case_linearized_step(p, dtype, device, func_max_bytes):
-
     n, d, m = p["n"], p["d"], p["m"]
     x, y = _inputs(n, d, dtype, device, 8), _inputs(n, 1, dtype, device, 9)
     lr = 0.1
@@ -168,16 +162,7 @@ def case_linearized_step(p, dtype, device, func_max_bytes):
             step, w = R.linearized_step_torch_func(net, x, y, lr, square_loss)
             return step, lambda: [w[k] for k in sorted(w)]
         mod = Linearized(net) if kind == "lazyfast" else net
-        params = [q for q in mod.parameters() if q.requires_grad]
-        opt = torch.optim.SGD(params, lr=lr)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = square_loss(mod(x), y)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
+        step = sgd_step(mod, x, y, lr, square_loss)
         named = dict((k, v) for k, v in (mod.model if kind == "lazyfast" else mod).named_parameters())
         return step, lambda: [named[k] for k in sorted(named)]
 
@@ -206,7 +191,6 @@ def _stepper(step, params, compare):
 
 
 def case_kernel_regression(p, dtype, device, func_max_bytes):
-
     n, d, m = p["n"], p["d"], p["m"]
     model = _two_layer(d, m, 1, dtype, device)
     x, y = _inputs(n, d, dtype, device, 10), _inputs(n, 1, dtype, device, 11)

@@ -112,3 +112,18 @@ def cuda_time(fn, reps: int = 3) -> float:
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
     return best
+
+
+def sgd_step(module, x, y, lr: float, loss_fn):
+    """The training step every step benchmark times: zero grads, loss of ``module(x)`` against ``y``,
+    backward, one plain SGD update of the module's trainable parameters; returns the step (→ loss)."""
+    opt = torch.optim.SGD([q for q in module.parameters() if q.requires_grad], lr=lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(module(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
