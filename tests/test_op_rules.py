@@ -204,3 +204,42 @@ def test_operator_rule_float32_close_to_float64():
     m32.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in m64.state_dict().items()})
     K32 = lazyfast.empirical_ntk(m32, x.float())
     assert rel(K32.double(), K64) < 1e-5
+
+
+def test_linear_operator_rule_on_the_real_call_with_a_hook_and_an_alias():
+    """The F.linear site is confirmed on the real call: a forward hook that rescales a layer's output is
+    seen (the kernel stays the real module's); the same Parameter reached through a list is the
+    parameter (exact, still on the rule); a view made before the forward is refused with a clear
+    error; the module's state is unchanged."""
+    torch.manual_seed(0)
+    m = FunctionalHead().double()
+    x = torch.randn(5, 5, 4, dtype=D)
+    h = m.fc.register_forward_hook(lambda mod, inp, out: 3.0 * out)
+    try:
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        K = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False)
+        assert rel(K, batch_oracle(m, x, "full")) < 1e-10
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    finally:
+        h.remove()
+
+    class ThroughList(FunctionalHead):
+        def forward(self, x):
+            h = torch.tanh(F.linear(x, self.ws[0], self.b1))
+            return self.fc(F.linear(input=h, weight=self.w2).mean(1))
+
+    m = ThroughList().double()
+    m.ws = [m.w1]
+    assert lazyfast.explain(m, x).rule_fraction == 1.0
+    K = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False)
+    assert rel(K, batch_oracle(m, x, "full")) < 1e-10
+
+    class ViewAlias(FunctionalHead):
+        def forward(self, x):
+            h = torch.tanh(F.linear(x, self.wT.T, self.b1))
+            return self.fc(F.linear(input=h, weight=self.w2).mean(1))
+
+    m = ViewAlias().double()
+    m.wT = m.w1.T  # a view made before the forward
+    with pytest.raises(ValueError, match="'w1' is used in the forward through an alias"):
+        lazyfast.empirical_ntk(m, x, implementation="structured", check=False)
