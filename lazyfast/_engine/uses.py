@@ -134,8 +134,26 @@ class ParamUses(_Watch):
         self.key_of: Dict[int, tuple] = {}
         self.bad_keys: set = set()
         self.site_foreign: set = set()
+        self.shared: Dict[int, tuple] = {}  # id(z) -> (z, key): expanded shared-call outputs (watch_shared)
+        self.shared_bad: set = set()
+
+    def watch_shared(self, z: torch.Tensor, key) -> None:
+        """Watches the consumers of ``z``, a shared call's output expanded to the batch (docs/engine.md,
+        "Shared calls"): a use other than a batch-wise elementwise op or a metadata read puts ``key``
+        in ``shared_bad``."""
+        self.shared[id(z)] = (z, key)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.shared:
+            return self._call(func, types, args, kwargs)
+        used = [v for t in list(_tensors(args)) + list(_tensors(kwargs or {})) if (v := self.shared.get(id(t)))]
+        out = self._call(func, types, args, kwargs)
+        for z, key in used:
+            if not _batchwise_use(_func_name(func), args, kwargs or {}, z, out):
+                self.shared_bad.add(key)
+        return out
+
+    def _call(self, func, types, args, kwargs):
         if self.site_params and self.match is not None:
             m = self.match(_func_name(func), func, args, kwargs or {}, self._is_site)
             if m is not None and self._claim(m):
@@ -198,6 +216,27 @@ class AliasGuard(_Watch):
         key = storage_key(t)
         if key in self.storages:
             raise ValueError(alias_message(self.storages[key]))
+
+
+# binary elementwise ops: out[i] depends on the expanded shared output z only through z[i] when
+# out has z's shape (the other operand broadcasts into z)
+_ELEMENTWISE = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__",
+                          "sub_", "mul", "__mul__", "__rmul__", "__imul__", "mul_"})
+
+
+def _batchwise_use(name: str, args, kwargs, z: torch.Tensor, out) -> bool:
+    """Whether a call that takes ``z`` keeps each sample's row of ``z`` in that sample: a metadata
+    read, a call that returns ``z`` itself (``.to`` its own dtype / device), or a binary elementwise
+    op whose result has ``z``'s shape and that does not write into ``z``."""
+    if name in _META:
+        return True
+    if (name.startswith("__i") or name.endswith("_")) and args and args[0] is z:
+        return False  # writes into z (and returns it)
+    if out is z:
+        return True
+    if name not in _ELEMENTWISE or len(args) != 2 or set(kwargs) - {"alpha"}:
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(z.shape)
 
 
 def _id(t):

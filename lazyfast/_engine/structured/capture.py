@@ -45,6 +45,14 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
         if not (isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor)):
             recs[id(m)].append(None)
             return None
+        if c < len(L.shared) and L.shared[c] and inp.dim() >= 1 and inp.shape[0] == 1 and out.dim() >= 1 \
+                and out.shape[0] == 1:
+            # a shared call (docs/engine.md, "Shared calls"): each sample gets its own copy of the
+            # rows, so its cotangent is that sample's; the consumers are watched
+            z = out.expand((n,) + tuple(out.shape[1:])).contiguous()
+            recs[id(m)].append([inp.detach().expand((n,) + tuple(inp.shape[1:])), z, inp, inp._version, z._version])
+            uses_ref[0].watch_shared(z, id(m))
+            return z
         u = inp.detach()
         if c < len(L.clone_in) and L.clone_in[c]:
             u = u.clone()
@@ -55,9 +63,10 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
 
     stack: list = []
     uses = None
+    uses_ref: list = [None]
     verify = _VERIFY if verify is None else verify
     sites = {L.site: L.module for L in layers if L.site is not None}
-    if verify or sites:
+    if verify or sites or any(any(L.shared) for L in layers):
         owner = {}
         for L in layers:
             for p, on in zip(_wb(L.module), (L.w_on, L.b_on)):
@@ -66,6 +75,7 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
         planned = {i: key for key in sites for i in key[1:] if i is not None}
         uses = ParamUses(model, owner if verify else {}, stack, sites=planned,
                          record_site=lambda key, inp, out, meta: record(sites[key], inp, out), match=match_op)
+        uses_ref[0] = uses
     modules = [L.module for L in layers if L.site is None]
     with torch.enable_grad(), _Shadows(plan.shadows), _Brackets(modules, stack, record):
         if uses is not None:
@@ -74,6 +84,9 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
         else:
             raw = run_forward(model, x)
     out = model_output(raw, n)
+    if uses is not None and uses.shared_bad:
+        raise PlanMismatch("a shared call's output (an Embedding on indices without the batch) was used other than "
+                           "by a batch-wise elementwise op", drop=uses.shared_bad, reprobe=False)
     if verify:
         _verify_capture(model, plan, n, recs, uses, out)
     elif uses is not None and uses.aliased:
@@ -143,7 +156,10 @@ def _verify_capture(model, plan: Plan, n: int, recs, uses, out) -> None:
             u, o, inp, iv, ov = r
             bd = L.bdims[c]
             fold = L.folds[c] if c < len(L.folds) else 1
-            if fold > 1:
+            if c < len(L.shared) and L.shared[c]:
+                bad = (tuple(inp.shape) != (1,) + tuple(L.in_shapes[c])
+                       or tuple(o.shape) != (n,) + tuple(L.out_shapes[c]))
+            elif fold > 1:
                 bad = (tuple(inp.shape) != (n * fold,) + tuple(L.in_shapes[c][1:])
                        or tuple(o.shape) != (n * fold,) + tuple(L.out_shapes[c][1:]))
             else:

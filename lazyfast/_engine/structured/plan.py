@@ -50,6 +50,9 @@ class _Layer:
     gamma: float = 1.0
     site: Optional[tuple] = None  # an operator rule's (kind, id(weight), id(bias)); None: a module rule
     folds: List[int] = field(default_factory=list)  # per call: rows per sample when the batch is folded
+    # per call: a shared call (an Embedding on indices without the batch, e.g. position ids (1, L)),
+    # its output broadcast to every sample (docs/engine.md, "Shared calls")
+    shared: List[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -270,7 +273,9 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
         if ok:
             for (_, s1, _, o1), (ci, s2, co, o2) in zip(one, two):
                 bd = _batch_dim(s1, s2, o1, o2, L)
-                fold = 1
+                fold, shared = 1, False
+                if bd is None and _shared_call(s1, s2, o1, o2, L):
+                    bd, shared = 0, True
                 if bd is None and L.site is not None and L.kind == "linear" and len(s1) == 2 and len(o1) == 2 \
                         and s2[0] == 2 * s1[0] and o2[0] == 2 * o1[0] == 2 * s1[0] and s1[1:] == s2[1:]:
                     # the batch folded into the rows, (n·F, in) (x.view(-1, d) before an addmm)
@@ -280,6 +285,7 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                     ok = False
                     break
                 L.folds.append(fold)
+                L.shared.append(shared)
                 L.bdims.append(bd)
                 L.clone_in.append(ci)
                 L.clone_out.append(co)
@@ -306,6 +312,12 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 L.names.append(name_of[id(p)])
                 covered.add(name_of[id(p)])
         layers.append(L)
+    for L in _shared_misused(model, x, [L for L in layers if any(L.shared)]):
+        layers.remove(L)
+        for name in L.names:
+            covered.discard(name)
+            reasons[name] = ("its Embedding runs on indices without the batch (shared by all samples) and its "
+                             "output is used other than by a batch-wise elementwise op")
     remainder = [n for n in trainable if n not in covered]
     if remainder:  # the FLOP model compares against the generic path: count the whole forward
         with StateGuard(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -371,6 +383,41 @@ def _batch_dim(s1, s2, o1, o2, L) -> Optional[int]:
     if L.kind == "conv" and len(s1) != L.module.weight.dim():  # batched input only
         return None
     return d
+
+
+def _shared_misused(model: nn.Module, x: torch.Tensor, layers: List[_Layer]) -> List[_Layer]:
+    """The layers among ``layers`` (each with a shared call) whose expanded shared output is used
+    other than by a batch-wise elementwise op, seen on a forward of two copies of one sample with the
+    capture's expansion (the capture checks the same on every real call)."""
+    if not layers:
+        return []
+    by_id = {id(L.module): L for L in layers}
+    count = {i: 0 for i in by_id}
+    uses = ParamUses(model, {}, [])
+
+    def record(m, inp, out):
+        L, c = by_id[id(m)], count[id(m)]
+        count[id(m)] += 1
+        if c < len(L.shared) and L.shared[c] and isinstance(out, torch.Tensor) and out.dim() >= 1 \
+                and out.shape[0] == 1:
+            z = out.expand((2,) + tuple(out.shape[1:])).contiguous()
+            uses.watch_shared(z, id(m))
+            return z
+        return None
+
+    with StateGuard(model), torch.enable_grad(), _Brackets([L.module for L in layers], [], record), \
+            uses:
+        run_forward(model, _batch_like(x, 2), shown=x)
+    return [L for L in layers if id(L.module) in uses.shared_bad]
+
+
+def _shared_call(s1, s2, o1, o2, L) -> bool:
+    """A call of an Embedding module whose input and output do not change with the batch and
+    lead with a dim of 1 (position ids (1, L) → (1, L, dim)): the same rows for every sample,
+    broadcast into the batch by the forward. The capture expands the output to the batch and
+    confirms on every call that only batch-wise elementwise ops consume it."""
+    return (L.kind == "embedding" and L.site is None and s1 == s2 and o1 == o2 and len(s1) >= 1
+            and len(o1) == len(s1) + 1 and s1[0] == 1 and o1[0] == 1)
 
 
 def revise_plan(plan: Plan, mm: PlanMismatch) -> Plan:
