@@ -1,9 +1,10 @@
-"""lazyfast vs neural-tangents' structured derivatives (JAX, CPU), back to back (issue 14).
+"""lazyfast vs neural-tangents' structured derivatives (JAX, CPU), by interleaved rounds (issue 14).
 
 Run in a venv with neural-tangents 0.6.5 + jax/jaxlib 0.4.25 + torch 2.13.0 (recipe in
 docs/benchmarks-models.md), importing lazyfast from this checkout:
 
-    PYTHONPATH=. /work/nt-venv/bin/python benchmarks/bench_nt.py
+    PYTHONPATH=. /work/nt-venv/bin/python benchmarks/bench_nt.py --threads 2 [--rounds 5] [--only a,b]
+    PYTHONPATH=. /work/nt-venv/bin/python benchmarks/bench_nt.py --quick   # tiny sizes, 2 rounds, → out/
 
 Problems (float32, x2=None, trace over outputs — neural-tangents' default ``trace_axes=(-1,)``,
 which is the mean over outputs, like lazyfast's ``mode="trace"``):
@@ -11,6 +12,7 @@ which is the mean over outputs, like lazyfast's ``mode="trace"``):
     (:func:`lazyfast.zoo.sequential_mlp`) and on the same network as ``lazyfast.MLP``;
   * the two-layer net ``lazyfast.TwoLayer(100, 4096)``, n=1024;
   * the 3-conv CNN (:class:`lazyfast.zoo.ConvNet3`, 64 channels, 32×32) with 1 and 10 outputs, n=128.
+(``--quick``: the same problems at tiny widths and n, for a smoke run.)
 The JAX function is written out here and its weights are loaded from the same torch model
 (dense weights stored (in, out) and applied as ``h @ W`` — neural-tangents' structured path
 falls back to Jacobian-contraction cost for ``h @ W.T``), and its kernel is checked against
@@ -18,12 +20,17 @@ lazyfast's. neural-tangents: ``jax.jit(nt.empirical_ntk_fn(f, vmap_axes=0,
 implementation=STRUCTURED_DERIVATIVES))``, compiled and warm; its other implementations
 (JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS) are compiled too and timed beside it when their compile +
 first call is within ``ALT_FACTOR``× SD's (a peer's fastest method is the fair baseline: on the CNNs
-Jacobian contraction beats structured derivatives); speed-ups are given against SD (issue 14's
-target) and against neural-tangents' fastest timed implementation. Protocol: one warm-up call of
-each, then ``--repeats`` rounds alternating lazyfast / neural-tangents; the minimum of each is
-reported. neural-tangents/__init__ imports its TensorFlow port (``neural_tangents.experimental``,
-needs tensorflow); it is not used here, so an empty module stands in for it.
-Writes benchmarks/results/nt_compare_cpu.json and .md.
+Jacobian contraction beats structured derivatives).
+
+Protocol: per row, every method runs in this one process; each is called once to warm up (for
+neural-tangents that call compiles), then ``--rounds`` rounds (5 by default) each call every method
+once in the same order (A B C A B C ...). A round's ratio is neural-tangents' time over lazyfast's in
+that round, against SD (issue 14's target) and against neural-tangents' fastest timed implementation
+(the one with the lowest median time over the rounds); a row reports the median ratio over rounds
+and its min–max (``median× [min–max]``), and the JSON keeps every round's times. neural-tangents/__init__
+imports its TensorFlow port (``neural_tangents.experimental``, needs tensorflow); it is not used here,
+so an empty module stands in for it. Writes benchmarks/results/nt_compare_cpu.json and .md (or
+``--out``), stamped (machine, load before/after, date, commit).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import types
@@ -102,33 +110,36 @@ def jax_conv3(model):
     return f, params
 
 
-def problems():
+def problems(quick: bool = False):
+    """The rows: full sizes, or (``quick``) the same problems at tiny widths and n, for a smoke run."""
     import torch
 
     import lazyfast
     from lazyfast import zoo
 
+    width, ns, tl_m, tl_n, ch, cnn_n = (64, (32,), 256, 64, 8, 8) if quick else (2048, (256, 1024), 4096, 1024, 64, 128)
     out = []
-    for n in (256, 1024):
-        seq = zoo.sequential_mlp(100, 2048, 3, 1)
-        # JC and NVP are tried at n=256 (both take seconds where SD takes ~0.1 s); at n=1024 they are not run
-        out.append(dict(id=f"mlp2048_n{n}", note=f"MLP 100→2048³→1, n={n}", n=n, jax=jax_mlp(seq),
+    for n in ns:
+        seq = zoo.sequential_mlp(100, width, 3, 1)
+        # JC and NVP are tried at the first n (both take seconds where SD takes ~0.1 s); at n=1024 they are not run
+        first_n = n == ns[0]
+        out.append(dict(id=f"mlp{width}_n{n}", note=f"MLP 100→{width}³→1, n={n}", n=n, jax=jax_mlp(seq),
                         torch={"lazyfast auto (nn.Sequential)": seq,
                                "lazyfast auto (lazyfast.MLP)": zoo.as_lazyfast_mlp(seq)},
                         x=zoo.inputs("mlp2048", n),
-                        nt_alternatives=tuple(ALT_NAMES) if n == 256 else (),
-                        nt_note="" if n == 256 else "JC, NVP not run: far slower than SD at n=256 (row above)"))
+                        nt_alternatives=tuple(ALT_NAMES) if first_n else (),
+                        nt_note="" if first_n else f"JC, NVP not run: far slower than SD at n={ns[0]} (row above)"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tl = lazyfast.TwoLayer(100, 4096, 1)
-    out.append(dict(id="two_layer", note="TwoLayer d=100, m=4096, n=1024", n=1024, jax=jax_two_layer(tl),
-                    torch={"lazyfast auto (TwoLayer)": tl}, x=zoo.inputs("mlp2048", 1024),
+        tl = lazyfast.TwoLayer(100, tl_m, 1)
+    out.append(dict(id="two_layer", note=f"TwoLayer d=100, m={tl_m}, n={tl_n}", n=tl_n, jax=jax_two_layer(tl),
+                    torch={"lazyfast auto (TwoLayer)": tl}, x=zoo.inputs("mlp2048", tl_n),
                     nt_alternatives=tuple(ALT_NAMES)))
     for k in (1, 10):
-        cnn = zoo.conv3(64, k)
-        out.append(dict(id=f"conv3_k{k}", note=f"3-conv CNN, 64 channels, 32×32, {k} output(s), n=128", n=128,
+        cnn = zoo.conv3(ch, k)
+        out.append(dict(id=f"conv3_k{k}", note=f"3-conv CNN, {ch} channels, 32×32, {k} output(s), n={cnn_n}", n=cnn_n,
                         jax=jax_conv3(cnn), torch={"lazyfast auto (ConvNet3)": cnn},
-                        x=zoo.inputs(f"conv3_k{k}", 128), nt_alternatives=tuple(ALT_NAMES)))
+                        x=zoo.inputs(f"conv3_k{k}", cnn_n), nt_alternatives=tuple(ALT_NAMES)))
     return out
 
 
@@ -138,14 +149,161 @@ def _git_commit():
     return git_commit() or "unknown"
 
 
+def summary(ratios):
+    """median, min, max of per-round ratios (and the ratios themselves)."""
+    return dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios), rounds=list(ratios))
+
+
+def fmt_ratio(s) -> str:
+    """``median× [min–max]``."""
+    return f"{s['median']:.2f}× [{s['min']:.2f}–{s['max']:.2f}]"
+
+
+def run_row(pb, rounds, nt, jax, np, torch, lazyfast, log):
+    """One row: compile/warm every method, then ``rounds`` interleaved rounds (A B C A B C ...)."""
+    f, params = pb["jax"]
+    x = pb["x"]
+    xj = jax.numpy.asarray(x.numpy())
+    kfn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0,
+                                      implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES))
+    t0 = time.perf_counter()
+    K_nt = np.asarray(kfn(xj, None, params).block_until_ready())  # compile + first call: SD's warm-up
+    compile_s = time.perf_counter() - t0
+    calls = {SD: lambda: kfn(xj, None, params).block_until_ready()}
+    first = {SD: compile_s}
+    skipped = {}
+    # neural-tangents' other implementations, timed beside SD when their compile + first call
+    # is within ALT_FACTOR× SD's (a fair baseline is the peer's fastest); others are recorded
+    for impl in pb.get("nt_alternatives", ()):
+        name = f"neural-tangents {ALT_NAMES[impl]} (jit, warm)"
+        alt = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0,
+                                          implementation=getattr(nt.NtkImplementation, impl)))
+        t0 = time.perf_counter()
+        try:
+            K_alt = np.asarray(alt(xj, None, params).block_until_ready())
+        except Exception as e:  # noqa: BLE001 - out of memory / XLA errors are recorded
+            skipped[name] = f"failed: {type(e).__name__}"
+            log(f"[{pb['id']}] {name:36s} failed: {type(e).__name__}")
+            continue
+        first[name] = time.perf_counter() - t0
+        if float(np.abs(K_alt - K_nt).max() / np.abs(K_nt).max()) > AGREE_TOL:
+            skipped[name] = "disagrees with SD"
+            continue
+        if first[name] > ALT_FACTOR * compile_s:
+            skipped[name] = f"not timed: compile + first call {first[name]:.1f} s (> {ALT_FACTOR:g}× SD's)"
+            log(f"[{pb['id']}] {name:36s} {skipped[name]}")
+            continue
+        calls[name] = (lambda g: lambda: g(xj, None, params).block_until_ready())(alt)
+    outs = {}
+    for name, model in pb["torch"].items():
+        outs[name] = lazyfast.empirical_ntk(model, x)  # warm-up (and the agreement check)
+        calls[name] = (lambda m: lambda: lazyfast.empirical_ntk(m, x))(model)
+    times = {k: [] for k in calls}
+    for r in range(rounds):  # all methods in one process, warm, interleaved: A B C A B C ...
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        log(f"[{pb['id']}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.4f} s" for k, v in times.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    nt_names = [k for k in calls if k not in outs]
+    best_nt = min(nt_names, key=med.get)  # neural-tangents' fastest timed implementation, by median
+    K_nt_t = torch.from_numpy(K_nt).double()
+    scale = float(K_nt_t.abs().max())
+    res = []
+    for name in calls:
+        r = dict(method=name, seconds=med[name], min_seconds=min(times[name]), max_seconds=max(times[name]),
+                 times=times[name])
+        if name in outs:
+            err = float((outs[name].double() - K_nt_t).abs().max() / scale)
+            r.update(rel_diff_vs_nt=err, agrees=err <= AGREE_TOL,
+                     nt_sd_over_lazyfast=summary([a / b for a, b in zip(times[SD], times[name])]),
+                     nt_fastest_over_lazyfast=summary([a / b for a, b in zip(times[best_nt], times[name])]))
+            log(f"[{pb['id']}] {name:36s} median {r['seconds']:.4f} s  NT SD / lazyfast "
+                f"{fmt_ratio(r['nt_sd_over_lazyfast'])}, NT fastest / lazyfast {fmt_ratio(r['nt_fastest_over_lazyfast'])}, "
+                f"rel.diff {err:.1e}")
+        else:
+            r["compile_and_first_call_seconds"] = first[name]
+            log(f"[{pb['id']}] {name:36s} median {r['seconds']:.4f} s  (compile+first {first[name]:.1f} s)")
+        res.append(r)
+    return dict(id=pb["id"], note=pb["note"], n=pb["n"], order=list(calls), results=res, nt_fastest=best_nt,
+                nt_not_timed=skipped, nt_alternatives_note=pb.get("nt_note", ""))
+
+
+def targets(rows):
+    """Issue 14's targets, on the median ratio over rounds (and the kernels agreeing)."""
+    out = []
+    for rid, goal in (("mlp2048_n256", 1.2), ("mlp2048_n1024", 1.2), ("conv3_k10", 1.5)):
+        row = next((r for r in rows if r["id"] == rid), None)
+        if row is None:
+            continue
+        for r in row["results"]:
+            if "nt_sd_over_lazyfast" not in r:
+                continue
+            vs = [(SD, "neural-tangents SD", r["nt_sd_over_lazyfast"])]
+            if row["nt_fastest"] != SD:
+                vs.append((row["nt_fastest"], f"neural-tangents' fastest ({row['nt_fastest'].split(' (')[0]})",
+                           r["nt_fastest_over_lazyfast"]))
+            for _, what, s in vs:
+                out.append(dict(target=f"{rid}: {r['method']} vs {what}", goal=f">= {goal}×", measured=s["median"],
+                                measured_min=s["min"], measured_max=s["max"],
+                                met=bool(s["median"] >= goal and r["agrees"])))
+    return out
+
+
+def markdown(result) -> str:
+    m = result["machine"]
+    L = ["# lazyfast vs neural-tangents structured derivatives (CPU)", "",
+         "Generated by `benchmarks/bench_nt.py` (do not edit by hand).", "",
+         f"Machine: {m['processor']}, {m['cpu_count']} CPUs; torch {m['torch']} ({m['torch_threads']} threads), "
+         f"jax {m['jax']}, neural-tangents {m['neural_tangents']}; {m['date']}; commit {m['commit']}; load average "
+         f"before {'/'.join(f'{v:.2f}' for v in m['load_before'])}, after "
+         f"{'/'.join(f'{v:.2f}' for v in m['load_after'])}; `{m['command']}`.", "",
+         f"float32, x2=None, trace; every method in one process, warm (neural-tangents jit-compiled), "
+         f"{result['rounds']} interleaved rounds (A B C A B C ...). Times: median over rounds [min–max]; ratios: "
+         "neural-tangents' time over lazyfast's in the same round, median× [min–max] over rounds.", "",
+         "| problem | method | time (s) | neural-tangents SD / lazyfast | its fastest implementation / lazyfast | "
+         "rel. diff vs neural-tangents |",
+         "|---|---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        for r in row["results"]:
+            t = f"{r['seconds']:.4f} [{r['min_seconds']:.4f}–{r['max_seconds']:.4f}]"
+            if "nt_sd_over_lazyfast" in r:
+                cells = (f"{fmt_ratio(r['nt_sd_over_lazyfast'])} | {fmt_ratio(r['nt_fastest_over_lazyfast'])} | "
+                         f"{r['rel_diff_vs_nt']:.1e}" + ("" if r["agrees"] else " **DISAGREES**"))
+            else:
+                cells = (f"(compile + first call {r['compile_and_first_call_seconds']:.1f} s"
+                         + ("; fastest" if r["method"] == row["nt_fastest"] else "") + ") | |")
+            L.append(f"| {row['note']} | {r['method']} | {t} | {cells} |")
+        for name, why in row.get("nt_not_timed", {}).items():
+            L.append(f"| {row['note']} | {name} | | {why} | | |")
+        if row.get("nt_alternatives_note"):
+            L.append(f"| {row['note']} | other neural-tangents implementations | | {row['nt_alternatives_note']} | | |")
+    if result.get("quick"):
+        return "\n".join(L + ["", "Targets (issue 14): not judged on the --quick sizes."]) + "\n"
+    L += ["", "| target (issue 14), on the median ratio | goal | measured: median [min–max] | met? |", "|---|---|---:|---|"]
+    for t in result["targets"]:
+        L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× [{t['measured_min']:.2f}–{t['measured_max']:.2f}] "
+                 f"| {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(L) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
+                    help="interleaved timed rounds per row (default 5; 2 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run), written to out/nt_compare_quick "
+                                                         "unless --out is given")
     ap.add_argument("--only", help="comma-separated problem ids")
     ap.add_argument("--threads", type=int, help="torch threads; 1 also makes XLA single-threaded (default: both "
                                                 "use every core)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "nt_compare_cpu"))
+    ap.add_argument("--out", help="output path without extension (default benchmarks/results/nt_compare_cpu)")
     a = ap.parse_args(argv)
+    rounds = a.rounds if a.rounds is not None else (2 if a.quick else 5)
+    if rounds < 1:
+        ap.error("--rounds must be >= 1")
+    out_path = a.out or (os.path.join(ROOT, "out", "nt_compare_quick") if a.quick
+                         else os.path.join(HERE, "results", "nt_compare_cpu"))
     if a.threads == 1:  # before jax is imported
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1").strip()
@@ -161,127 +319,27 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     rows = []
-    for pb in problems():
+    for pb in problems(a.quick):
         if a.only and pb["id"] not in a.only.split(","):
             continue
-        f, params = pb["jax"]
-        x = pb["x"]
-        xj = jax.numpy.asarray(x.numpy())
-        kfn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0,
-                                          implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES))
-        t0 = time.perf_counter()
-        K_nt = np.asarray(kfn(xj, None, params).block_until_ready())
-        compile_s = time.perf_counter() - t0
-        calls = {SD: lambda: kfn(xj, None, params).block_until_ready()}
-        first = {SD: compile_s}
-        skipped = {}
-        # neural-tangents' other implementations, timed beside SD when their compile + first call
-        # is within ALT_FACTOR× SD's (a fair baseline is the peer's fastest); others are recorded
-        for impl in pb.get("nt_alternatives", ()):
-            name = f"neural-tangents {ALT_NAMES[impl]} (jit, warm)"
-            alt = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0,
-                                              implementation=getattr(nt.NtkImplementation, impl)))
-            t0 = time.perf_counter()
-            try:
-                K_alt = np.asarray(alt(xj, None, params).block_until_ready())
-            except Exception as e:  # noqa: BLE001 - out of memory / XLA errors are recorded
-                skipped[name] = f"failed: {type(e).__name__}"
-                print(f"[{pb['id']}] {name:36s} failed: {type(e).__name__}", flush=True)
-                continue
-            first[name] = time.perf_counter() - t0
-            if float(np.abs(K_alt - K_nt).max() / np.abs(K_nt).max()) > AGREE_TOL:
-                skipped[name] = "disagrees with SD"
-                continue
-            if first[name] > ALT_FACTOR * compile_s:
-                skipped[name] = f"not timed: compile + first call {first[name]:.1f} s (> {ALT_FACTOR:g}× SD's)"
-                print(f"[{pb['id']}] {name:36s} {skipped[name]}", flush=True)
-                continue
-            calls[name] = (lambda g: lambda: g(xj, None, params).block_until_ready())(alt)
-        outs = {}
-        for name, model in pb["torch"].items():
-            outs[name] = lazyfast.empirical_ntk(model, x)  # warm-up
-            calls[name] = (lambda m: lambda: lazyfast.empirical_ntk(m, x))(model)
-        times = {k: [] for k in calls}
-        for _ in range(a.repeats):  # back to back, interleaved
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        t_nt = min(times[SD])
-        nt_names = [k for k in calls if k not in outs]
-        best_nt = min(nt_names, key=lambda k: min(times[k]))
-        t_best = min(times[best_nt])
-        res = []
-        K_nt_t = torch.from_numpy(K_nt).double()
-        scale = float(K_nt_t.abs().max())
-        for name in calls:
-            r = dict(method=name, seconds=min(times[name]), times=times[name])
-            if name in outs:
-                err = float((outs[name].double() - K_nt_t).abs().max() / scale)
-                r.update(rel_diff_vs_nt=err, agrees=err <= AGREE_TOL, speedup_vs_nt=t_nt / r["seconds"],
-                         speedup_vs_nt_fastest=t_best / r["seconds"])
-            else:
-                r["compile_and_first_call_seconds"] = first[name]
-            res.append(r)
-            print(f"[{pb['id']}] {name:36s} {r['seconds']:.4f} s"
-                  + (f"  {r['speedup_vs_nt']:.2f}x vs NT SD, {r['speedup_vs_nt_fastest']:.2f}x vs NT fastest, "
-                     f"rel.diff {r['rel_diff_vs_nt']:.1e}" if name in outs else
-                     f"  (compile+first {first[name]:.1f} s)"), flush=True)
-        rows.append(dict(id=pb["id"], note=pb["note"], results=res, nt_fastest=best_nt, nt_not_timed=skipped,
-                         nt_alternatives_note=pb.get("nt_note", "")))
-    targets = []
-    for rid, goal in (("mlp2048_n256", 1.2), ("mlp2048_n1024", 1.2), ("conv3_k10", 1.5)):
-        row = next((r for r in rows if r["id"] == rid), None)
-        if row is None:
-            continue
-        for r in row["results"]:
-            if "speedup_vs_nt" in r:
-                targets.append(dict(target=f"{rid}: {r['method']} vs neural-tangents SD", goal=f">= {goal}×",
-                                    measured=r["speedup_vs_nt"], met=bool(r["speedup_vs_nt"] >= goal and r["agrees"])))
-                if row["nt_fastest"] != SD:
-                    targets.append(dict(target=f"{rid}: {r['method']} vs neural-tangents' fastest "
-                                               f"({row['nt_fastest'].split(' (')[0]})", goal=f">= {goal}×",
-                                        measured=r["speedup_vs_nt_fastest"],
-                                        met=bool(r["speedup_vs_nt_fastest"] >= goal and r["agrees"])))
+        rows.append(run_row(pb, rounds, nt, jax, np, torch, lazyfast, lambda s: print(s, flush=True)))
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
                    jax=jax.__version__, neural_tangents=nt.__version__, jax_devices=str(jax.devices()),
-                   xla_flags=os.environ.get("XLA_FLAGS", ""), lazyfast_backend=lazyfast.backend_info(), load_before=list(load_before),
-                   load_after=list(os.getloadavg()), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   commit=_git_commit(), command="PYTHONPATH=. python benchmarks/bench_nt.py "
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), lazyfast_backend=lazyfast.backend_info(),
+                   load_before=list(load_before), load_after=list(os.getloadavg()),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=_git_commit(),
+                   command="PYTHONPATH=. python benchmarks/bench_nt.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]))
-    result = dict(machine=machine, repeats=a.repeats, rows=rows, targets=targets)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as fh:
+    result = dict(machine=machine, protocol="interleaved rounds", rounds=rounds, quick=a.quick, rows=rows,
+                  targets=[] if a.quick else targets(rows))  # the targets are for the full sizes
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path + ".json", "w") as fh:
         json.dump(result, fh, indent=1)
-    m = machine
-    L = ["# lazyfast vs neural-tangents structured derivatives (CPU)", "",
-         "Generated by `benchmarks/bench_nt.py` (do not edit by hand).", "",
-         f"Machine: {m['processor']}, {m['cpu_count']} CPUs; torch {m['torch']} ({m['torch_threads']} threads), "
-         f"jax {m['jax']}, neural-tangents {m['neural_tangents']}; {m['date']}; commit {m['commit']}; load average "
-         f"before {'/'.join(f'{v:.2f}' for v in m['load_before'])}, after "
-         f"{'/'.join(f'{v:.2f}' for v in m['load_after'])}.", "",
-         f"float32, x2=None, trace; warm (neural-tangents jit-compiled); min of {a.repeats} interleaved rounds.", "",
-         "| problem | method | time (s) | speed-up vs neural-tangents SD | vs its fastest implementation | "
-         "rel. diff vs neural-tangents |",
-         "|---|---|---:|---:|---:|---:|"]
-    for row in rows:
-        for r in row["results"]:
-            L.append(f"| {row['note']} | {r['method']} | {r['seconds']:.4f} | "
-                     + (f"{r['speedup_vs_nt']:.2f}× | {r['speedup_vs_nt_fastest']:.2f}× | {r['rel_diff_vs_nt']:.1e}"
-                        + ("" if r["agrees"] else " **DISAGREES**")
-                        if "speedup_vs_nt" in r else f"(compile + first call {r['compile_and_first_call_seconds']:.1f} s) | |")
-                     + " |")
-        for name, why in row.get("nt_not_timed", {}).items():
-            L.append(f"| {row['note']} | {name} | | {why} | | |")
-        if row.get("nt_alternatives_note"):
-            L.append(f"| {row['note']} | other neural-tangents implementations | | {row['nt_alternatives_note']} | | |")
-    L += ["", "| target (issue 14) | goal | measured | met? |", "|---|---|---:|---|"]
-    for t in targets:
-        L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× | {'yes' if t['met'] else '**no**'} |")
-    with open(a.out + ".md", "w") as fh:
-        fh.write("\n".join(L) + "\n")
-    print("\n".join(L))
+    text = markdown(result)
+    with open(out_path + ".md", "w") as fh:
+        fh.write(text)
+    print(text)
     bad = [r for row in rows for r in row["results"] if r.get("agrees") is False]
     return 1 if bad else 0
 

@@ -278,32 +278,55 @@ def table_models(results: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+def _nt_ratio(x: dict, key: str) -> dict | None:
+    """A lazyfast row's ratio against neural-tangents (``key``: "sd" or "fastest") as median/min/max:
+    nt_compare_cpu.json from interleaved rounds (``nt_sd_over_lazyfast``, ``nt_fastest_over_lazyfast``),
+    or from the earlier min-of-repeats protocol (``speedup_vs_nt``, ``speedup_vs_nt_fastest``: one number)."""
+    new = x.get("nt_sd_over_lazyfast" if key == "sd" else "nt_fastest_over_lazyfast")
+    if new is not None:
+        return new
+    old = x.get("speedup_vs_nt") if key == "sd" else x.get("speedup_vs_nt_fastest", x.get("speedup_vs_nt"))
+    return None if old is None else dict(median=old, min=old, max=old)
+
+
+def _is_lazyfast_nt(x: dict) -> bool:
+    return "nt_sd_over_lazyfast" in x or "speedup_vs_nt" in x
+
+
 def table_nt(results: pathlib.Path) -> str:
+    """The neural-tangents table: interleaved rounds (``rounds`` in the file: median× [min–max] over
+    rounds) or, for a file from the earlier protocol (``repeats``), min of the repeats."""
     r = _load("nt_compare_cpu.json", results)
+    rounds = "rounds" in r
+    protocol = (f"every method in one process, warm, {r['rounds']} interleaved rounds (A B C A B C …); times are "
+                "medians over rounds, a ratio is neural-tangents' time over lazyfast's in the same round, shown as "
+                "median× [min–max] over rounds" if rounds else f"all alternate with lazyfast, min of {r['repeats']} each")
     lines = [_models_stamp("nt_compare_cpu.json", r["machine"]), "",
              f"Float32, x2 = None; neural-tangents {r['machine'].get('neural_tangents')} (jax {r['machine'].get('jax')}), "
              f"jit-compiled and warm: structured derivatives (SD, issue 14's baseline) and, where they run in "
-             f"comparable time, its Jacobian-contraction (JC) and NTK-vector-product (NVP) implementations; all "
-             f"alternate with lazyfast, min of {r['repeats']} each; the kernels are checked against each other.", "",
+             f"comparable time, its Jacobian-contraction (JC) and NTK-vector-product (NVP) implementations; "
+             f"{protocol}; the kernels are checked against each other.", "",
              "| problem | neural-tangents SD | its fastest | lazyfast `auto` | vs SD | vs its fastest |",
              "|---|---:|---|---|---:|---:|"]
+    cell = (lambda s: f"{s['median']:.2f}× [{s['min']:.2f}–{s['max']:.2f}]") if rounds else (lambda s: _x(s["median"]))
     for row in r["rows"]:
-        nts = {x["method"]: x for x in row["results"] if "speedup_vs_nt" not in x}
+        nts = {x["method"]: x for x in row["results"] if not _is_lazyfast_nt(x)}
         sd = nts.get("neural-tangents SD (jit, warm)") or row["results"][0]
         fast_name = row.get("nt_fastest", sd["method"])
         fast = nts.get(fast_name, sd)
         fcell = f"{fast_name.split(' (')[0].replace('neural-tangents ', '')} {_s(fast['seconds'])}"
         for x in row["results"]:
-            if "speedup_vs_nt" not in x:
+            if not _is_lazyfast_nt(x):
                 continue
-            vs_fast = x.get("speedup_vs_nt_fastest", x["speedup_vs_nt"])
             lines.append(f"| {row['note']} | {_s(sd['seconds'])} | {fcell} | {x['method'].replace('lazyfast auto ', '')} "
-                         f"{_s(x['seconds'])} | {_x(x['speedup_vs_nt'])} | {_x(vs_fast)} |")
+                         f"{_s(x['seconds'])} | {cell(_nt_ratio(x, 'sd'))} | {cell(_nt_ratio(x, 'fastest'))} |")
     lines += ["", "| target | goal | measured | met? |", "|---|---|---:|---|"]
     for t in r["targets"]:
         v = t["measured"]
-        lines.append(f"| {t['target']} | {t['goal']} | {v if isinstance(v, str) else f'{v:.3g}'} | "
-                     f"{'yes' if t['met'] else '**no**'} |")
+        m = v if isinstance(v, str) else f"{v:.3g}"
+        if "measured_min" in t:  # interleaved rounds: the median and its min–max
+            m = cell(dict(median=v, min=t["measured_min"], max=t["measured_max"]))
+        lines.append(f"| {t['target']} | {t['goal']} | {m} | {'yes' if t['met'] else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -403,10 +426,11 @@ def table_summary(results: pathlib.Path, figures: pathlib.Path) -> str:
                 f"(users_models_cpu.json) |")
 
     nt = _load("nt_compare_cpu.json", results)
-    sp = [x["speedup_vs_nt"] for row in nt["rows"] for x in row["results"] if "speedup_vs_nt" in x]
-    fast = [x.get("speedup_vs_nt_fastest", x["speedup_vs_nt"]) for row in nt["rows"] for x in row["results"]
-            if "speedup_vs_nt" in x]
-    rows.append(f"| against neural-tangents (JAX, jit) on MLPs, TwoLayer, a CNN | **{_range(sp)}** its structured "
+    lz = [x for row in nt["rows"] for x in row["results"] if _is_lazyfast_nt(x)]
+    sp = [_nt_ratio(x, "sd")["median"] for x in lz]  # medians over rounds (one number in an earlier file)
+    fast = [_nt_ratio(x, "fastest")["median"] for x in lz]
+    rounds = ", interleaved rounds" if "rounds" in nt else ""
+    rows.append(f"| against neural-tangents (JAX, jit) on MLPs, TwoLayer, a CNN{rounds} | **{_range(sp)}** its structured "
                 f"derivatives, {_range(fast)} its fastest method; {sum(x['met'] for x in nt['targets'])} of "
                 f"{len(nt['targets'])} targets met | [neural-tangents table]({bm}#against-neural-tangents) "
                 f"(nt_compare_cpu.json) |")

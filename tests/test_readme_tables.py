@@ -170,3 +170,44 @@ def test_every_experiment_has_a_row():
     table = claims.table()
     for name in EXPERIMENTS:
         assert f"| `{name}`" in table, name
+
+
+def _nt_rounds_result():
+    """A nt_compare_cpu.json of benchmarks/bench_nt.py's interleaved-rounds format, built by its own
+    helpers (the script imports jax only in main())."""
+    spec = importlib.util.spec_from_file_location("bench_nt", ROOT / "benchmarks" / "bench_nt.py")
+    bench_nt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_nt)
+    sd, jc, lf = [1.0, 1.2, 1.1], [0.8, 0.9, 0.7], [0.5, 0.5, 0.4]
+    res = [dict(method=bench_nt.SD, seconds=1.1, min_seconds=1.0, max_seconds=1.2, times=sd,
+                compile_and_first_call_seconds=3.0),
+           dict(method="neural-tangents JC (jit, warm)", seconds=0.8, min_seconds=0.7, max_seconds=0.9, times=jc,
+                compile_and_first_call_seconds=2.0),
+           dict(method="lazyfast auto (ConvNet3)", seconds=0.5, min_seconds=0.4, max_seconds=0.5, times=lf,
+                rel_diff_vs_nt=1e-7, agrees=True,
+                nt_sd_over_lazyfast=bench_nt.summary([a / b for a, b in zip(sd, lf)]),
+                nt_fastest_over_lazyfast=bench_nt.summary([a / b for a, b in zip(jc, lf)]))]
+    rows = [dict(id="conv3_k10", note="3-conv CNN, 10 outputs", n=128, order=[r["method"] for r in res], results=res,
+                 nt_fastest="neural-tangents JC (jit, warm)", nt_not_timed={}, nt_alternatives_note="")]
+    old = json.loads((ROOT / "benchmarks" / "results" / "nt_compare_cpu.json").read_text())
+    return bench_nt, dict(machine=old["machine"], protocol="interleaved rounds", rounds=3, quick=False, rows=rows,
+                          targets=bench_nt.targets(rows))
+
+
+def test_the_nt_table_reads_interleaved_rounds(tmp_path):
+    bench_nt, data = _nt_rounds_result()
+    t = {x["target"].split(" vs ")[1]: x for x in data["targets"]}
+    assert t["neural-tangents SD"]["measured"] == pytest.approx(2.4) and t["neural-tangents SD"]["met"]  # median ratio
+    fastest = t["neural-tangents' fastest (neural-tangents JC)"]
+    assert (fastest["measured"], fastest["met"]) == (pytest.approx(1.75), True)
+    assert "| 2.40× [2.00–2.75] | 1.75× [1.60–1.80] |" in bench_nt.markdown(data)
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    (results / "nt_compare_cpu.json").write_text(json.dumps(data))
+    table = update_readme.table_nt(results)
+    assert "3 interleaved rounds" in table
+    assert "| JC 0.8 s | (ConvNet3) 0.5 s | 2.40× [2.00–2.75] | 1.75× [1.60–1.80] |" in table
+    assert "| >= 1.5× | 1.75× [1.60–1.80] | yes |" in table
+    summary = update_readme.table_summary(results, update_readme.FIGURES)
+    assert "**2.40×** its structured derivatives, 1.75× its fastest method; 2 of 2 targets met" in summary
+    assert {"nt", "summary"} <= set(update_readme.check(ROOT, results))
