@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -35,7 +34,8 @@ from bench_models import tutorial_ntk  # noqa: E402  (the tutorial's method, as 
 from lazyfast import zoo  # noqa: E402
 from lazyfast._engine.outputs import model_output  # noqa: E402
 from lazyfast._store import atomic_write  # noqa: E402
-from lazyfast.bench.protocol import loadavg, stamp  # noqa: E402
+from lazyfast.bench.protocol import (interleaved_rounds, loadavg, per_round_ratios, ratio_summary, stamp,  # noqa: E402
+                                     timed)
 
 METHODS = ("lazyfast auto", "torch.func tutorial (J once)", "floor")
 EXTRA = {  # rows beyond the zoo's optional models: (builder, input name in zoo for the inputs, mode)
@@ -101,16 +101,12 @@ def run_row(row, n, rounds, log):
         out = fn()
         if name != "floor":
             errs[name] = rel(out, ref)
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        log(f"  {row} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
-    tut = [t / l for t, l in zip(times.get("torch.func tutorial (J once)", []), times["lazyfast auto"])]
-    flo = [l / f for l, f in zip(times["lazyfast auto"], times["floor"])]
-    summ = lambda v: dict(median=statistics.median(v), min=min(v), max=max(v), rounds=v) if v else None  # noqa: E731
+    times, _ = interleaved_rounds({name: (lambda fn=fn: timed(fn)) for name, fn in fns.items()}, rounds,
+                                  on_round=lambda r, ts: log(f"  {row} round {r + 1}: "
+                                                             + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in ts.items())))
+    tut = per_round_ratios(times.get("torch.func tutorial (J once)", []), times["lazyfast auto"])
+    flo = per_round_ratios(times["lazyfast auto"], times["floor"])
+    summ = ratio_summary
     return dict(row=row, n=n, mode=mode, k=e.k, parameters=sum(p["numel"] for p in e.parameters),
                 route=e.implementation, rule_share=e.rule_fraction,
                 seconds={k: statistics.median(v) for k, v in times.items()}, times=times,

@@ -10,7 +10,8 @@ table's first line names the file, the command, and the stamp: date, commit, loa
     mlp                benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
     engine             benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
     models             benchmarks/results/models_cpu.json        python benchmarks/bench_models.py …
-                       (+ models_cpu_update.json, models_cpu_full_mode.json: later runs of some rows, --out …)
+                       (+ models_cpu_update.json, models_cpu_full_mode.json: other runs of some rows, --out …;
+                       a row in several runs is taken from the latest)
     nt                 benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
     linearized-models  benchmarks/results/linearized_models_cpu.json   python benchmarks/bench_linearized_models.py
     users-models       benchmarks/results/users_models_cpu.json        python benchmarks/bench_users_models.py
@@ -204,8 +205,11 @@ def _models_stamp(file: str, m: dict) -> str:
             f"{threads} threads).*")
 
 
-# the main run of every row, then later runs of some rows (each file stamped; a later file's row
-# replaces the same row of an earlier one, and the table says which run each row comes from)
+# the runs of the models table (each file stamped): a row measured in several of them is taken from
+# the latest (its stamp's date; on the same date the later file here), and the table says which run
+# each row comes from and lists only the runs it takes rows from. A file is either of the earlier
+# protocol (best of N, a fresh process per method) or of interleaved rounds (bench_models.is_rounds:
+# times are medians over rounds, ratios the median of the per-round ratios [min–max]); both render.
 MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mode.json")
 
 
@@ -219,30 +223,79 @@ def _bench_models():
 
 
 def merged_models(results: pathlib.Path):
-    """[(file, run dict)] of the models results present, and the merged rows [(row, run index)]."""
+    """[(file, run dict)] of the models runs that give the table a row, and the merged rows
+    [(row, index of its run in that list)]."""
     runs = [(f, _load(f, results)) for f in MODELS_FILES if (results / f).exists()]
     bm = _bench_models()
     order = {r["id"]: i for i, r in enumerate(bm.ROWS_FULL)}
     rows: Dict[str, tuple] = {}
     for i, (_, r) in enumerate(runs):
+        key = (r["machine"].get("date") or "", i)
         for row in r["rows"]:
-            rows[row["id"]] = (row, i)
-    merged = sorted(rows.values(), key=lambda t: order.get(t[0]["id"], len(order)))
+            if row["id"] not in rows or key >= rows[row["id"]][2]:
+                rows[row["id"]] = (row, i, key)
+    used = sorted({i for _, i, _ in rows.values()})
+    runs = [runs[i] for i in used]
+    merged = sorted(((row, used.index(i)) for row, i, _ in rows.values()),
+                    key=lambda t: order.get(t[0]["id"], len(order)))
     return runs, merged
+
+
+def _models_ratio(rec: dict, auto: dict):
+    """A method's time over auto's in the same row: (median, min, max); min and max are None for a run
+    of the earlier protocol (its one ratio of best-of-N times)."""
+    r = _bench_models().ratio_vs_auto(rec)
+    if r is not None and r.get("min") is not None:
+        return r["median"], r["min"], r["max"]
+    return rec["seconds"] / auto["seconds"], None, None
+
+
+def _x_range(med: float, lo, hi) -> str:
+    """``108×`` (earlier protocol) or ``108× [101–115]`` (median of the per-round ratios [min–max])."""
+    if lo is None:
+        return _x(med)
+    from lazyfast.bench.protocol import format_ratio
+
+    return format_ratio(dict(median=med, min=lo, max=hi), fmt=lambda v: _x(v)[:-1])
+
+
+_MODELS_OLD_PROTOCOL = ("fresh process per method, one warm-up, best of 3 (2 when a call takes > 20 s; \"1 call\": "
+                        "the one call is the measurement)")
+_MODELS_COMMON = ("every kernel checked against float64 (a method more than 1e-3 off is marked wrong and never counted). "
+                  "The floor is one forward + backward plus the J·Jᵀ GEMM over all parameters: no method that forms "
+                  "dense per-example gradients can beat it (lazyfast's Embedding rule forms sparse ones, hence auto "
+                  "below the floor on token ids).")
+
+
+def _models_rounds_protocol(rounds) -> str:
+    return (f"one process per method, kept for its row, one warm-up (its peak RSS), then all methods of the row in "
+            f"{rounds} interleaved rounds (A B C A B C ...): times are medians over the rounds, ratios the median of "
+            f"the per-round ratios [min–max over rounds] (\"1 call\": the one call is the measurement)")
+
+
+def _models_protocol(runs, tag) -> str:
+    bm = _bench_models()
+    kinds: Dict[str, list] = {}
+    for i, (_, r) in enumerate(runs):
+        text = _models_rounds_protocol(r["protocol"]["rounds"]) if bm.is_rounds(r) else _MODELS_OLD_PROTOCOL
+        kinds.setdefault(text, []).append(i)
+    if len(kinds) == 1:
+        return f"Float32, x2 = None; {next(iter(kinds))}; {_MODELS_COMMON}"
+    parts = [("run " if len(ix) == 1 else "runs ") + ", ".join(f"({tag[i]})" for i in ix) + f": {text}"
+             for text, ix in kinds.items()]
+    return "Float32, x2 = None; " + "; ".join(parts) + f"; {_MODELS_COMMON}"
 
 
 def table_models(results: pathlib.Path) -> str:
     runs, merged = merged_models(results)
+    bm = _bench_models()
     tut = "torch.func tutorial (J once)"
     tag = "abcdefgh"
     lines = []
     for i, (f, r) in enumerate(runs):
         lines.append(_models_stamp(f, r["machine"]) + (f" Run ({tag[i]})." if len(runs) > 1 else ""))
         lines.append("")
-    lines += ["Float32, x2 = None; fresh process per method, one warm-up, best of 3 (2 when a call takes > 20 s; "
-              "\"1 call\": the one call is the measurement); every kernel checked against float64 (a method more "
-              "than 1e-3 off is marked wrong and never counted). The floor is one forward + backward plus the "
-              "J·Jᵀ GEMM over all parameters: no method that forms dense per-example gradients can beat it (lazyfast's Embedding rule forms sparse ones, hence auto below the floor on token ids).", "",
+    lines += [_models_protocol(runs, tag), "",
               "| model | n | mode | lazyfast `auto` | tutorial (J once) | tutorial / auto | best correct peer | peer / auto | "
               "auto f32 error vs f64 | peers wrong or failing | run |",
               "|---|---:|---|---:|---:|---:|---|---:|---:|---|---|"]
@@ -253,16 +306,15 @@ def table_models(results: pathlib.Path) -> str:
             continue
         t = by.get(tut)
         tcell = _s(t["seconds"]) if t and t.get("seconds") else "—"
-        tr = _x(t["seconds"] / a["seconds"]) if t and t.get("seconds") else ""
+        tr = _x_range(*_models_ratio(t, a)) if t and t.get("seconds") else ""
         floor = next((x for m, x in by.items() if m.startswith("floor") and x.get("seconds")), None)
         if floor is not None:
             tcell += f" (floor {_s(floor['seconds'])})"
-        peers = [x for m, x in by.items() if m not in ("lazyfast auto", "lazyfast structured", "layerwise_ntk", tut)
-                 and not m.startswith("floor")]
+        peers = [x for m, x in by.items() if m in bm.PEERS]
         ok = [x for x in peers if x.get("seconds") and x.get("correct")]
-        best = min(ok, key=lambda x: x["seconds"]) if ok else None
+        best = min(ok, key=lambda x: _models_ratio(x, a)[0]) if ok else None
         pcell = f"{best['method'].split()[0]} {_s(best['seconds'])}" if best else "—"
-        pr = _x(best["seconds"] / a["seconds"]) if best else ""
+        pr = _x_range(*_models_ratio(best, a)) if best else ""
         bad = [x["method"].split()[0] + (" wrong" if x.get("seconds") else " failed") for x in peers
                if not (x.get("seconds") and x.get("correct"))]
         err = a.get("rel_err")
@@ -271,9 +323,10 @@ def table_models(results: pathlib.Path) -> str:
         lines.append(f"| {row['note'] or row['model']} | {row['n']} | {row['mode']} | {_s(a['seconds'])}{calls}{mem} | "
                      f"{tcell} | {tr} | {pcell} | {pr} | {err:.1e} | {', '.join(bad) or '—'} | {tag[i]} |")
     lines += ["", "| target | goal | measured | met? |", "|---|---|---:|---|"]
-    for t in _bench_models().targets([row for row, _ in merged]):
+    for t in bm.targets([row for row, _ in merged]):
         v = t["measured"]
-        lines.append(f"| {t['target']} | {t['goal']} | {'' if v is None else f'{v:.3g}'} | "
+        rng = f" [{t['range'][0]:.3g}–{t['range'][1]:.3g}]" if t.get("range") else ""
+        lines.append(f"| {t['target']} | {t['goal']} | {'' if v is None else f'{v:.3g}'}{rng} | "
                      f"{'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
     return "\n".join(lines)
 
@@ -402,17 +455,19 @@ def table_summary(results: pathlib.Path, figures: pathlib.Path) -> str:
                 f"[MLP / VGG-11 table]({bm}#structured-mlp-entk-and-the-vgg-11-kernel) (mlp_cpu.json) |")
 
     _, merged = merged_models(results)
-    tut = {}
+    tut, tut_range = {}, {}  # median ratio (the earlier protocol: its one ratio), and the cell with its range
     for row, _ in merged:
         by = {x["method"]: x for x in row["results"]}
         a, tt = by.get("lazyfast auto"), by.get("torch.func tutorial (J once)")
         if a and a.get("seconds") and tt and tt.get("seconds"):
-            tut[f"{row['model']}, n = {row['n']}, {row['mode']}"] = tt["seconds"] / a["seconds"]
+            key = f"{row['model']}, n = {row['n']}, {row['mode']}"
+            r = _models_ratio(tt, a)
+            tut[key], tut_range[key] = r[0], _x_range(*r)
     tg = [x for x in _bench_models().targets([row for row, _ in merged]) if x["met"] is not None]
     lo, hi = min(tut, key=tut.get), max(tut, key=tut.get)
     rows.append(f"| eNTK of the models users bring (MLPs, weight sharing, VGG-11, ResNet-18s, Transformers; "
                 f"{len(merged)} rows) | **{_x(tut[lo])}–{_x(tut[hi])}** the torch.func tutorial "
-                f"({_x(tut[lo])}: {lo}; {_x(tut[hi])}: {hi}); {sum(x['met'] for x in tg)} of {len(tg)} targets met | "
+                f"({tut_range[lo]}: {lo}; {tut_range[hi]}: {hi}); {sum(x['met'] for x in tg)} of {len(tg)} targets met | "
                 f"[models table]({bm}#the-models-users-bring) (models_cpu*.json) |")
 
     um = _load("users_models_cpu.json", results)["rows"]

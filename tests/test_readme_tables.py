@@ -211,3 +211,60 @@ def test_the_nt_table_reads_interleaved_rounds(tmp_path):
     summary = update_readme.table_summary(results, update_readme.FIGURES)
     assert "**2.40×** its structured derivatives, 1.75× its fastest method; 2 of 2 targets met" in summary
     assert {"nt", "summary"} <= set(update_readme.check(ROOT, results))
+
+
+def _as_rounds(row: dict, factors) -> dict:
+    """``row`` (a models_cpu*.json row of the earlier protocol) as an interleaved-rounds run would
+    write it: per-round times (its time × factors), median time, per-round ratios and their summary."""
+    from lazyfast.bench.protocol import per_round_ratios, ratio_summary
+
+    row = json.loads(json.dumps(row))
+    recs = {x["method"]: x for x in row["results"]}
+    auto = recs["lazyfast auto"]
+    auto_times = [auto["seconds"] * f for f in factors]
+    for m, x in recs.items():
+        if x.get("seconds") is None:
+            continue
+        # the others' times vary against auto's in the opposite direction: each ratio spreads
+        x["times"] = auto_times if m == "lazyfast auto" else [x["seconds"] / f for f in factors]
+        x["seconds"], x["timed_runs"] = sorted(x["times"])[len(factors) // 2], f"{len(factors)} rounds"
+        if m != "lazyfast auto":
+            x["ratio_vs_auto"] = ratio_summary(per_round_ratios(x["times"], auto_times))
+    return row
+
+
+def test_the_models_table_renders_an_interleaved_rounds_run_beside_the_earlier_ones(tmp_path):
+    """A later run by interleaved rounds (benchmarks/bench_models.py --rounds): its rows replace the same
+    rows of the earlier runs (latest date wins), its ratios render as ``median× [min–max]`` in the models
+    table, its targets and the README's summary, and a run that no longer gives a row is not listed."""
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    old = json.loads((results / "models_cpu_update.json").read_text())
+    rows = {r["id"]: r for r in old["rows"]}
+    factors = (1.0, 1.1, 0.9, 1.05, 0.95)
+    new = dict(machine=dict(old["machine"], date="2099-01-01 00:00 UTC", command="python benchmarks/bench_models.py "
+                            "--rounds 5 --rows transformer --out benchmarks/results/models_cpu_rounds"),
+               protocol=dict(old["protocol"], rounds=5), rows=[_as_rounds(rows["transformer"], factors)])
+    for k in ("repeats", "slow_seconds"):
+        new["protocol"].pop(k)
+    (results / "models_cpu.json").write_text(json.dumps(new))  # replaces run (a): an interleaved-rounds run
+    table = update_readme.table_models(results)
+    tut = next(x for x in new["rows"][0]["results"] if x["method"] == "torch.func tutorial (J once)")
+    r = tut["ratio_vs_auto"]
+    want = f"{update_readme._x(r['median'])} [{update_readme._x(r['min'])[:-1]}–{update_readme._x(r['max'])[:-1]}]"
+    assert r["min"] < r["median"] < r["max"]
+    line = next(x for x in table.splitlines() if x.startswith("| 2-layer nn.TransformerEncoder"))
+    assert f"| {want} |" in line and line.endswith("| a |")
+    assert "run (a): one process per method, kept for its row" in table and "5 interleaved rounds" in table
+    assert "runs (b), (c): fresh process per method" in table
+    assert f"| Transformer: tutorial / auto | >= 2× | {r['median']:.3g} [{r['min']:.3g}–{r['max']:.3g}] |" in table
+    token = next(x for x in table.splitlines() if x.startswith("| Embedding(1000, 128)"))
+    assert token.endswith("| b |") and "× [" not in token  # still the earlier run's row
+    summary = update_readme.table_summary(results, update_readme.FIGURES)
+    assert f"({want}: transformer, n = 64, trace;" in summary
+    assert {"models", "summary"} <= set(update_readme.check(ROOT, results))
+    # a run that gives no row any more is not listed: every row of run (b) measured later
+    later = dict(new, rows=[_as_rounds(r, factors) for r in old["rows"]])
+    (results / "models_cpu.json").write_text(json.dumps(later))
+    table = update_readme.table_models(results)
+    assert "models_cpu_update.json" not in table and "models_cpu_full_mode.json" in table

@@ -1,14 +1,16 @@
 """The timing protocol every lazyfast benchmark shares: result stamps (machine, load, date, commit),
-the workload and row records, and the warm best-of-N timer."""
+the workload and row records, the warm best-of-N timer, and interleaved rounds (every method once
+per round, A B C A B C ...) with the per-round ratios' median and min–max."""
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -127,3 +129,53 @@ def sgd_step(module, x, y, lr: float, loss_fn):
         return loss.detach()
 
     return step
+
+
+def interleaved_rounds(timers: Dict[str, Callable[[], float]], rounds: int, on_round=None,
+                       drop_failing: bool = False) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+    """``rounds`` rounds, each calling every timer once in the same order (A B C A B C ...); a timer
+    returns the seconds of one call (it times itself: in this process, or in a child process).
+    Returns (name → its per-round seconds, name → error). With ``drop_failing`` a timer that raises
+    is recorded and left out of the later rounds (its earlier rounds kept); otherwise it propagates.
+    ``on_round(r, times)`` after each round."""
+    times: Dict[str, List[float]] = {name: [] for name in timers}
+    errors: Dict[str, str] = {}
+    for r in range(rounds):
+        for name, timer in timers.items():
+            if name in errors:
+                continue
+            try:
+                times[name].append(float(timer()))
+            except Exception as exc:  # noqa: BLE001 - recorded, the other methods go on
+                if not drop_failing:
+                    raise
+                errors[name] = f"round {r + 1}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if on_round is not None:
+            on_round(r, times)
+    return times, errors
+
+
+def timed(fn: Callable[[], object], device="cpu") -> float:
+    """Seconds of one call of ``fn`` (an :func:`interleaved_rounds` timer of an in-process method)."""
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def per_round_ratios(num: Sequence[float], den: Sequence[float]) -> List[float]:
+    """num[r] / den[r] for the rounds both have (two methods' times from the same rounds)."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def ratio_summary(values: Sequence[float]) -> Optional[dict]:
+    """The per-round ratios' median, min and max, and the ratios themselves (None when no round)."""
+    v = list(values)
+    return dict(median=statistics.median(v), min=min(v), max=max(v), rounds=v) if v else None
+
+
+def format_ratio(summary: Optional[dict], fmt: Callable[[float], str] = "{:.2f}".format) -> str:
+    """``median× [min–max]`` of a :func:`ratio_summary` ("" for None); ``fmt`` writes one number."""
+    if not summary:
+        return ""
+    return f"{fmt(summary['median'])}× [{fmt(summary['min'])}–{fmt(summary['max'])}]"
