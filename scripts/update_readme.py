@@ -210,7 +210,7 @@ def _models_stamp(file: str, m: dict) -> str:
 # each row comes from and lists only the runs it takes rows from. A file is either of the earlier
 # protocol (best of N, a fresh process per method) or of interleaved rounds (bench_models.is_rounds:
 # times are medians over rounds, ratios the median of the per-round ratios [min–max]); both render.
-MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mode.json")
+MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mode.json", "models_cpu_rounds.json")
 
 
 def _bench_models():
