@@ -121,3 +121,19 @@ def test_batch_shaped_position_ids_stay_per_sample():
     K = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured")
     R = reference.ntk_oracle(m, x, mode="full")
     assert float((K - R).norm() / R.norm()) < 1e-12
+
+
+def test_forward_hook_on_a_shared_embedding_is_seen_and_exact():
+    """A forward hook on the position Embedding that rescales its output (a batch-wise op) keeps the
+    rule and matches autograd through the user's own module; a hook that reduces over the batch axis
+    sends the parameter to the remainder, still exact."""
+    for hook, path in ((lambda m, i, o: o * 1.5, "rule"), (lambda m, i, o: o.sum(0, keepdim=True), "remainder")):
+        torch.manual_seed(0)
+        m = PosModel("add").double()
+        h = m.pos.register_forward_hook(hook)
+        x = torch.randint(0, 20, (4, 6))
+        assert _paths(m, x)["pos.weight"][0] == path
+        K = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured")
+        R = reference.ntk_oracle(m, x, mode="full")
+        assert float((K - R).norm() / R.norm()) < 1e-12
+        h.remove()

@@ -13,7 +13,7 @@ from torch import nn
 
 from lazyfast._engine.outputs import model_output, run_forward
 from lazyfast._engine.structured.brackets import _Brackets
-from lazyfast._engine.structured.plan import Plan, PlanMismatch, no_grad_message
+from lazyfast._engine.structured.plan import Plan, PlanMismatch, expand_shared, no_grad_message
 from lazyfast._engine.structured.rules.attention import _Shadows
 from lazyfast._engine.structured.rules.builtin import _wb
 from lazyfast._engine.structured.rules.ops import match_op
@@ -49,9 +49,8 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
                 and out.shape[0] == 1:
             # a shared call (docs/engine.md, "Shared calls"): each sample gets its own copy of the
             # rows, so its cotangent is that sample's; the consumers are watched
-            z = out.expand((n,) + tuple(out.shape[1:])).contiguous()
+            z = expand_shared(uses, out, n, id(m))
             recs[id(m)].append([inp.detach().expand((n,) + tuple(inp.shape[1:])), z, inp, inp._version, z._version])
-            uses_ref[0].watch_shared(z, id(m))
             return z
         u = inp.detach()
         if c < len(L.clone_in) and L.clone_in[c]:
@@ -63,7 +62,6 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
 
     stack: list = []
     uses = None
-    uses_ref: list = [None]
     verify = _VERIFY if verify is None else verify
     sites = {L.site: L.module for L in layers if L.site is not None}
     if verify or sites or any(any(L.shared) for L in layers):
@@ -75,7 +73,6 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
         planned = {i: key for key in sites for i in key[1:] if i is not None}
         uses = ParamUses(model, owner if verify else {}, stack, sites=planned,
                          record_site=lambda key, inp, out, meta: record(sites[key], inp, out), match=match_op)
-        uses_ref[0] = uses
     modules = [L.module for L in layers if L.site is None]
     with torch.enable_grad(), _Shadows(plan.shadows), _Brackets(modules, stack, record):
         if uses is not None:

@@ -400,15 +400,22 @@ def _shared_misused(model: nn.Module, x: torch.Tensor, layers: List[_Layer]) -> 
         count[id(m)] += 1
         if c < len(L.shared) and L.shared[c] and isinstance(out, torch.Tensor) and out.dim() >= 1 \
                 and out.shape[0] == 1:
-            z = out.expand((2,) + tuple(out.shape[1:])).contiguous()
-            uses.watch_shared(z, id(m))
-            return z
+            return expand_shared(uses, out, 2, id(m))
         return None
 
     with StateGuard(model), torch.enable_grad(), _Brackets([L.module for L in layers], [], record), \
             uses:
         run_forward(model, _batch_like(x, 2), shown=x)
     return [L for L in layers if id(L.module) in uses.shared_bad]
+
+
+def expand_shared(uses: ParamUses, out: torch.Tensor, n: int, key) -> torch.Tensor:
+    """A shared call's output (1, ...) as its own copy for each of the ``n`` samples, its consumers
+    watched by ``uses`` under ``key`` (docs/engine.md, "Shared calls"); the probe and the capture both
+    expand through here."""
+    z = out.expand((n,) + tuple(out.shape[1:])).contiguous()
+    uses.watch_shared(z, key)
+    return z
 
 
 def _shared_call(s1, s2, o1, o2, L) -> bool:
