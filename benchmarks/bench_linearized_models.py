@@ -49,6 +49,7 @@ from _memory import _vm  # noqa: E402
 
 from lazyfast import Linearized, zoo  # noqa: E402
 from lazyfast._engine.generic import math_attention  # noqa: E402
+from lazyfast.bench.protocol import sgd_step  # noqa: E402
 
 DEFAULT_MODELS = ["timm_resnet10t", "timm_efficientnet_b0", "timm_vit_tiny", "hf_bert", "hf_vit"]
 METHODS = ["standard", "lazyfast", "torch_func", "lazyfast_ntk"]
@@ -65,15 +66,7 @@ def make_method(method: str, model: torch.nn.Module):
     if method in ("standard", "lazyfast", "lazyfast_ntk"):
         net = (copy.deepcopy(model) if method == "standard"
                else Linearized(model, implementation="auto" if method == "lazyfast" else "products"))
-        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=LR, momentum=0.9)
-
-        def step(x, y):
-            opt.zero_grad(set_to_none=True)
-            loss = _loss(net(x), y)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return step
+        return sgd_step(net, None, None, LR, _loss, momentum=0.9)  # called as step(x, y): a new batch
     if method == "torch_func":
         model0 = copy.deepcopy(model)
         w0 = {k: v.detach() for k, v in model0.named_parameters() if v.requires_grad}

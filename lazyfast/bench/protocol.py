@@ -116,14 +116,15 @@ def cuda_time(fn, reps: int = 3) -> float:
     return best
 
 
-def sgd_step(module, x, y, lr: float, loss_fn):
+def sgd_step(module, x, y, lr: float, loss_fn, momentum: float = 0.0):
     """The training step every step benchmark times: zero grads, loss of ``module(x)`` against ``y``,
-    backward, one plain SGD update of the module's trainable parameters; returns the step (→ loss)."""
-    opt = torch.optim.SGD([q for q in module.parameters() if q.requires_grad], lr=lr)
+    backward, one SGD update (``momentum``) of the module's trainable parameters; returns the step
+    (→ loss). ``step()`` uses the bound batch; ``step(x, y)`` a new one (x, y may then be None here)."""
+    opt = torch.optim.SGD([q for q in module.parameters() if q.requires_grad], lr=lr, momentum=momentum)
 
-    def step():
+    def step(xb=None, yb=None):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module(x), y)
+        loss = loss_fn(module(x if xb is None else xb), y if yb is None else yb)
         loss.backward()
         opt.step()
         return loss.detach()
