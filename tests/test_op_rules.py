@@ -243,3 +243,96 @@ def test_linear_operator_rule_on_the_real_call_with_a_hook_and_an_alias():
     m.wT = m.w1.T  # a view made before the forward
     with pytest.raises(ValueError, match="'w1' is used in the forward through an alias"):
         lazyfast.empirical_ntk(m, x, implementation="structured", check=False)
+
+
+class ClsToken(nn.Module):
+    """A ViT-style class token: a (1, 1, d) parameter expanded over the batch and concatenated to the
+    patch tokens (as timm and Hugging Face ViTs write it), then a position shift."""
+
+    def __init__(self, use="expand", d=4, L=3):
+        super().__init__()
+        self.use = use
+        self.proj = nn.Linear(2, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, L + 1, d) * 0.1)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 2)
+        self.switch = [False]  # a list: outside the plan's fingerprint
+
+    def forward(self, x):  # x (n, L, 2)
+        h = self.proj(x)
+        n = h.shape[0]
+        if self.use == "expand":
+            c = self.cls.expand(n, -1, -1)
+        elif self.use == "expand_as":
+            c = self.cls.expand_as(h[:, :1])
+        elif self.use == "broadcast_to":
+            c = torch.broadcast_to(self.cls, (n, 1, h.shape[2]))
+        elif self.use == "to":  # a copy and a dtype no-op before the concatenation
+            c = self.cls.expand(n, -1, -1).to(h.dtype).contiguous()
+        elif self.use == "mean":  # reduces the expansion over the batch axis: not batch-wise
+            c = self.cls.expand(n, -1, -1).mean(0, keepdim=True).expand(n, -1, -1)
+        elif self.use == "late_mean":  # batch-wise until the switch is on
+            c = self.cls.expand(n, -1, -1)
+            if self.switch[0]:
+                c = (c * 2.0).sum(0, keepdim=True).expand(n, -1, -1) / n
+        h = self.ln(torch.cat([c, h], dim=1) + self.pos)
+        h = h * torch.tanh(h.mean(1, keepdim=True))  # the tokens interact (as attention makes them)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def _cls_x(n, s):
+    return torch.randn(n, 3, 2, dtype=D, generator=torch.Generator().manual_seed(s))
+
+
+@pytest.mark.parametrize("use", ["expand", "expand_as", "broadcast_to", "to"])
+@pytest.mark.parametrize("mode", ("trace", "full"))
+def test_class_token_on_the_broadcast_rule_and_exact(use, mode):
+    torch.manual_seed(0)
+    m = ClsToken(use).double()
+    e = lazyfast.explain(m, _cls_x(4, 1))
+    assert e.rule_fraction == 1.0, str(e)
+    assert "broadcast" in next(p for p in e.parameters if p["name"] == "cls")["reason"] + str(e)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x1, x2 = _cls_x(5, 1), _cls_x(3, 2)
+    assert rel(lazyfast.empirical_ntk(m, x1, mode=mode, implementation="structured"), batch_oracle(m, x1, mode)) < 1e-10
+    K12 = lazyfast.empirical_ntk(m, x1, x2, mode=mode, implementation="structured")
+    assert rel(K12, batch_oracle(m, torch.cat([x1, x2]), mode)[:5, 5:]) < 1e-10
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_class_token_float32_close_to_float64():
+    torch.manual_seed(0)
+    m64 = ClsToken().double()
+    x = _cls_x(6, 3)
+    K64 = lazyfast.empirical_ntk(m64, x)
+    m32 = ClsToken().float()
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    assert rel(lazyfast.empirical_ntk(m32, x.float()).double(), K64) < 1e-5
+
+
+def test_class_token_expansion_reduced_over_the_batch_goes_to_remainder():
+    """Taking only sample i's row of the expansion would give 1/n of its gradient here."""
+    torch.manual_seed(0)
+    m = ClsToken("mean").double()
+    e = lazyfast.explain(m, _cls_x(4, 1))
+    p = next(p for p in e.parameters if p["name"] == "cls")
+    assert p["path"] == "remainder" and "batch-wise" in p["reason"]
+    x = _cls_x(5, 1)
+    assert rel(lazyfast.empirical_ntk(m, x, mode="full", implementation="structured"), batch_oracle(m, x, "full")) < 1e-10
+
+
+def test_class_token_misused_only_on_a_later_call_is_caught():
+    """The plan is cached with the rule; a later call reduces the expansion over the batch (and scales it,
+    so the consumer is watched through the product): the capture's check moves the parameter to the
+    remainder before any cotangent is used, on that call and the next."""
+    torch.manual_seed(0)
+    m = ClsToken("late_mean").double()
+    x = _cls_x(5, 1)
+    K0 = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured")
+    assert rel(K0, batch_oracle(m, x, "full")) < 1e-10
+    m.switch[0] = True
+    R = batch_oracle(m, x, "full")
+    assert rel(R, K0) > 1e-3
+    for _ in range(2):
+        assert rel(lazyfast.empirical_ntk(m, x, mode="full", implementation="structured"), R) < 1e-10

@@ -93,12 +93,15 @@ class _Watch(TorchFunctionMode):
             for t in _tensors(kwargs):
                 self._arg(t)
         out = func(*args, **kwargs)
+        self._made(out)
+        return out
+
+    def _made(self, out) -> None:
         if self.storages:
             for o in _tensors(out, 1):
                 if id(o) not in self.made and storage_key(o) in self.storages:
                     self.made.add(id(o))
                     self._keep.append(o)
-        return out
 
     def _arg(self, t):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -146,11 +149,16 @@ class ParamUses(_Watch):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if not self.shared:
             return self._call(func, types, args, kwargs)
-        used = [v for t in list(_tensors(args)) + list(_tensors(kwargs or {})) if (v := self.shared.get(id(t)))]
+        ins = list(_tensors(args)) + list(_tensors(kwargs or {}))
+        used = [v for t in ins if (v := self.shared.get(id(t)))]
         out = self._call(func, types, args, kwargs)
         for z, key in used:
             if not _batchwise_use(_func_name(func), args, kwargs or {}, z, out):
                 self.shared_bad.add(key)
+            elif isinstance(out, torch.Tensor) and id(out) not in self.shared and \
+                    all(id(t) in self.shared or t.dim() < z.dim() or t.shape[0] == 1 != z.shape[0] for t in ins):
+                # still the same rows for every sample (z.to(dtype), z * scale): watched on
+                self.shared[id(out)] = (out, key)
         return out
 
     def _call(self, func, types, args, kwargs):
@@ -162,8 +170,14 @@ class ParamUses(_Watch):
                     if t is not w and t is not b:
                         self._arg(t)
                 out = func(*args, **(kwargs or {}))
-                rep = self.record_site((kind, _id(w), _id(b)), inp, out, meta) if self.record_site else None
-                return out if rep is None else rep
+                self._made(out)  # a view of the parameter made here (β.expand) is not an alias
+                # a broadcast site (β.expand(n, ...)) has no input: its output stands for it
+                rep = self.record_site((kind, _id(w), _id(b)), out if inp is None else inp, out, meta) \
+                    if self.record_site else None
+                out = out if rep is None else rep
+                if kind == "broadcast":  # every sample's rows are the parameter: its consumers are watched
+                    self.watch_shared(out, (kind, _id(w), _id(b)))
+                return out
         return super().__torch_function__(func, types, args, kwargs)
 
     def _is_site(self, t) -> bool:
@@ -224,16 +238,32 @@ _ELEMENTWISE = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub
                           "sub_", "mul", "__mul__", "__rmul__", "__imul__", "mul_"})
 
 
+# calls that keep each row of their one tensor argument in place (a copy, a dtype / device change)
+_ROWWISE = frozenset({"to", "type_as", "contiguous", "clone", "float", "double", "half", "bfloat16"})
+_CAT = frozenset({"cat", "concat", "concatenate"})
+
+
 def _batchwise_use(name: str, args, kwargs, z: torch.Tensor, out) -> bool:
     """Whether a call that takes ``z`` keeps each sample's row of ``z`` in that sample: a metadata
-    read, a call that returns ``z`` itself (``.to`` its own dtype / device), or a binary elementwise
-    op whose result has ``z``'s shape and that does not write into ``z``."""
+    read, a call that returns ``z`` itself (``.to`` its own dtype / device), a copy or dtype change
+    of ``z`` of its shape, a concatenation along another dim than the batch's (dim 0) of tensors
+    that all hold the batch, or a binary elementwise op whose result has ``z``'s shape and that does
+    not write into ``z``."""
     if name in _META:
         return True
     if (name.startswith("__i") or name.endswith("_")) and args and args[0] is z:
         return False  # writes into z (and returns it)
     if out is z:
         return True
+    if not isinstance(out, torch.Tensor):
+        return False
+    if name in _ROWWISE:
+        return args[0] is z and tuple(out.shape) == tuple(z.shape)
+    if name in _CAT:
+        ts = args[0] if args else kwargs.get("tensors", ())
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return (isinstance(dim, int) and dim % z.dim() != 0 and out.shape[0] == z.shape[0]
+                and all(isinstance(t, torch.Tensor) and t.dim() == z.dim() and t.shape[0] == z.shape[0] for t in ts))
     if name not in _ELEMENTWISE or len(args) != 2 or set(kwargs) - {"alpha"}:
         return False
     return isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(z.shape)

@@ -82,8 +82,10 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
             raw = run_forward(model, x)
     out = model_output(raw, n)
     if uses is not None and uses.shared_bad:
-        raise PlanMismatch("a shared call's output (an Embedding on indices without the batch) was used other than "
-                           "by a batch-wise elementwise op", drop=uses.shared_bad, reprobe=False)
+        raise PlanMismatch("a shared call's output (an Embedding on indices without the batch, or a parameter "
+                           "expanded over the batch) was used other than by a batch-wise op",
+                           drop={id(sites[key]) if isinstance(key, tuple) else key for key in uses.shared_bad},
+                           reprobe=False)
     if verify:
         _verify_capture(model, plan, n, recs, uses, out)
     elif uses is not None and uses.aliased:

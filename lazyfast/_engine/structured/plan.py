@@ -197,7 +197,7 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     site_params = {id(p) for p in trainable.values() if id(p) not in owner and owners.get(id(p), 0) <= 1}
     site_recs: Dict[tuple, list] = {}
     site_meta: Dict[tuple, dict] = {}
-    site_foreign, bad_keys = set(), set()
+    site_foreign, bad_keys, spread_bad = set(), set(), set()
 
     def record_site(key, inp, out, meta):
         site_meta.setdefault(key, meta)
@@ -242,6 +242,7 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 raise ValueError(alias_message(sorted(uses.aliased)[0]))
             site_foreign |= uses.site_foreign
             bad_keys |= uses.bad_keys
+            spread_bad |= {key for key in uses.shared_bad if isinstance(key, tuple)}  # broadcast sites
             if nb == 1:
                 site_order = list(site_recs)
             elif list(site_recs) != site_order:
@@ -255,6 +256,12 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     for key in site_order:
         kind, wid, bid = key
         ids = [i for i in (wid, bid) if i is not None]
+        if key in spread_bad:
+            for i in ids:
+                reasons[name_of[i]] = ("an operator rule (broadcast) would take it, but its expansion over the batch is "
+                                       "used other than by a batch-wise op (elementwise, a copy, or a concatenation "
+                                       "along a non-batch dim)")
+            continue
         if key in bad_keys or any(i in site_foreign for i in ids) or key not in shapes[2]:
             for i in ids:
                 reasons[name_of[i]] = f"an operator rule ({kind}) would take it, but it is used elsewhere too"

@@ -19,7 +19,8 @@ from lazyfast._engine.structured.rules.scale import _ScaleShift
 _NORM_FUNCS = ("layer_norm", "group_norm", "batch_norm")
 _MUL = frozenset({"mul", "__mul__", "__rmul__", "multiply"})
 _ADD = frozenset({"add", "__add__", "__radd__"})
-OP_NAMES = frozenset(_NORM_FUNCS) | _MUL | _ADD | {"addmm", "linear"}
+_BROADCAST = frozenset({"expand", "expand_as", "broadcast_to"})
+OP_NAMES = frozenset(_NORM_FUNCS) | _MUL | _ADD | _BROADCAST | {"addmm", "linear"}
 _SIGS: dict = {}
 
 
@@ -32,13 +33,19 @@ def _bind(func, args, kwargs):
     return ba.arguments
 
 
+def _tensor_args(args, kwargs):
+    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+
+
 def match_op(name: str, func, args, kwargs, is_param):
     """(kind, input, weight, bias, meta) when ``func(*args, **kwargs)`` is a recognized op whose
     parameter slots hold parameters ``is_param`` accepts (and nothing else there), else None.
     kind: ``layer_norm`` | ``group_norm`` | ``batch_norm`` (eval statistics) | ``scale``
     (x * γ, γ broadcast into x) | ``shift`` (x + β) | ``linear_t`` (addmm(b, x, W), W (in, out)) |
     ``linear`` (``F.linear(x, W, b)``, W (out, in), x of any rank: timm's ``Linear``, any module whose
-    own forward calls it)."""
+    own forward calls it) | ``broadcast`` (``β.expand(n, ...)``, ``expand_as``, ``torch.broadcast_to``:
+    a parameter repeated over the batch, as a class token; a shift of zero, its input None: the
+    watcher records the call's output in its place)."""
     if name not in OP_NAMES:
         return None
     if name in _NORM_FUNCS and getattr(func, "__module__", "") == "torch.nn.functional":
@@ -80,6 +87,10 @@ def match_op(name: str, func, args, kwargs, is_param):
         if name in _MUL:
             return "scale", other, p, None, {}
         return "shift", other, None, p, {}
+    if name in _BROADCAST:
+        if not args or not is_param(args[0]) or any(is_param(t) for t in _tensor_args(args[1:], kwargs)):
+            return None
+        return "broadcast", None, None, args[0], {}
     if name == "addmm" and getattr(func, "__module__", "") == "torch":
         if len(args) != 3 or kwargs:
             return None
@@ -112,7 +123,7 @@ def _op_shell(kind: str, w, b, meta: dict) -> nn.Module:
         sh._parameters["weight"], sh._parameters["bias"] = w, b
         sh.in_features, sh.out_features = w.shape[1], w.shape[0]
         return sh
-    if kind in ("scale", "shift"):
+    if kind in ("scale", "shift", "broadcast"):
         return _ScaleShift(w, b)
     cls = {"layer_norm": nn.LayerNorm, "group_norm": nn.GroupNorm, "batch_norm": nn.BatchNorm2d}[kind]
     sh = cls.__new__(cls)
@@ -135,4 +146,4 @@ def _op_shell(kind: str, w, b, meta: dict) -> nn.Module:
 
 
 _OP_KIND = {"layer_norm": "norm", "group_norm": "norm", "batch_norm": "norm", "linear_t": "linear", "linear": "linear",
-            "scale": "scale", "shift": "shift"}
+            "scale": "scale", "shift": "shift", "broadcast": "shift"}
