@@ -6,6 +6,8 @@ Exact against autograd through the real model, float64 ≤ 1e-10, trace and full
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,7 +259,7 @@ class ClsToken(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, L + 1, d) * 0.1)
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, 2)
-        self.switch = [False]  # a list: outside the plan's fingerprint
+        self.switch = types.SimpleNamespace(on=False)  # not a plain attribute: outside the plan's fingerprint
 
     def forward(self, x):  # x (n, L, 2)
         h = self.proj(x)
@@ -274,7 +276,7 @@ class ClsToken(nn.Module):
             c = self.cls.expand(n, -1, -1).mean(0, keepdim=True).expand(n, -1, -1)
         elif self.use == "late_mean":  # batch-wise until the switch is on
             c = self.cls.expand(n, -1, -1)
-            if self.switch[0]:
+            if self.switch.on:
                 c = (c * 2.0).sum(0, keepdim=True).expand(n, -1, -1) / n
         h = self.ln(torch.cat([c, h], dim=1) + self.pos)
         h = h * torch.tanh(h.mean(1, keepdim=True))  # the tokens interact (as attention makes them)
@@ -325,14 +327,87 @@ def test_class_token_expansion_reduced_over_the_batch_goes_to_remainder():
 def test_class_token_misused_only_on_a_later_call_is_caught():
     """The plan is cached with the rule; a later call reduces the expansion over the batch (and scales it,
     so the consumer is watched through the product): the capture's check moves the parameter to the
-    remainder before any cotangent is used, on that call and the next."""
+    remainder before any cotangent is used, on that call and the next (the randomized self-check is off:
+    the plan's own check is under test)."""
     torch.manual_seed(0)
     m = ClsToken("late_mean").double()
     x = _cls_x(5, 1)
-    K0 = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured")
+    K0 = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False)
     assert rel(K0, batch_oracle(m, x, "full")) < 1e-10
-    m.switch[0] = True
+    m.switch.on = True
     R = batch_oracle(m, x, "full")
     assert rel(R, K0) > 1e-3
     for _ in range(2):
-        assert rel(lazyfast.empirical_ntk(m, x, mode="full", implementation="structured"), R) < 1e-10
+        assert rel(lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False), R) < 1e-10
+
+
+class LayerScaleViews(nn.Module):
+    """Layer scale through a view made in the forward, as timm's ConvNeXt block writes it
+    (``x.mul(gamma.reshape(1, -1, 1, 1))``), and the other order-keeping spellings."""
+
+    def __init__(self, use="reshape", c=3):
+        super().__init__()
+        self.use = use
+        self.conv = nn.Conv2d(2, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.beta = nn.Parameter(torch.randn(c) * 0.1)
+        self.head = nn.Linear(c, 2)
+        self.switch = types.SimpleNamespace(on=False)  # not a plain attribute: outside the plan's fingerprint
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        g, b = self.gamma, self.beta
+        if self.use == "reshape":
+            h = h.mul(g.reshape(1, -1, 1, 1)) + b.view(1, -1, 1, 1)
+        elif self.use == "index":
+            h = h * g[:, None, None] + b[..., None, None]
+        elif self.use == "unsqueeze":  # a view of a view
+            h = h * g.unsqueeze(-1).unsqueeze(-1) + b.reshape(-1, 1).unsqueeze(-1)
+        elif self.use == "reorder":  # an index that permutes γ's numbers: not a view of γ in its order
+            h = h * g[torch.arange(g.numel() - 1, -1, -1)][:, None, None] + b[:, None, None]
+        elif self.use == "elsewhere":  # the view also feeds another op
+            v = g.reshape(1, -1, 1, 1)
+            h = h * v + v.exp() + b[:, None, None]
+        elif self.use == "late_shape":  # γ along the last axis once the switch is on (same shapes: 3×3×3)
+            if self.switch.on:
+                h = h * g.reshape(1, 1, 1, -1) + b[:, None, None]
+            else:
+                h = h * g.reshape(1, -1, 1, 1) + b[:, None, None]
+        return self.head(torch.tanh(h).mean((2, 3)))
+
+
+def _ls_x(n, s):
+    return torch.randn(n, 2, 4, 4, dtype=D, generator=torch.Generator().manual_seed(s))
+
+
+@pytest.mark.parametrize("use,on_rules", [("reshape", True), ("index", True), ("unsqueeze", True),
+                                          ("reorder", False), ("elsewhere", False)])
+def test_layer_scale_through_a_view_made_in_the_forward(use, on_rules):
+    torch.manual_seed(0)
+    m = LayerScaleViews(use).double()
+    e = lazyfast.explain(m, _ls_x(4, 1))
+    g = next(p for p in e.parameters if p["name"] == "gamma")
+    assert (g["path"] == "rule") == on_rules, str(e)
+    if on_rules:
+        assert e.rule_fraction == 1.0, str(e)
+    x1, x2 = _ls_x(5, 1), _ls_x(3, 2)
+    for mode in ("trace", "full"):
+        K = lazyfast.empirical_ntk(m, x1, mode=mode, implementation="structured")
+        assert rel(K, batch_oracle(m, x1, mode)) < 1e-10
+        K12 = lazyfast.empirical_ntk(m, x1, x2, mode=mode, implementation="structured")
+        assert rel(K12, batch_oracle(m, torch.cat([x1, x2]), mode)[:5, 5:]) < 1e-10
+
+
+def test_layer_scale_view_of_another_shape_on_a_later_call_is_caught():
+    """Same shapes, γ broadcast along another axis on a later call: the capture sees the view's shape
+    differ from the plan's and moves γ to the remainder (the self-check off: the plan's check under test)."""
+    torch.manual_seed(0)
+    m = LayerScaleViews("late_shape").double()
+    x = torch.randn(5, 2, 3, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    assert rel(lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False), batch_oracle(m, x, "full")) < 1e-10
+    K0 = lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False)
+    m.switch.on = True
+    R = batch_oracle(m, x, "full")
+    assert rel(R, K0) > 1e-3
+    for _ in range(2):
+        assert rel(lazyfast.empirical_ntk(m, x, mode="full", implementation="structured", check=False), R) < 1e-10

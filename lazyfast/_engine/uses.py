@@ -139,6 +139,7 @@ class ParamUses(_Watch):
         self.site_foreign: set = set()
         self.shared: Dict[int, tuple] = {}  # id(z) -> (z, key): expanded shared-call outputs (watch_shared)
         self.shared_bad: set = set()
+        self.views: Dict[int, tuple] = {}  # id(v) -> (parameter, v): order-keeping views of site parameters
 
     def watch_shared(self, z: torch.Tensor, key) -> None:
         """Watches the consumers of ``z``, a shared call's output expanded to the batch (docs/engine.md,
@@ -163,7 +164,17 @@ class ParamUses(_Watch):
 
     def _call(self, func, types, args, kwargs):
         if self.site_params and self.match is not None:
-            m = self.match(_func_name(func), func, args, kwargs or {}, self._is_site)
+            name = _func_name(func)
+            if name in _PARAM_VIEWS and args and self._is_site(args[0]) and _keeps_order(name, args, kwargs or {}):
+                # γ.reshape(1, -1, 1, 1) made in the forward: still γ, in the order of its numbers
+                out = func(*args, **(kwargs or {}))
+                self._made(out)
+                if isinstance(out, torch.Tensor) and out.numel() == args[0].numel():
+                    self.views[id(out)] = (self._base(args[0]), out)
+                else:
+                    self._arg(args[0])
+                return out
+            m = self.match(name, func, args, kwargs or {}, self._is_site)
             if m is not None and self._claim(m):
                 kind, inp, w, b, meta = m
                 for t in list(_tensors(args)) + list(_tensors(kwargs or {})):
@@ -171,21 +182,34 @@ class ParamUses(_Watch):
                         self._arg(t)
                 out = func(*args, **(kwargs or {}))
                 self._made(out)  # a view of the parameter made here (β.expand) is not an alias
+                key = self._key(m)
+                if any(t is not None and id(t) in self.views for t in (w, b)):
+                    meta = dict(meta, view_shape=tuple((w if w is not None else b).shape))
                 # a broadcast site (β.expand(n, ...)) has no input: its output stands for it
-                rep = self.record_site((kind, _id(w), _id(b)), out if inp is None else inp, out, meta) \
-                    if self.record_site else None
+                rep = self.record_site(key, out if inp is None else inp, out, meta) if self.record_site else None
                 out = out if rep is None else rep
                 if kind == "broadcast":  # every sample's rows are the parameter: its consumers are watched
-                    self.watch_shared(out, (kind, _id(w), _id(b)))
+                    self.watch_shared(out, key)
                 return out
         return super().__torch_function__(func, types, args, kwargs)
 
+    def _base(self, t):
+        """The parameter behind ``t`` (``t`` itself, or the parameter an order-keeping view was made of)."""
+        v = None if t is None else self.views.get(id(t))
+        return t if v is None else v[0]
+
+    def _key(self, m) -> tuple:
+        kind, _, w, b, _ = m
+        return kind, _id(self._base(w)), _id(self._base(b))
+
     def _is_site(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and id(t) in self.site_params
+        return isinstance(t, torch.Tensor) and (id(t) in self.site_params or id(t) in self.views)
 
     def _claim(self, m) -> bool:
         kind, _, w, b, _ = m
-        key = (kind, _id(w), _id(b))
+        if kind not in _VIEW_KINDS and any(t is not None and id(t) in self.views for t in (w, b)):
+            return False  # a view in a norm / linear slot: the shell holds the parameter's own shape
+        key = self._key(m)
         if self.planned is not None:
             return all(self.planned.get(i) == key for i in key[1:] if i is not None)
         for i in key[1:]:
@@ -197,6 +221,7 @@ class ParamUses(_Watch):
         return True
 
     def _arg(self, t):
+        t = self._base(t)
         i = id(t)
         m = self.owner.get(i)
         if m is not None:
@@ -236,6 +261,20 @@ class AliasGuard(_Watch):
 # out has z's shape (the other operand broadcasts into z)
 _ELEMENTWISE = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__",
                           "sub_", "mul", "__mul__", "__rmul__", "__imul__", "mul_"})
+
+
+# views that keep a parameter's numbers in their order (a site may take γ through one of them)
+_PARAM_VIEWS = frozenset({"reshape", "view", "unsqueeze", "squeeze", "flatten", "__getitem__"})
+_VIEW_KINDS = frozenset({"scale", "shift", "broadcast"})
+
+
+def _keeps_order(name: str, args, kwargs) -> bool:
+    """Whether the view call keeps the order of the numbers: indexing only by None, ``...`` and ``:``."""
+    if name != "__getitem__":
+        return not any(isinstance(t, torch.Tensor) for t in list(args[1:]) + list(kwargs.values()))
+    idx = args[1] if len(args) > 1 else None
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
 
 
 # calls that keep each row of their one tensor argument in place (a copy, a dtype / device change)

@@ -72,7 +72,8 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
                     owner[id(p)] = L.module
         planned = {i: key for key in sites for i in key[1:] if i is not None}
         uses = ParamUses(model, owner if verify else {}, stack, sites=planned,
-                         record_site=lambda key, inp, out, meta: record(sites[key], inp, out), match=match_op)
+                         record_site=lambda key, inp, out, meta: record(sites[key], _planned_view(sites[key], meta, inp), out),
+                         match=match_op)
     modules = [L.module for L in layers if L.site is None]
     with torch.enable_grad(), _Shadows(plan.shadows), _Brackets(modules, stack, record):
         if uses is not None:
@@ -136,6 +137,12 @@ def _capture(model: nn.Module, plan: Plan, x: torch.Tensor, batched: bool = True
         caps[id(L.module)].append((u, g if bd == 0 else g.movedim(bd + 1, 1)))
         r.clear()
     return caps
+
+
+def _planned_view(shell, meta, inp):
+    """``inp``, or None (the call then disagrees with the plan) where the site took its parameter
+    through a view of another shape than planned."""
+    return inp if meta.get("view_shape") == getattr(shell, "view_shape", None) else None
 
 
 def _verify_capture(model, plan: Plan, n: int, recs, uses, out) -> None:

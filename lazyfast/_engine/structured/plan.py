@@ -200,7 +200,8 @@ def probe_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     site_foreign, bad_keys, spread_bad = set(), set(), set()
 
     def record_site(key, inp, out, meta):
-        site_meta.setdefault(key, meta)
+        if site_meta.setdefault(key, meta).get("view_shape") != meta.get("view_shape"):
+            bad_keys.add(key)  # the calls of one site take its parameter through views of other shapes
         site_recs.setdefault(key, []).append(
             (inp, inp._version, tuple(inp.shape), out, out._version, tuple(out.shape))
             if isinstance(out, torch.Tensor) else None)

@@ -124,7 +124,7 @@ def _op_shell(kind: str, w, b, meta: dict) -> nn.Module:
         sh.in_features, sh.out_features = w.shape[1], w.shape[0]
         return sh
     if kind in ("scale", "shift", "broadcast"):
-        return _ScaleShift(w, b)
+        return _ScaleShift(w, b, meta.get("view_shape"))
     cls = {"layer_norm": nn.LayerNorm, "group_norm": nn.GroupNorm, "batch_norm": nn.BatchNorm2d}[kind]
     sh = cls.__new__(cls)
     nn.Module.__init__(sh)
