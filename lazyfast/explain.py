@@ -24,7 +24,7 @@ class Explanation:
     """What a kernel call would run. ``parameters``: one dict per trainable parameter (``name``,
     ``numel``, ``path`` = ``"rule"`` or ``"remainder"``, ``layer``, ``rule``, ``contraction`` (the
     layer's contraction order: ``"gradients"``, ``"pairs"``, or for an embedding ``"auto"``, chosen per
-    chunk pair), ``reason``);
+    chunk pair among ``"gradients"``, ``"pairs"`` and ``"matches"``), ``reason``);
     ``implementation``: the route ``"auto"`` takes; ``costs``: the FLOP model's estimates;
     ``schedule``: chunk, panel and the factor / transient numbers per sample; ``k``."""
     implementation: str

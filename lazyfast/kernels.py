@@ -67,7 +67,9 @@ def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         memory_budget: bytes of working memory (captures, factors, per-layer blocks).
         out_dtype: dtype of the result (accumulated in it); default the model's.
         contraction: each layer's contraction order: ``"auto"`` (per-layer FLOP choice),
-            ``"gradients"`` (per-example gradient blocks) or ``"pairs"`` (position-pair Grams) for all layers.
+            ``"gradients"`` (per-example gradient blocks) or ``"pairs"`` (position-pair Grams) for all layers;
+            ``"matches"`` (pairs of per-sample rows of equal token) for the embeddings, the other layers
+            as ``"auto"``.
         info: optional dict filled with the order chosen per layer (``contractions``), ``k``,
             ``layers`` and the ``remainder`` parameter names.
         method: deprecated spelling of ``contraction`` (``"jacobian"`` → ``"gradients"``,

@@ -2,6 +2,7 @@
 per-example autograd oracle (float64, 1e-10) on the models users bring."""
 import ast
 import pathlib
+import types
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 import lazyfast
 from lazyfast import reference
 from lazyfast._engine import structured
+from lazyfast._engine.structured import contract
 from lazyfast.models import MLP, TwoLayer
 from lazyfast.testing import assert_close_rel
 
@@ -191,11 +193,107 @@ def test_embedding_integer_inputs_padding_idx_layernorm():
     i1 = torch.randint(0, 9, (5, 6), generator=_g(0))
     i1[:, 0] = 0  # padding positions get no gradient
     i2 = torch.randint(0, 9, (3, 6), generator=_g(1))
-    for contraction in ("gradients", "pairs"):
+    for contraction in ("gradients", "pairs", "matches"):
         for mode in ("trace", "full"):
             got = structured.structured_ntk(m, i1, i2, mode=mode, contraction=contraction)
             assert_close_rel(got, reference.ntk_oracle(m, i1, i2, mode=mode), rtol=1e-10)
     _check(m, i1, None, impl="auto")
+
+
+class _Tokens(nn.Module):
+    """An Embedding (padding_idx 0) looked up on the tokens and, shared, on the reversed tokens."""
+
+    def __init__(self, vocab, twice=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 3, padding_idx=0)
+        self.out = nn.Linear(3, 2)
+        self.twice = twice
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        if self.twice:
+            h = h + 0.5 * self.emb(idx.flip(1))
+        return self.out(torch.tanh(h)).sum(1)
+
+
+def _embedding_cases():
+    """(name, vocab, twice, x1, x2): padding, repeated tokens inside a sample, a token of x1 absent
+    from x2, all tokens equal, a shared Embedding called twice."""
+    i1 = torch.tensor([[1, 2, 2, 0, 5], [3, 3, 3, 1, 0], [4, 1, 2, 6, 6]])
+    i2 = torch.tensor([[2, 2, 1, 0, 3], [0, 0, 1, 1, 2]])  # 4, 5 and 6 only in i1
+    same = torch.full((4, 5), 3)
+    return [("mixed", 7, False, i1, i2), ("mixed x2=None", 7, False, i1, None),
+            ("all equal", 7, False, same, torch.full((3, 5), 3)), ("all equal x2=None", 7, False, same, None),
+            ("shared", 7, True, i1, i2), ("shared x2=None", 7, True, i1, None),
+            ("only padding", 7, False, torch.zeros(2, 5, dtype=torch.long), i2)]
+
+
+@pytest.mark.parametrize("contraction", ["gradients", "pairs", "matches", "auto"])
+def test_embedding_contraction_orders_agree_with_the_oracle(contraction):
+    for name, vocab, twice, x1, x2 in _embedding_cases():
+        m = _Tokens(vocab, twice).double()
+        for mode in ("trace", "full"):
+            got = structured.structured_ntk(m, x1, x2, mode=mode, contraction=contraction)
+            assert_close_rel(got, reference.ntk_oracle(m, x1, x2, mode=mode), rtol=1e-10, what=f"{name} {mode}")
+
+
+def test_embedding_matches_order_is_chunked_within_the_budget():
+    """All tokens equal: every (sample, token) row of one chunk matches every row of the other; the
+    "matches" order gives the same block in steps of one row pair (budget 1) as in one step."""
+    emb = types.SimpleNamespace(module=nn.Embedding(4, 3, padding_idx=0))
+    k, e = 2, 3
+    for i1, i2 in ((torch.full((4, 5), 2), torch.full((3, 6), 2)), (torch.randint(0, 4, (4, 5), generator=_g(0)),) * 2):
+        d1 = torch.randn(k, *i1.shape, e, dtype=D, generator=_g(1))
+        d2 = d1 if i2 is i1 else torch.randn(k, *i2.shape, e, dtype=D, generator=_g(2))
+        for mode in ("trace", "full"):
+            r = k if mode == "full" else 1
+            want = torch.zeros(i1.shape[0] * r, i2.shape[0] * r, dtype=D)
+            contract._add_embedding(want, emb, i1, d1, i2, d2, mode, 1 << 30, "pairs")
+            for budget in (1 << 30, 1):
+                got = torch.zeros_like(want)
+                contract._add_embedding(got, emb, i1, d1, i2, d2, mode, budget, "matches")
+                assert_close_rel(got, want, rtol=1e-12, what=f"{mode} budget {budget}")
+
+
+@pytest.mark.parametrize("tokens, order", [("random", "_add_matches"), ("positions", "_add_dense_gradients")])
+def test_embedding_auto_order_follows_the_token_statistics(monkeypatch, tokens, order):
+    """BERT-like chunks (16 sequences of 32 tokens, k = 10, 128 channels): random tokens of a
+    vocabulary of 1000 rarely match and "auto" takes "matches"; position ids (every sample holds the
+    same 32 tokens, so every sample pair has 32 matching rows) make the dense gradients cheaper.
+    Both for the symmetric diagonal block (the same factors) and for two chunks."""
+    ran = []
+    for name in ("_add_matches", "_add_dense_gradients", "_add_position_pairs"):
+        f = getattr(contract, name)
+        monkeypatch.setattr(contract, name, lambda *a, _f=f, _n=name: (ran.append(_n), _f(*a)))
+    emb = types.SimpleNamespace(module=nn.Embedding(1000, 128))
+    if tokens == "random":
+        idx = torch.randint(0, 1000, (16, 32), generator=_g(0))
+    else:
+        idx = torch.arange(32).repeat(16, 1)
+    d = torch.randn(10, 16, 32, 128, generator=_g(1))
+    other = torch.randint(0, 1000, (16, 32), generator=_g(2)) if tokens == "random" else idx.clone()
+    for i2, d2 in ((idx, d), (other, d.clone())):
+        for mode in ("trace", "full"):
+            ran.clear()
+            acc = torch.zeros(16 * (10 if mode == "full" else 1), 16 * (10 if mode == "full" else 1))
+            contract._add_embedding(acc, emb, idx, d, i2, d2, mode, 1 << 27, "auto")
+            assert ran == [order], (mode, i2 is idx)
+
+
+def test_matches_is_an_embedding_order_other_layers_take_their_auto_order():
+    m = _cnn()
+    x1, x2 = _x(4, 3, 8, 8), _x(3, 3, 8, 8, seed=1)
+    orders = {}
+    for contraction in ("auto", "matches"):
+        info = {}
+        got = structured.structured_ntk(m, x1, x2, mode="full", contraction=contraction, info=info)
+        assert_close_rel(got, reference.ntk_oracle(m, x1, x2, mode="full"), rtol=1e-10)
+        orders[contraction] = info["contractions"]
+    assert orders["matches"] == orders["auto"] and set(orders["auto"]) <= {"gradients", "pairs"}
+    info = {}
+    structured.structured_ntk(_Tokens(7).double(), torch.ones(2, 3, dtype=torch.long), contraction="matches",
+                              info=info)
+    assert info["contractions"][0] == "matches"
 
 
 def test_groupnorm_instancenorm_and_bias_only_norm():

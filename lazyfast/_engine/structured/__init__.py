@@ -9,7 +9,8 @@ outputs at once. Each layer then adds its exact kernel
 
 (p: positions; u: the input patch; γ: the squared weight multiplier), by the cheaper of two
 exact contraction orders under a FLOP model: per-example gradient blocks ("gradients") or
-position-pair Grams ("pairs"). Single-call 2-D linear layers go through the compiled
+position-pair Grams ("pairs"); an Embedding chooses per chunk pair among those two and the pairs
+of per-sample rows of equal token ("matches"). Single-call 2-D linear layers go through the compiled
 ``hadamard_gram_sum`` op. Rules: ``nn.Linear`` (and lazyfast's ``_Dense``) on inputs of any rank,
 ``nn.Conv1d/2d/3d`` (stride, padding of every mode, dilation, groups), ``nn.Embedding``, the
 affine parameters of ``LayerNorm``/``GroupNorm``/``BatchNorm*d`` (eval)/``InstanceNorm*d``, and the
@@ -30,8 +31,8 @@ The modules, each importing only those listed before it:
 * :mod:`.plan` — the plan the probe forwards find, its cache and its revision;
 * :mod:`.capture` — the capture (one forward, one batched backward) and its check against the plan;
 * :mod:`.factors` — each layer's per-sample factors from a capture;
-* :mod:`.contract` — a chunk pair's kernel block from the factors;
 * :mod:`.schedule` — the cost model and the scheduler, and every tuning constant of the engine;
+* :mod:`.contract` — a chunk pair's kernel block from the factors;
 * :mod:`.loop` — ``structured_ntk``: the chunk / panel loop and the generic remainder.
 
 This package re-exports the names code outside it uses. A module global is read (and patched) in

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from lazyfast._engine.structured.factors import _Factors
+from lazyfast._engine.structured.schedule import MATCHES_CHUNK_NUMBERS, _embedding_costs
 from lazyfast._ops.hadamard_gram import hadamard_gram_sum
 
 
@@ -49,31 +50,134 @@ def _add_pairs(acc, L, u1, d1, u2, d2, mode, budget):
             del m, gg
 
 
+def _token_keys(idx, pad):
+    """A chunk's positions idx (n, P) keyed by (token, sample): (tokens, samples) of its R distinct
+    keys, the rows of the "matches" order, sorted by token then sample; each position's row
+    (``inv``); ``drop``: 1 where positions at ``pad`` are present (they share a first row, -1, left
+    out of the R), else 0."""
+    n, P = idx.shape
+    tok = idx.reshape(-1)
+    key = tok * n + torch.arange(n, device=idx.device).repeat_interleave(P)
+    if pad is not None:
+        key = torch.where(tok == pad, torch.full_like(key, -1), key)
+    keys, inv = torch.unique(key, return_inverse=True)
+    drop = int(pad is not None and keys.numel() > 0 and bool(keys[0] < 0))
+    keys = keys[drop:]
+    return keys // n, keys % n, inv, drop
+
+
+def _merged(d, inv, rows, drop):
+    """The cotangents d (k, n, P, e) summed per key: G (rows, k, e), the padding row left out."""
+    k, n, P, e = d.shape
+    g = torch.zeros(k, rows + drop, e, dtype=d.dtype, device=d.device)
+    g.index_add_(1, inv, d.reshape(k, n * P, e))
+    return g[:, drop:].transpose(0, 1).contiguous()
+
+
+def _runs(tok1, tok2, same):
+    """For each row r1 of side 1, the rows of side 2 with its token: [lo, lo + count) (tok2 sorted).
+    ``same`` (one side): only r2 ≥ r1, each unordered pair once."""
+    hi = torch.searchsorted(tok2, tok1, right=True)
+    lo = torch.arange(tok1.numel(), device=tok1.device) if same else torch.searchsorted(tok2, tok1)
+    return lo, hi - lo
+
+
+def _pair_lists(lo, count, m):
+    """The m matching row pairs (r1, r2) of :func:`_runs`, vectorized."""
+    r1 = torch.repeat_interleave(torch.arange(lo.numel(), device=lo.device), count, output_size=m)
+    start = torch.cumsum(count, 0) - count
+    return r1, torch.arange(m, device=lo.device) - start[r1] + lo[r1]
+
+
+def _add_matches(acc, side1, side2, runs, m, n1, n2, mode, budget):
+    """The "matches" order: over the m row pairs (r1, r2) of equal token, ⟨G1[r1], G2[r2]⟩ (trace,
+    over k and e) or G1[r1] G2[r2]ᵀ (full, k × k) added at (sample1, sample2); a side is (samples,
+    G (R, k, e)). The pairs go in steps whose gathered rows stay within ``budget`` numbers and
+    MATCHES_CHUNK_NUMBERS (cache-sized). ``side2`` None: one side, each unordered pair once, added
+    at both (sample1, sample2) and (sample2, sample1)."""
+    s1, g1 = side1
+    s2, g2 = side1 if side2 is None else side2
+    _, k, e = g1.shape
+    r1, r2 = _pair_lists(*runs, m)
+    kk = k * k if mode == "full" else 1
+    buf = torch.zeros(n1 * n2, kk, dtype=g1.dtype, device=g1.device)
+    c = max(1, min(budget, MATCHES_CHUNK_NUMBERS) // (2 * k * e + 2 * kk))
+    for a in range(0, m, c):
+        p1, p2 = r1[a:a + c], r2[a:a + c]
+        x1, x2 = g1.index_select(0, p1), g2.index_select(0, p2)
+        if mode == "full":
+            v = torch.bmm(x1, x2.transpose(1, 2))
+        else:
+            v = torch.linalg.vecdot(x1.reshape(x1.shape[0], -1), x2.reshape(x2.shape[0], -1))
+        v = v.reshape(-1, kk)
+        i1, i2 = s1[p1], s2[p2]
+        if side2 is None:
+            v = v * torch.where(p1 == p2, 0.5, 1.0).to(v.dtype)[:, None]
+            vt = v if mode == "trace" else v.reshape(-1, k, k).transpose(1, 2).reshape(-1, kk)
+            buf.index_add_(0, i2 * n2 + i1, vt)
+        buf.index_add_(0, i1 * n2 + i2, v)
+    if mode == "full":
+        buf = buf.reshape(n1, n2, k, k).permute(0, 2, 1, 3).reshape(n1 * k, n2 * k)
+    acc.add_(buf.reshape(acc.shape).to(acc.dtype))
+
+
 def _add_embedding(acc, L, i1, d1, i2, d2, mode, budget, contraction):
+    """Adds an Embedding weight's kernel block Σ_{p,q} [i1_p = i2_q]·⟨δ1_p, δ2_q⟩ (padding positions
+    left out) in the order ``contraction``: "gradients" (per-example gradients, dense on the U
+    distinct tokens of the chunk pair), "pairs" (position pairs), "matches" (per-sample rows of
+    equal token, the pairs of rows with a token in common) or "auto" (the cheapest of the three by
+    :func:`~lazyfast._engine.structured.schedule._embedding_costs`). i2 is i1 and d2 is d1: the
+    symmetric diagonal block."""
     k, n1, P, e = d1.shape
     n2, P2 = d2.shape[1], d2.shape[2]
+    same = i2 is i1 and d2 is d1
     pad = L.module.padding_idx
+    if contraction in ("auto", "matches"):
+        t1, s1, inv1, drop1 = _token_keys(i1, pad)
+        t2, s2, inv2, drop2 = (t1, s1, inv1, drop1) if same else _token_keys(i2, pad)
+        runs = _runs(t1, t2, same)
+        m = int(runs[1].sum())
+        if contraction == "auto":
+            u = torch.unique(torch.cat([i1.reshape(-1), i2.reshape(-1)])).numel()
+            costs = _embedding_costs(n1, n2, P, P2, k, e, u, m, t1.numel() + (0 if same else t2.numel()),
+                                     mode, same)
+            contraction = min(costs, key=costs.get)
+        if contraction == "matches":
+            side1 = (s1, _merged(d1, inv1, t1.numel(), drop1))
+            side2 = None if same else (s2, _merged(d2, inv2, t2.numel(), drop2))
+            _add_matches(acc, side1, side2, runs, m, n1, n2, mode, budget)
+            return
     if pad is not None:
         d1 = d1 * (i1 != pad).to(d1.dtype)[None, :, :, None]
         d2 = d2 * (i2 != pad).to(d2.dtype)[None, :, :, None]
+    if contraction == "gradients":
+        _add_dense_gradients(acc, i1, d1, i2, d2, mode)
+    else:
+        _add_position_pairs(acc, i1, d1, i2, d2, mode)
+
+
+def _add_dense_gradients(acc, i1, d1, i2, d2, mode):
+    """The "gradients" order: each sample's gradient scattered into a dense (n·k, U·e) matrix over
+    the U distinct tokens of the chunk pair, then J1 J2ᵀ."""
+    k, n1, P, e = d1.shape
+    n2, P2 = d2.shape[1], d2.shape[2]
     uniq, inv = torch.unique(torch.cat([i1.reshape(-1), i2.reshape(-1)]), return_inverse=True)
     U = uniq.numel()
-    kk = k * k if mode == "full" else k
-    grads_cost = (n1 + n2) * k * P * e + n1 * n2 * kk * U * e
-    pairs_cost = n1 * n2 * P * P2 * (kk * e + kk)
-    if contraction == "auto":
-        contraction = "gradients" if grads_cost <= pairs_cost else "pairs"
-    if contraction == "gradients":
-        inv1, inv2 = inv[:n1 * P].reshape(n1, P), inv[n1 * P:].reshape(n2, P2)
+    inv1, inv2 = inv[:n1 * P].reshape(n1, P), inv[n1 * P:].reshape(n2, P2)
 
-        def scatter(d, inv, n, p):
-            s = torch.zeros(n * U, k, e, dtype=d.dtype, device=d.device)
-            tgt = (torch.arange(n, device=d.device)[:, None] * U + inv).reshape(-1)
-            s.index_add_(0, tgt, d.permute(1, 2, 0, 3).reshape(n * p, k, e))
-            return s.reshape(n, U, k, e).transpose(1, 2).reshape(n * k, U * e)
+    def scatter(d, inv, n, p):
+        s = torch.zeros(n * U, k, e, dtype=d.dtype, device=d.device)
+        tgt = (torch.arange(n, device=d.device)[:, None] * U + inv).reshape(-1)
+        s.index_add_(0, tgt, d.permute(1, 2, 0, 3).reshape(n * p, k, e))
+        return s.reshape(n, U, k, e).transpose(1, 2).reshape(n * k, U * e)
 
-        _add_jac(acc, scatter(d1, inv1, n1, P), scatter(d2, inv2, n2, P2), k, mode)
-        return
+    _add_jac(acc, scatter(d1, inv1, n1, P), scatter(d2, inv2, n2, P2), k, mode)
+
+
+def _add_position_pairs(acc, i1, d1, i2, d2, mode):
+    """The "pairs" order: all position-pair dot products ⟨δ1_p, δ2_q⟩, masked by token equality."""
+    k, n1, P, e = d1.shape
+    n2, P2 = d2.shape[1], d2.shape[2]
     eq = (i1.reshape(n1, P, 1, 1) == i2.reshape(1, 1, n2, P2)).to(d1.dtype)
     if mode == "full":
         gg = (d1.permute(1, 0, 2, 3).reshape(n1 * k * P, e) @ d2.permute(1, 0, 2, 3).reshape(n2 * k * P2, e).T)

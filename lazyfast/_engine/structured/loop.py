@@ -31,7 +31,9 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
             are chunked to stay within it.
         chunk_size: caps the samples per chunk.
         contraction: per-layer contraction order: ``"auto"`` (FLOP model), ``"gradients"``
-            (per-example gradient blocks) or ``"pairs"`` (position-pair Grams) for every layer.
+            (per-example gradient blocks) or ``"pairs"`` (position-pair Grams) for every layer;
+            ``"matches"`` (pairs of per-sample rows of equal token) for the embeddings, the other
+            layers as ``"auto"``.
         out_dtype: dtype the kernel is accumulated and returned in (default the model's).
         info: filled with ``contractions`` (per rule layer), ``layers`` (module class names),
             ``remainder`` (parameter names left to the generic path), ``k``, ``chunk``.

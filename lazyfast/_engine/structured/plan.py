@@ -29,8 +29,10 @@ from lazyfast._engine.structured.rules.registry import rule_for
 from lazyfast._engine.uses import ParamUses, alias_message
 
 # a layer's contraction order: "gradients" (per-example gradient blocks J1 J2ᵀ) or "pairs"
-# (position-pair Grams); "auto" lets the FLOP model choose (docs/engine.md, "Contraction orders")
-CONTRACTIONS = ("auto", "gradients", "pairs")
+# (position-pair Grams); "auto" lets the FLOP model choose (docs/engine.md, "Contraction orders");
+# "matches" (an Embedding's pairs of per-sample token rows) is an embedding order only: the other
+# layers take their "auto" choice under it
+CONTRACTIONS = ("auto", "gradients", "pairs", "matches")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class _Layer:
     clone_in: List[bool] = field(default_factory=list)
     in_shapes: List[tuple] = field(default_factory=list)  # per sample (batch dim removed)
     out_shapes: List[tuple] = field(default_factory=list)
-    contraction: str = "gradients"  # "gradients" | "pairs" ("auto" for an embedding: per chunk pair)
+    contraction: str = "gradients"  # "gradients" | "pairs" (an embedding: also "matches", or "auto": per chunk pair)
     gamma: float = 1.0
     site: Optional[tuple] = None  # an operator rule's (kind, id(weight), id(bias)); None: a module rule
     folds: List[int] = field(default_factory=list)  # per call: rows per sample when the batch is folded

@@ -17,6 +17,8 @@ CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # the chunk sizes tried b
 BLOCK_OVERHEAD_FLOPS = 5e6  # a chunk-pair block's kernel launches and Python, per rule layer, in FLOPs
 SMALLER_CHUNK_MARGIN = 0.9  # a smaller chunk must cost under this share of the best so far (GEMM efficiency)
 PLAN_ATTEMPTS = 5  # forwards of one call before a plan that still disagrees is an internal error
+MOVE_FLOPS = 32.0  # an embedding order's number written or gathered (zero fill, copy, scatter), in FLOPs
+MATCHES_CHUNK_NUMBERS = 1 << 19  # gathered numbers per step of the embedding's "matches" order (cache-sized)
 
 
 def _costs(L: _Layer, n1: int, n2: int, k: int, mode: str) -> Tuple[float, float]:
@@ -32,6 +34,24 @@ def _costs(L: _Layer, n1: int, n2: int, k: int, mode: str) -> Tuple[float, float
     grads = (n1 + n2) * k * g * o * q * P + n1 * n2 * kk * g * o * q
     pairs = n1 * n2 * P * P * (kk * g * o + g * q + (kk if mode == "full" else 1) * g)
     return 2.0 * grads, 2.0 * pairs
+
+
+def _embedding_costs(n1: int, n2: int, P: int, P2: int, k: int, e: int, U: int, M: int, R: int, mode: str,
+                     same: bool) -> dict:
+    """Costs (FLOPs, each number moved counted as MOVE_FLOPS) of an Embedding's three contraction
+    orders for one chunk pair: P, P2 positions per sample, e channels, U distinct tokens of the
+    pair, M matching row pairs and R (sample, token) rows of the "matches" order (``same``: one
+    side, each unordered pair once)."""
+    kk = k * k if mode == "full" else k
+    cells = k * k if mode == "full" else 1  # kernel numbers per sample pair
+    scatter = (n1 * P + n2 * P2) * k * e  # the cotangents of both chunks, scattered or copied once
+    dense = (n1 + n2) * U * k * e  # the dense per-example gradients: zero fill, then a transposing copy
+    grads = 2.0 * n1 * n2 * kk * U * e + MOVE_FLOPS * (scatter + 3 * dense)
+    pos = n1 * n2 * P * P2  # position pairs: their Gram written, masked (and, full, permuted)
+    pairs = 2.0 * pos * kk * e + MOVE_FLOPS * (scatter + pos * (2 * cells + 1))
+    rows = (n1 * P + (0 if same else n2 * P2)) * k * e + 2 * R * k * e  # summed per row, then a copy
+    matches = 2.0 * M * kk * e + MOVE_FLOPS * (rows + 2 * M * k * e + 2 * M * cells)  # gathers, scatter
+    return dict(gradients=grads, pairs=pairs, matches=matches)
 
 
 def _factor_numel(plan: Plan) -> Tuple[int, int]:
@@ -69,14 +89,15 @@ def choose_contractions(plan: Plan, n1: int, n2: int, mode: str, contraction: st
 
 
 def _fixed_order(L: _Layer, contraction: str) -> Optional[str]:
-    """The contraction order of a layer whose order is not the FLOP model's to choose (None: it is)."""
+    """The contraction order of a layer whose order is not the FLOP model's to choose (None: it is).
+    "matches" is an embedding order only: the other layers take the FLOP model's choice, as for "auto"."""
     if L.kind in ("norm", "scale", "shift", "custom") or (L.kind in ("linear", "conv") and not L.w_on):
         return "gradients"
     if L.kind == "embedding":
         return contraction  # chosen per chunk pair by _add_embedding when "auto"
     if _is_hadamard(L):
         return "pairs"
-    return None if contraction == "auto" else contraction
+    return None if contraction in ("auto", "matches") else contraction
 
 
 def structured_cost(plan: Plan, n1: int, n2: int, mode: str) -> float:
@@ -156,7 +177,7 @@ def _schedule(plan: Plan, n1: int, n2: int, same: bool, budget: int, c0: int, mo
     for c in cands:
         _layer_orders(plan, n1 + (0 if same else n2), pairs, mode, contraction)  # per layer, no recapture
         cur = evaluate(c)
-        if contraction == "auto" and cur is not None and cur[1] < n1:
+        if contraction in ("auto", "matches") and cur is not None and cur[1] < n1:
             # recaptures: greedily move layers to the order that improves the whole (memory included)
             for _ in range(len(plan.layers)):
                 trial = None

@@ -1,7 +1,8 @@
 """The Embedding rule: the options it takes, and a layer's factors (token indices and their cotangents).
 
-Its two contraction orders (sparse per-example gradients on the distinct tokens of a chunk pair, or
-position pairs) are chosen per chunk pair by
+Its three contraction orders (per-example gradients, dense on the distinct tokens of a chunk pair;
+position pairs; or "matches": each sample's cotangents summed per token, then the pairs of such rows
+with a token in common) are chosen per chunk pair by
 :func:`lazyfast._engine.structured.contract._add_embedding`.
 """
 from __future__ import annotations
