@@ -15,6 +15,7 @@ from torch import nn
 
 from lazyfast._engine.structured.rules.linear import _LinearT
 from lazyfast._engine.structured.rules.scale import _ScaleShift
+from lazyfast._engine.uses import _tensors
 
 _NORM_FUNCS = ("layer_norm", "group_norm", "batch_norm")
 _MUL = frozenset({"mul", "__mul__", "__rmul__", "multiply"})
@@ -31,10 +32,6 @@ def _bind(func, args, kwargs):
     ba = sig.bind(*args, **kwargs)
     ba.apply_defaults()
     return ba.arguments
-
-
-def _tensor_args(args, kwargs):
-    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
 
 
 def match_op(name: str, func, args, kwargs, is_param):
@@ -88,7 +85,7 @@ def match_op(name: str, func, args, kwargs, is_param):
             return "scale", other, p, None, {}
         return "shift", other, None, p, {}
     if name in _BROADCAST:
-        if not args or not is_param(args[0]) or any(is_param(t) for t in _tensor_args(args[1:], kwargs)):
+        if not args or not is_param(args[0]) or any(is_param(t) for t in list(_tensors(args[1:])) + list(_tensors(kwargs))):
             return None
         return "broadcast", None, None, args[0], {}
     if name == "addmm" and getattr(func, "__module__", "") == "torch":
