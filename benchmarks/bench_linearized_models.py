@@ -131,6 +131,62 @@ def time_model(name: str, n: int, rounds: int, steps: int, methods) -> dict:
     return out
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """convolution_backward: each of grad-input and grad-weight is one product as large as the forward
+    convolution (torch's own formula ignores ``groups`` here and counts a depthwise convolution's
+    backward ``groups`` times too high)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    one = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return one * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """The CPU flash attention kernel (not in torch's table): Q·Kᵀ and P·V, 2·m·n·k each."""
+    import math
+
+    lead = math.prod(q_shape[:-2])
+    return 2 * lead * q_shape[-2] * k_shape[-2] * (q_shape[-1] + v_shape[-1])
+
+
+def _sdpa_cpu_backward_flops(_grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """Its backward: dV, dP, dQ, dK, four products of the forward's size (torch's rule for the other
+    attention kernels)."""
+    return 2 * _sdpa_cpu_flops(q_shape, k_shape, v_shape)
+
+
+def _flop_mapping() -> dict:
+    aten = torch.ops.aten
+    mapping = {aten.convolution_backward: _conv_backward_flops}
+    for op, f in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flops),
+                  ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flops)):
+        if hasattr(aten, op):
+            mapping[getattr(aten, op)] = f
+    return mapping
+
+
+def product_flops(name: str, n: int, methods) -> dict:
+    """FLOPs of the products (matmuls, convolutions, attention) of one step of each method, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on a warm step, and their ratio to the standard
+    step's. The exact linearization's products are W0·a, W0·t and δW·a forward and the two backward
+    products: this ratio is the floor of the step's time wherever products dominate, for any exact
+    implementation (elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, xs, ys = problem(name, n)
+    flops = {}
+    for m in methods:
+        step = make_method(m, model)
+        step(xs[0].clone(), ys[0])
+        counter = FlopCounterMode(display=False, custom_mapping=_flop_mapping())
+        with counter:
+            step(xs[1].clone(), ys[1])
+        flops[m] = counter.get_total_flops()
+    base = flops.get("standard")
+    return {"flops": flops, "ratio": {m: v / base for m, v in flops.items()} if base else {}}
+
+
 def memory_one(name: str, n: int, method: str, threads: int) -> dict:
     """In this (fresh) process: peak RSS of 3 steps of ``method`` after a warm step."""
     torch.set_num_threads(threads)
@@ -182,11 +238,14 @@ def markdown(res: dict) -> str:
              f"{s['threads']} threads, n = {res['n']}, float32, new batch every step, {res['rounds_requested']} "
              f"interleaved rounds of {res['steps_per_round']} steps).* Ratios: median over rounds [min–max]; "
              "peak memory: each method in a fresh process, peak resident set minus the resident set before the "
-             "model was built.", "",
+             "model was built. Products: FLOPs of the step's matmuls, convolutions and attention "
+             "(`FlopCounterMode`, one warm step), over the standard step's — the floor of any exact "
+             "linearized step's time where products dominate.", "",
              "| model | parameters | standard step | lazyfast linearized step | lazyfast / standard | "
-             "torch.func jvp + vjp | torch.func / lazyfast | previous path (`ntk`) / standard | peak memory "
+             "products lazyfast / standard (floor) | torch.func jvp + vjp | torch.func / lazyfast | "
+             "products torch.func / lazyfast | previous path (`ntk`) / standard | peak memory "
              "lazyfast / standard |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def rr(r):
         return f"{r['median']:.2f}× [{r['min']:.2f}–{r['max']:.2f}]"
@@ -195,12 +254,31 @@ def markdown(res: dict) -> str:
         sec, rat = row["seconds"], row["ratios"]
         mem = row.get("memory", {}).get("peak_ratio", {})
         ntk = rr(rat["lazyfast_ntk/standard"]) if "lazyfast_ntk/standard" in rat else "–"
+        fl = row.get("products", {}).get("flops", {})
+        floor = f"{fl['lazyfast'] / fl['standard']:.2f}×" if fl.get("standard") and "lazyfast" in fl else "–"
+        tf_fl = f"{fl['torch_func'] / fl['lazyfast']:.2f}×" if fl.get("lazyfast") and "torch_func" in fl else "–"
         lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.2f} M | {sec['standard'] * 1e3:.1f} ms | "
-                     f"{sec['lazyfast'] * 1e3:.1f} ms | {rr(rat['lazyfast/standard'])} | "
-                     f"{sec['torch_func'] * 1e3:.1f} ms | {rr(rat['torch_func/lazyfast'])} | {ntk} | "
+                     f"{sec['lazyfast'] * 1e3:.1f} ms | {rr(rat['lazyfast/standard'])} | {floor} | "
+                     f"{sec['torch_func'] * 1e3:.1f} ms | {rr(rat['torch_func/lazyfast'])} | {tf_fl} | {ntk} | "
                      + (f"{mem['lazyfast']:.2f}× |" if mem else "– |"))
-    lines += ["", "| target (issue 20) | goal | models meeting it (median) |", "|---|---|---|"]
+    lines += ["", "| target (issue 20) | goal | models meeting it (median) | models whose product floor allows it |",
+              "|---|---|---|---|"]
     for label, key, op, goal in TARGETS:
+        floors = []
+        for row in res["models"]:
+            fl = row.get("products", {}).get("flops", {})
+            if key == "lazyfast/standard" and fl.get("standard") and "lazyfast" in fl:
+                floors.append((row["model"], fl["lazyfast"] / fl["standard"]))
+            elif key == "torch_func/lazyfast" and fl.get("lazyfast") and "torch_func" in fl:
+                floors.append((row["model"], fl["torch_func"] / fl["lazyfast"]))
+        allowed = [m for m, v in floors if (v <= goal if op == "<=" else v >= goal)]
+        if floors:
+            lo, hi = min(v for _, v in floors), max(v for _, v in floors)
+            span = f"{lo:.2f}×" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}×–{hi:.2f}×"
+            what = "products lazyfast / standard" if key == "lazyfast/standard" else "products torch.func / lazyfast"
+            floor_cell = f"{len(allowed)} of {len(floors)} ({what}: {span})"
+        else:
+            floor_cell = "– (memory: not a product count)" if key is None else "– (not counted in this run)"
         vals = []
         for row in res["models"]:
             v = (row["ratios"][key]["median"] if key else row.get("memory", {}).get("peak_ratio", {}).get("lazyfast"))
@@ -208,7 +286,7 @@ def markdown(res: dict) -> str:
                 vals.append((row["model"], v))
         ok = [m for m, v in vals if (v <= goal if op == "<=" else v >= goal)]
         lines.append(f"| {label} | {op.replace('<=', '≤').replace('>=', '≥')} {goal:g}× | {len(ok)} of {len(vals)}"
-                     + (f" ({', '.join(ok)})" if ok else "") + " |")
+                     + (f" ({', '.join(ok)})" if ok else "") + f" | {floor_cell} |")
     return "\n".join(lines)
 
 
@@ -239,6 +317,8 @@ def main(argv=None) -> int:
         row = time_model(name, a.n, a.rounds, a.steps, a.methods)
         if not a.no_memory:
             row["memory"] = memory_model(name, a.n, a.methods, a.threads)
+        if "standard" in a.methods:
+            row["products"] = product_flops(name, a.n, a.methods)
         res["models"].append(row)
         print(json.dumps({k: row[k] for k in ("model", "seconds", "ratios")}), flush=True)
     res["loadavg_end"] = os.getloadavg()

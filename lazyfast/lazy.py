@@ -37,7 +37,7 @@ from lazyfast import _ext, ntk as _ntk
 from lazyfast._engine import two_layer
 from lazyfast._engine.generic import math_attention as _math_attention
 from lazyfast._engine.outputs import ModelForwardError, model_output, run_forward, with_output
-from lazyfast._engine.uses import AliasGuard, storage_key
+from lazyfast._engine.uses import AliasGuard, _tensors, storage_key
 from lazyfast._validation import (IMPLEMENTATIONS_OF, check_alpha, check_bool, check_implementation, check_input, check_int,
                                   check_module, model_param_info)
 
@@ -259,17 +259,49 @@ def _composite(func, args, kwargs):
     return F.glu(xp, dim) + (glu(x) - glu(xp))  # F.glu's value; the tangent of a·sigmoid(b)
 
 
+_LAYER_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+
+def _tangent_free_input(func, args, kwargs):
+    """``F.linear`` / ``F.conv*d`` whose input carries no tangent (the network's own input, or any
+    tensor that does not depend on the parameters) and whose weight is dual: (value, tangent) as two
+    calls, f(x, W0, b0) and f(x, ΔW, Δb), or None for any other call. torch's forward-mode formula
+    for these ops materializes the missing input tangent as zeros and multiplies it by W0: one product
+    of the layer computed for nothing (tests/test_bench_linearized.py counts it)."""
+    args, kwargs = list(args), dict(kwargs)
+    x = args.pop(0) if args else kwargs.pop("input", None)
+    w = args.pop(0) if args else kwargs.pop("weight", None)
+    b = args.pop(0) if args else kwargs.pop("bias", None)
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or fwad.unpack_dual(x).tangent is not None:
+        return None
+    wp, wt = fwad.unpack_dual(w)
+    if wt is None:
+        return None
+    bp, bt = fwad.unpack_dual(b) if isinstance(b, torch.Tensor) else (None, None)
+    return func(x, wp, bp, *args, **kwargs), func(x, wt, bt, *args, **kwargs)
+
+
 class _DualGuard(AliasGuard):
-    """The dual pass's one torch-function mode: parameter aliases are refused (:class:`AliasGuard`),
-    and the two activations whose forward-mode formula has no derivative of its own
+    """The dual pass's one torch-function mode: parameter aliases are refused (:class:`AliasGuard`);
+    the two activations whose forward-mode formula has no derivative of its own
     (aten::hardsigmoid_backward, aten::glu_jvp: the backward of the tangent would fail; found by
     trying every common layer op) run through ops whose every derivative exists, with the same value: ``F.hardsigmoid`` as hardsigmoid(x̄) + (x − x̄)·s, x̄ = x
     detached and s = aten::hardsigmoid_backward(1, x̄) (torch's own slope, so the tangent t·s is
-    autograd's); ``F.glu`` as glu(x̄) + (a·sigmoid(b) at x − the same at x̄)."""
+    autograd's); ``F.glu`` as glu(x̄) + (a·sigmoid(b) at x − the same at x̄); and a linear or
+    convolutional layer on an input without a tangent computes ΔW·x alone as its tangent
+    (:func:`_tangent_free_input`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.hardsigmoid or func is F.glu:
             return _composite(func, args, kwargs or {})
+        if func in _LAYER_OPS:
+            split = _tangent_free_input(func, args, kwargs or {})
+            if split is not None:
+                for t in list(_tensors(args)) + list(_tensors(kwargs or {})):
+                    self._arg(t)
+                out = fwad.make_dual(*split)
+                self._made(out)
+                return out
         return super().__torch_function__(func, types, args, kwargs)
 
 
@@ -318,7 +350,6 @@ class _LinearizedFunction(torch.autograd.Function):
     def forward(ctx, lin: "Linearized", x: torch.Tensor, cached, *params: torch.Tensor):
         names = lin._names
         initial = lin._initial
-        deltas = [p - initial[name] for name, p in zip(names, params)]
         ctx.dual = None
         if isinstance(cached, _DualPass):  # computed by the caller (forward-mode AD is off in here)
             ctx.dual, cached = cached, None
@@ -328,6 +359,7 @@ class _LinearizedFunction(torch.autograd.Function):
             out = torch.zeros_like(primal) if t is None else t.detach()
             ctx.mark_non_differentiable(primal)
             return out, primal
+        deltas = [p - initial[name] for name, p in zip(names, params)]  # the dual pass took its own
         if cached is not None:
             try:
                 out = cached.jvp(deltas)

@@ -69,7 +69,28 @@ class GluConvBN(nn.Module):
         return self.o(h.flatten(1))
 
 
+class FirstLayers(nn.Module):
+    """Linear and convolutional layers on inputs without a tangent (the network's input, a buffer),
+    called positionally and by keyword, with reflect padding and without a bias: the dual pass
+    computes their tangent as ΔW·x alone (lazy._tangent_free_input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", bias=False)
+        self.c1 = nn.Conv1d(2, 3, 2)
+        self.l = nn.Linear(16, 5)
+        self.o = nn.Linear(4 * 4 * 4 + 3 * 7 + 5, 3)
+        self.register_buffer("const", torch.randn(1, 16))
+
+    def forward(self, x):
+        a = torch.tanh(self.c(x)).flatten(1)
+        b = F.conv1d(input=x.flatten(2)[:, :, :8], weight=self.c1.weight, bias=self.c1.bias)
+        c = F.linear(self.const, weight=self.l.weight, bias=self.l.bias).expand(x.shape[0], -1)
+        return self.o(torch.cat([a, torch.sin(b).flatten(1), c], 1))
+
+
 CASES = {
+    "first_layers": (FirstLayers, lambda: torch.randn(5, 2, 4, 4, dtype=D)),
     "tokens": (Tokens, lambda: torch.randint(0, 20, (5, 4))),
     "glu_conv_bn": (GluConvBN, lambda: torch.randn(5, 2, 8, 8, dtype=D)),
     "sdpa": (SDPA, lambda: torch.randn(5, 4, 8, dtype=D)),
@@ -360,3 +381,33 @@ def test_linearized_refuses_a_parameter_alias_on_every_path(impl):
         out = lin(x)
         lin(x)  # the cached path builds its linearization on the second call
         out.sum().backward()
+
+
+@pytest.mark.parametrize("frozen", ("0.weight", "0.bias"))
+def test_dual_pass_first_layer_with_a_frozen_weight_or_bias(frozen):
+    """The first layer's tangent ΔW·x + Δb when one of W, b is frozen (no tangent): a frozen weight
+    leaves that layer to torch's own formula, a frozen bias adds nothing to the tangent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    dict(model.named_parameters())[frozen].requires_grad_(False)
+    model0 = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model0.load_state_dict(model.state_dict())
+    lin = lazyfast.Linearized(model)
+    trainable = {n: p for n, p in lin.model.named_parameters() if p.requires_grad}
+    assert frozen not in trainable
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(5, 3, dtype=D)
+    assert lin._linearization(lin._entry(x, primal=False), x) == "dual"
+    out = lin(x)
+    w0 = {n: p.detach() for n, p in model0.named_parameters() if n in trainable}
+    f0, t = jvp(lambda p: functional_call(model0, p, (x,), strict=False), (w0,),
+                ({n: trainable[n].detach() - w0[n] for n in w0},))
+    ref = f0 + t
+    assert (out - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max())
+    g = torch.autograd.grad((out ** 2).sum(), list(trainable.values()))
+    _, fn = vjp(lambda p: functional_call(model0, p, (x,), strict=False), w0)
+    (g_ref,) = fn(2 * ref.detach())
+    for n, a in zip(trainable, g):
+        assert (a - g_ref[n]).abs().max() <= 1e-12 * max(1.0, g_ref[n].abs().max()), n
