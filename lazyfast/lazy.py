@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
@@ -31,13 +32,14 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call
 
 from lazyfast import _ext, ntk as _ntk
 from lazyfast._engine import two_layer
 from lazyfast._engine.generic import math_attention as _math_attention
 from lazyfast._engine.outputs import ModelForwardError, model_output, run_forward, with_output
-from lazyfast._engine.uses import AliasGuard, _tensors, storage_key
+from lazyfast._engine.uses import AliasGuard, _tensors, merge_spans, storage_key
 from lazyfast._validation import (IMPLEMENTATIONS_OF, check_alpha, check_bool, check_implementation, check_input, check_int,
                                   check_module, model_param_info)
 
@@ -191,13 +193,17 @@ def _call_at(model0: nn.Module, subs: Dict[str, torch.Tensor], x: torch.Tensor, 
     use of one of them through an alias made before the call (``self.ws = [fc.weight]``), as every
     other path does (:class:`lazyfast._engine.uses.AliasGuard`): such a use would silently see w0."""
     named = dict(model0.named_parameters())
-    storages = {}
+    storages, spans = {}, []
     for n in subs:
         key = storage_key(named[n])
         if key is not None and named[n].numel():
             storages.setdefault(key, n)
+            nbytes = named[n].untyped_storage().nbytes()
+            spans.append((key[2], key[2] + nbytes))
+        elif named[n].numel():
+            spans = None  # a parameter without plain storage: no address filter
     allowed = list(subs.values()) + [p for n, p in named.items() if n not in subs]
-    with guard(storages, allowed):
+    with guard(storages, allowed, merge_spans(spans) if spans else None):
         return functional_call(model0, subs, (x,), strict=False)
 
 
@@ -293,10 +299,14 @@ class _InputGradConv(torch.autograd.Function):
     the tangent pass would hold every convolution's tangent input until the backward)."""
 
     @staticmethod
-    def forward(ctx, t, w, func, stride, padding, dilation, groups):
+    def forward(t, w, func, stride, padding, dilation, groups):
+        return func(t, w, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (the form torch.func transforms require)
+        t, w, func, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(w)
         ctx.conf = (func, t.shape, stride, padding, dilation, groups)
-        return func(t, w, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -363,20 +373,42 @@ class _DualPass:
 
     def __init__(self, lin: "Linearized", x: torch.Tensor, deltas: List[torch.Tensor], graph: bool = True):
         initial = lin._initial
-        self.leaves = [d.detach().requires_grad_(graph) for d in deltas]
-        with torch.set_grad_enabled(graph), fwad.dual_level(), _math_attention():
-            duals = {n: fwad.make_dual(initial[n], t) for n, t in zip(lin._names, self.leaves)}
-            out = run_forward(lambda inp: _call_at(lin.model0, duals, inp, guard=_DualGuard), x)
-            out = model_output(out, x.shape[0])
-            primal, tangent = fwad.unpack_dual(out)
+        self.like = [initial[n] for n in lin._names]
+        # δ enters the graph by its gradient edge, not as a tensor this object keeps: a δ that no op
+        # saves (a linear layer's ΔW·a keeps a, not ΔW) is freed after the forward
+        self.edges = None
+        if graph:
+            deltas = [d if d.requires_grad else d.detach().requires_grad_() for d in deltas]
+            self.edges = [get_gradient_edge(d) for d in deltas]
+        names, n = lin._names, x.shape[0]
+
+        def at(*duals):
+            subs = dict(zip(names, duals))
+            return model_output(run_forward(lambda inp: _call_at(lin.model0, subs, inp, guard=_DualGuard), x), n)
+
+        with torch.set_grad_enabled(graph), _math_attention():
+            if getattr(lin, "_functorch_ok", True):
+                try:
+                    # torch.func.jvp: the same dual numbers, with less held during the forward than a
+                    # bare forward_ad.dual_level (measured in benchmarks/results/linearized_models_cpu.json)
+                    primal, tangent = torch.func.jvp(at, tuple(initial[k] for k in names), tuple(deltas))
+                except (RuntimeError, NotImplementedError, ModelForwardError):
+                    # what torch.func cannot transform (an autograd.Function without setup_context, ...):
+                    # forward_ad directly, for this call and every later one
+                    lin._functorch_ok = False
+            if not getattr(lin, "_functorch_ok", True):
+                with fwad.dual_level():
+                    out = at(*(fwad.make_dual(initial[k], t) for k, t in zip(names, deltas)))
+                    primal, tangent = fwad.unpack_dual(out)
+        del deltas
         self.primal = _as_rows(primal.detach(), x.shape[0])
         self.tangent = None if tangent is None else _as_rows(tangent, x.shape[0])
 
     def vjp(self, r: torch.Tensor) -> Optional[List[torch.Tensor]]:
-        if self.tangent is None or not self.tangent.requires_grad:
-            return [torch.zeros_like(w) for w in self.leaves]
-        grads = torch.autograd.grad(self.tangent, self.leaves, grad_outputs=r, allow_unused=True)
-        return [torch.zeros_like(w) if g is None else g for w, g in zip(self.leaves, grads)]
+        if self.edges is None or self.tangent is None or not self.tangent.requires_grad:
+            return [torch.zeros_like(w) for w in self.like]
+        grads = torch.autograd.grad(self.tangent, self.edges, grad_outputs=r, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(self.like, grads)]
 
 
 def _not_implemented(e: BaseException) -> bool:
@@ -467,10 +499,20 @@ _NO_LINEARIZATION = object()  # a batch whose linearization cannot be cached (se
 
 
 class _CacheEntry:
-    __slots__ = ("x", "key", "primal", "linearization", "hits")
+    """One batch's cached primal (and linearization). The batch is held by a weak reference: the
+    cache never keeps an input alive (mini-batch SGD makes a new batch every step; holding the last
+    ``cache_size`` of them would cost their memory for nothing), and an entry whose batch is gone
+    matches nothing."""
+
+    __slots__ = ("_ref", "key", "primal", "linearization", "hits")
 
     def __init__(self, x, key, primal):
-        self.x, self.key, self.primal, self.linearization, self.hits = x, key, primal, None, 0
+        self._ref = weakref.ref(x)
+        self.key, self.primal, self.linearization, self.hits = key, primal, None, 0
+
+    @property
+    def x(self) -> Optional[torch.Tensor]:
+        return self._ref()
 
 
 class Linearized(nn.Module):
@@ -602,6 +644,7 @@ class Linearized(nn.Module):
         if x.is_inference():
             return None  # an inference tensor has no version counter to key the cache on
         key = (x._version, self._w0_version())
+        self._cache = [e for e in self._cache if e.x is not None]  # batches dropped by the caller
         for i, e in enumerate(self._cache):
             if e.x is x and e.key == key:
                 e.hits += 1
@@ -684,9 +727,9 @@ class Linearized(nn.Module):
         op that has no forward-mode formula, a one-off :class:`_CachedLinearization` (reverse mode
         only) and the non-dual paths from then on."""
         initial = self._initial
-        with torch.no_grad():
-            deltas = [p - initial[name] for name, p in zip(self._names, params)]
         graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        with torch.set_grad_enabled(graph):  # δ = w − w0, in the graph: _DualPass takes its gradient edges
+            deltas = [p - initial[name] for name, p in zip(self._names, params)]
         try:
             return _DualPass(self, x, deltas, graph=graph)
         except (RuntimeError, NotImplementedError, ModelForwardError) as e:

@@ -178,7 +178,27 @@ def test_linearized_auto_caches_only_reused_batches():
     assert lin._cache[0].linearization is not None  # reused: linearization kept
     for _ in range(3):
         lin(torch.randn(5, 4, dtype=F64))  # fresh mini-batches never build one
-    assert all(e.linearization is None for e in lin._cache)
+    assert all(e.linearization is None for e in lin._cache if e.x is not x)
+    assert lin._cache[-1].x is x  # the batches gone do not push out one that is still held
+
+
+def test_linearized_cache_does_not_keep_a_batch_alive():
+    """Mini-batch SGD makes a new batch tensor every step: the cache holds each by a weak reference,
+    so a dropped batch is freed (its entry then matches nothing and is pruned)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    lin = Linearized(MLP(4, [6], 1, dtype=F64))
+    x = torch.randn(5, 4, dtype=F64)
+    lin(x)
+    ref = weakref.ref(x)
+    del x
+    gc.collect()
+    assert ref() is None
+    x2 = torch.randn(5, 4, dtype=F64)
+    lin(x2)
+    assert [e.x for e in lin._cache] == [x2]  # the dead entry pruned
 
 
 @pytest.mark.skipif(not lazyfast._ext.HAS_CPU_KERNELS, reason="needs the compiled two-layer kernels")

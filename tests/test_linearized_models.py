@@ -282,6 +282,70 @@ class Cube(nn.Module):
         return self.b(NoForwardAD.apply(self.a(x)))
 
 
+class OldStyleCube(torch.autograd.Function):
+    """x ↦ x³ as an autograd.Function of the older form (ctx in forward, no setup_context) with a
+    jvp: forward mode can run it, torch.func's transforms cannot."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.x = x
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 3 * ctx.x ** 2 * t
+
+
+class OldCube(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(OldStyleCube.apply(self.a(x)))
+
+
+def test_an_autograd_function_torch_func_cannot_transform_takes_the_forward_ad_dual_pass():
+    """The dual pass runs under torch.func.jvp (less memory held); an autograd.Function of the
+    older form (no setup_context) makes it fall back to forward_ad's dual numbers directly, still
+    one dual pass, still exact, for that call and every later one."""
+    torch.manual_seed(0)
+    model = OldCube().double()
+    lin = lazyfast.Linearized(model)
+    model0 = copy_of(OldCube, model)
+    dual = _count_dual_passes(lin)
+    for step in range(2):
+        with torch.no_grad():
+            for p in lin.model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(4, 3, dtype=D)
+        out = lin(x)
+        assert dual == [step + 1] and lin._dual_ok and not lin._functorch_ok
+        w = dict(lin.model.named_parameters())
+        # the oracle by autograd.functional.jacobian (reverse mode; torch.func cannot run the model)
+        w0 = {n: p.detach() for n, p in model0.named_parameters()}
+        names = list(w0)
+
+        def f(*ps):
+            return functional_call(model0, dict(zip(names, ps)), (x,))
+
+        J = torch.autograd.functional.jacobian(f, tuple(w0[n] for n in names))
+        f0 = f(*(w0[n] for n in names))
+        Jm = torch.cat([J[i].reshape(f0.numel(), -1) for i in range(len(names))], 1)
+        ref = f0 + (Jm @ torch.cat([(w[n] - w0[n]).detach().reshape(-1) for n in names])).reshape(f0.shape)
+        assert (out - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max())
+        g = torch.autograd.grad((out ** 2).sum(), [w[n] for n in names])
+        g_ref = torch.split(Jm.T @ (2 * ref).reshape(-1), [w0[n].numel() for n in names])
+        for n, a, b in zip(names, g, g_ref):
+            assert (a.reshape(-1) - b).abs().max() <= 1e-9 * max(1.0, b.abs().max()), n
+
+
 def test_op_without_forward_mode_falls_back_exactly():
     """The dual pass meets an op without a forward-mode formula: that call takes the double-VJP
     (reverse mode only), exactly, and the model the non-dual paths from then on."""
@@ -464,3 +528,22 @@ def test_dual_pass_layers_with_a_frozen_weight_or_bias(build, frozen):
     (g_ref,) = fn(2 * ref.detach())
     for n, a in zip(trainable, g):
         assert (a - g_ref[n]).abs().max() <= 1e-12 * max(1.0, g_ref[n].abs().max()), n
+
+
+def test_alias_guard_address_filter_still_catches_a_view_into_a_storage():
+    """AliasGuard's pre-filter (parameter storages' address ranges) skips tensors outside them only:
+    a view into the middle of a parameter made before the call is refused, an activation passes."""
+    from lazyfast._engine.uses import AliasGuard, merge_spans, storage_key
+
+    w = torch.randn(4, 3, dtype=D)
+    other = torch.randn(4, 3, dtype=D)
+    rows = w[2:]  # first element in the middle of w's storage
+    st = w.untyped_storage()
+    spans = merge_spans([(st.data_ptr(), st.data_ptr() + st.nbytes())])
+    sub = w.clone()
+    with pytest.raises(ValueError, match="alias"):
+        with AliasGuard({storage_key(w): "fc.weight"}, [sub], spans):
+            torch.tanh(rows)
+    with AliasGuard({storage_key(w): "fc.weight"}, [sub], spans):
+        torch.tanh(other) + sub  # neither is an alias
+    assert merge_spans([(5, 9), (0, 3), (2, 4), (12, 13)]) == [(0, 4), (5, 9), (12, 13)]

@@ -17,7 +17,8 @@ Metadata reads (``.dtype``, ``.shape``, ``.device``, ``size()``, ...) are not us
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+import bisect
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -243,18 +244,56 @@ class AliasGuard(_Watch):
     raises ValueError on a use of an original parameter's storage by a tensor that is not one of
     the substitutes (``allowed``, ids) and was not made in this forward."""
 
-    def __init__(self, storages: Dict[tuple, str], allowed: Iterable[torch.Tensor]):
+    def __init__(self, storages: Dict[tuple, str], allowed: Iterable[torch.Tensor],
+                 spans: Optional[List[Tuple[int, int]]] = None):
         super().__init__(storages)
         self.allowed = {id(t) for t in allowed}
         self._allowed_refs = list(allowed)
+        # (start, end) of the parameters' storages, sorted: a tensor whose first element lies in
+        # none of them cannot share one (its storage_key, which costs a storage object, is skipped)
+        self._starts, self._ends = ([a for a, _ in spans], [b for _, b in spans]) if spans else (None, None)
+
+    def _outside(self, t) -> bool:
+        """True when ``t`` cannot share a parameter's storage: a tensor of a torch.func transform
+        (no storage of its own: :func:`storage_key` is None for it too; an alias made before the
+        call is a plain tensor), or one whose first element lies outside every parameter storage."""
+        if _functorch_wrapped(t):
+            return True
+        if self._starts is None:
+            return False
+        try:
+            ptr = t.data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        return i < 0 or ptr >= self._ends[i]
 
     def _arg(self, t):
         i = id(t)
-        if i in self.allowed or i in self.made or not self.storages:
+        if i in self.allowed or i in self.made or not self.storages or self._outside(t):
             return
         key = storage_key(t)
         if key in self.storages:
             raise ValueError(alias_message(self.storages[key]))
+
+    def _made(self, out) -> None:
+        if self.storages:
+            for o in _tensors(out, 1):
+                if id(o) not in self.made and not self._outside(o) and storage_key(o) in self.storages:
+                    self.made.add(id(o))
+                    self._keep.append(o)
+
+
+def merge_spans(spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """(start, end) address ranges of parameter storages, sorted and merged: :class:`AliasGuard`'s
+    pre-filter (any device: two devices' overlapping addresses only cost a full check)."""
+    merged: List[Tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 # binary elementwise ops: out[i] depends on the expanded shared output z only through z[i] when
