@@ -244,8 +244,8 @@ def markdown(res: dict) -> str:
              "| model | parameters | standard step | lazyfast linearized step | lazyfast / standard | "
              "products lazyfast / standard (floor) | torch.func jvp + vjp | torch.func / lazyfast | "
              "products torch.func / lazyfast | previous path (`ntk`) / standard | peak memory "
-             "lazyfast / standard |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "lazyfast / standard | peak memory torch.func / standard |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def rr(r):
         return f"{r['median']:.2f}× [{r['min']:.2f}–{r['max']:.2f}]"
@@ -260,7 +260,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.2f} M | {sec['standard'] * 1e3:.1f} ms | "
                      f"{sec['lazyfast'] * 1e3:.1f} ms | {rr(rat['lazyfast/standard'])} | {floor} | "
                      f"{sec['torch_func'] * 1e3:.1f} ms | {rr(rat['torch_func/lazyfast'])} | {tf_fl} | {ntk} | "
-                     + (f"{mem['lazyfast']:.2f}× |" if mem else "– |"))
+                     + (f"{mem['lazyfast']:.2f}× |" if mem else "– |")
+                     + (f" {mem['torch_func']:.2f}× |" if "torch_func" in mem else " – |"))
     lines += ["", "| target (issue 20) | goal | models meeting it (median) | models whose product floor allows it |",
               "|---|---|---|---|"]
     for label, key, op, goal in TARGETS:
