@@ -287,71 +287,21 @@ def _tangent_free_input(func, args, kwargs):
     return func(x, wp, bp, *args, **kwargs), func(x, wt, bt, *args, **kwargs)
 
 
-_CONV_INPUT_GRAD = {F.conv1d: torch.nn.grad.conv1d_input, F.conv2d: torch.nn.grad.conv2d_input,
-                    F.conv3d: torch.nn.grad.conv3d_input}
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
-
-
-class _InputGradConv(torch.autograd.Function):
-    """conv(t, W0), whose backward is the gradient with respect to t alone: it saves W0, not t
-    (torch's convolution saves its input for a weight gradient, which the frozen W0 never needs, so
-    the tangent pass would hold every convolution's tangent input until the backward)."""
-
-    @staticmethod
-    def forward(t, w, func, stride, padding, dilation, groups):
-        return func(t, w, None, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # (the form torch.func transforms require)
-        t, w, func, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(w)
-        ctx.conf = (func, t.shape, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, g):
-        (w,) = ctx.saved_tensors
-        func, shape, stride, padding, dilation, groups = ctx.conf
-        return _CONV_INPUT_GRAD[func](shape, w, g, stride, padding, dilation, groups), None, None, None, None, None, None
-
-
-def _conv_tangent(func, args, kwargs):
-    """``F.conv*d`` on a dual input (value a, tangent t) with a dual weight (W0, ΔW): (value, tangent)
-    = (conv(a, W0, b0), conv(t, W0) + conv(a, ΔW, Δb)), the first term by :class:`_InputGradConv`;
-    None where this does not apply (a frozen weight, a padding given as a string)."""
-    vals = list(args) + [kwargs.get(n, d) for n, d in zip(_CONV_ARGS[len(args):], _CONV_DEFAULTS[len(args):])]
-    if len(vals) != len(_CONV_ARGS) or set(kwargs) - set(_CONV_ARGS):
-        return None
-    x, w, b, stride, padding, dilation, groups = vals
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or isinstance(padding, str):
-        return None
-    (xp, xt), (wp, wt) = fwad.unpack_dual(x), fwad.unpack_dual(w)
-    if xt is None or wt is None or torch._is_zerotensor(xt):
-        return None
-    bp, bt = fwad.unpack_dual(b) if isinstance(b, torch.Tensor) else (None, None)
-    primal = func(xp, wp, bp, stride, padding, dilation, groups)
-    tangent = _InputGradConv.apply(xt, wp, func, stride, padding, dilation, groups)
-    return primal, tangent + func(xp, wt, bt, stride, padding, dilation, groups)
-
-
 class _DualGuard(AliasGuard):
     """The dual pass's one torch-function mode: parameter aliases are refused (:class:`AliasGuard`);
     the two activations whose forward-mode formula has no derivative of its own
     (aten::hardsigmoid_backward, aten::glu_jvp: the backward of the tangent would fail; found by
     trying every common layer op) run through ops whose every derivative exists, with the same value: ``F.hardsigmoid`` as hardsigmoid(x̄) + (x − x̄)·s, x̄ = x
     detached and s = aten::hardsigmoid_backward(1, x̄) (torch's own slope, so the tangent t·s is
-    autograd's); ``F.glu`` as glu(x̄) + (a·sigmoid(b) at x − the same at x̄); a linear or
+    autograd's); ``F.glu`` as glu(x̄) + (a·sigmoid(b) at x − the same at x̄); and a linear or
     convolutional layer on an input without a tangent computes ΔW·x alone as its tangent
-    (:func:`_tangent_free_input`), and a convolution's W0·t keeps W0 for its backward, not t
-    (:func:`_conv_tangent`)."""
+    (:func:`_tangent_free_input`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.hardsigmoid or func is F.glu:
             return _composite(func, args, kwargs or {})
         if func in _LAYER_OPS:
             split = _tangent_free_input(func, args, kwargs or {})
-            if split is None and func in _CONV_INPUT_GRAD:
-                split = _conv_tangent(func, args, kwargs or {})
             if split is not None:
                 for t in list(_tensors(args)) + list(_tensors(kwargs or {})):
                     self._arg(t)

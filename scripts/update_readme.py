@@ -10,8 +10,8 @@ table's first line names the file, the command, and the stamp: date, commit, loa
     mlp                benchmarks/results/mlp_cpu.json           pytest benchmarks/bench_mlp.py --benchmark-json …
     engine             benchmarks/results/engine_cpu.json        python benchmarks/engine_cpu.py
     models             benchmarks/results/models_cpu.json        python benchmarks/bench_models.py …
-                       (+ models_cpu_update.json, models_cpu_full_mode.json: other runs of some rows, --out …;
-                       a row in several runs is taken from the latest)
+                       (+ models_cpu_update.json, models_cpu_full_mode.json, models_cpu_rounds*.json: other
+                       runs of some rows, --out …; a row in several runs is taken from the latest)
     nt                 benchmarks/results/nt_compare_cpu.json    python benchmarks/bench_nt.py …
     linearized-models  benchmarks/results/linearized_models_cpu.json   python benchmarks/bench_linearized_models.py
     users-models       benchmarks/results/users_models_cpu.json        python benchmarks/bench_users_models.py
@@ -210,7 +210,8 @@ def _models_stamp(file: str, m: dict) -> str:
 # each row comes from and lists only the runs it takes rows from. A file is either of the earlier
 # protocol (best of N, a fresh process per method) or of interleaved rounds (bench_models.is_rounds:
 # times are medians over rounds, ratios the median of the per-round ratios [min–max]); both render.
-MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mode.json", "models_cpu_rounds.json")
+MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mode.json", "models_cpu_rounds.json",
+                "models_cpu_rounds_resnet.json", "models_cpu_rounds_vgg.json")
 
 
 def _bench_models():

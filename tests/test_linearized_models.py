@@ -91,8 +91,8 @@ class FirstLayers(nn.Module):
 
 class ConvTangents(nn.Module):
     """Convolutions on inputs that carry a tangent (every one after the first): stride, dilation,
-    groups, 1-d and 3-d, keyword arguments and a 'same' padding (a string: torch's own formula); the
-    dual pass's conv(t, W0) saves W0 only (lazy._InputGradConv)."""
+    groups, 1-d and 3-d, keyword arguments and a 'same' padding, beside the first layer's split
+    (lazy._tangent_free_input)."""
 
     def __init__(self):
         super().__init__()
@@ -502,7 +502,7 @@ def _cnn():
 def test_dual_pass_layers_with_a_frozen_weight_or_bias(build, frozen):
     """A layer's tangent when one of W, b is frozen (no tangent): a frozen weight leaves the layer to
     torch's own formula, a frozen bias adds nothing to the tangent; on the first layer (an input
-    without a tangent) and on a later convolution (W0·t by lazy._InputGradConv)."""
+    without a tangent: lazy._tangent_free_input) and on a later convolution."""
     torch.manual_seed(0)
     model = build().double()
     dict(model.named_parameters())[frozen].requires_grad_(False)
