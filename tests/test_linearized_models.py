@@ -191,8 +191,9 @@ def test_linearized_float32_default_attention(cls):
     assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
 
 
-def oracle(model0, w, x):
-    """Independent of forward mode: J(w0, x) by reverse mode (jacrev, one row per output), then
+def oracle(model0, w, x, functional=False):
+    """Independent of forward mode: J(w0, x) by reverse mode (jacrev, one row per output; with
+    ``functional``, torch.autograd.functional.jacobian, for models torch.func cannot run), then
     f(w0) + J·Δw and the gradient Jᵀ·2(f(w0) + J·Δw) of the sum of squares."""
     from torch.func import jacrev
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -200,7 +201,12 @@ def oracle(model0, w, x):
     w0 = {n: p.detach() for n, p in model0.named_parameters()}
     names = list(w0)
     with sdpa_kernel([SDPBackend.MATH]), lazyfast._engine.structured.no_fastpath():
-        J = jacrev(lambda p: functional_call(model0, p, (x,)))(w0)
+        if functional:
+            Js = torch.autograd.functional.jacobian(lambda *ps: functional_call(model0, dict(zip(names, ps)), (x,)),
+                                                    tuple(w0[n] for n in names))
+            J = dict(zip(names, Js))
+        else:
+            J = jacrev(lambda p: functional_call(model0, p, (x,)))(w0)
         f0 = functional_call(model0, w0, (x,))
     Jm = torch.cat([J[n].reshape(f0.numel(), -1) for n in names], 1)
     dw = torch.cat([(w[n] - w0[n]).detach().reshape(-1) for n in names])
@@ -328,22 +334,11 @@ def test_an_autograd_function_torch_func_cannot_transform_takes_the_forward_ad_d
         out = lin(x)
         assert dual == [step + 1] and lin._dual_ok and not lin._functorch_ok
         w = dict(lin.model.named_parameters())
-        # the oracle by autograd.functional.jacobian (reverse mode; torch.func cannot run the model)
-        w0 = {n: p.detach() for n, p in model0.named_parameters()}
-        names = list(w0)
-
-        def f(*ps):
-            return functional_call(model0, dict(zip(names, ps)), (x,))
-
-        J = torch.autograd.functional.jacobian(f, tuple(w0[n] for n in names))
-        f0 = f(*(w0[n] for n in names))
-        Jm = torch.cat([J[i].reshape(f0.numel(), -1) for i in range(len(names))], 1)
-        ref = f0 + (Jm @ torch.cat([(w[n] - w0[n]).detach().reshape(-1) for n in names])).reshape(f0.shape)
+        ref, g_ref = oracle(model0, w, x, functional=True)  # torch.func cannot run the model
         assert (out - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max())
-        g = torch.autograd.grad((out ** 2).sum(), [w[n] for n in names])
-        g_ref = torch.split(Jm.T @ (2 * ref).reshape(-1), [w0[n].numel() for n in names])
-        for n, a, b in zip(names, g, g_ref):
-            assert (a.reshape(-1) - b).abs().max() <= 1e-9 * max(1.0, b.abs().max()), n
+        g = torch.autograd.grad((out ** 2).sum(), list(w.values()))
+        for n, a in zip(w, g):
+            assert (a - g_ref[n]).abs().max() <= 1e-9 * max(1.0, g_ref[n].abs().max()), n
 
 
 def test_op_without_forward_mode_falls_back_exactly():
