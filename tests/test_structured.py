@@ -127,6 +127,82 @@ def test_conv1d_conv3d_and_linear_on_sequences():
     _check(Vol().double(), _x(3, 2, 3, 5, 3), _x(2, 2, 3, 5, 3, seed=1))
 
 
+class SharedConv(nn.Module):
+    """One Conv2d applied twice per forward (weight sharing: the per-example gradients of its two
+    calls are summed), a lazyfast-style weight multiplier left out: plain convs with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.c2 = nn.Conv2d(3, 2, 3, stride=2, dilation=2, padding=2, bias=False)
+        self.fc = nn.Linear(2 * 4 * 4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.c(torch.tanh(self.c(x))))
+        return self.fc(torch.relu(self.c2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("path", ["grouped", "patches"])
+def test_conv_per_example_gradients_by_grouped_backward_and_by_patches(monkeypatch, path):
+    """Both ways to a conv layer's per-example weight gradients (torch's conv weight-gradient kernel
+    with the samples as groups, or patches and a batched product) agree with the oracle on every conv
+    variant (stride, dilation, groups, depthwise, padding modes, 1-D / 3-D, shared calls), and the
+    chosen way is the one that ran."""
+    from lazyfast._engine.structured import factors
+    from lazyfast._engine.structured.rules import conv
+    if path == "grouped":
+        monkeypatch.setattr(conv, "GROUPED_MAX_OUTPUTS", 10 ** 9)
+        monkeypatch.setattr(conv, "GROUPED_MIN_POSITIONS", 1)
+    else:
+        monkeypatch.setattr(conv, "GROUPED_MAX_OUTPUTS", 0)
+    calls = []
+    real = factors._conv_jac
+    monkeypatch.setattr(factors, "_conv_jac", lambda L, cap: calls.append(L) or real(L, cap))
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2, padding_mode="replicate", groups=2)
+            self.out = nn.Linear(4 * 4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.c(x)).flatten(1))
+
+    class Vol(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(x)).mean((2, 3, 4)))
+
+    cases = [(_cnn(), (3, 8, 8)), (SharedConv().double(), (3, 8, 8)), (Seq().double(), (2, 7)),
+             (Vol().double(), (2, 3, 5, 3))]
+    for m, shape in cases:
+        x1, x2 = _x(4, *shape), _x(3, *shape, seed=1)
+        for mode in ("trace", "full"):
+            for b in (x2, None):
+                calls.clear()
+                want = reference.ntk_oracle(m, x1, b, mode=mode)
+                got = structured.structured_ntk(m, x1, b, mode=mode, contraction="gradients")
+                assert_close_rel(got, want, rtol=1e-10, what=f"{type(m).__name__} {path} {mode}")
+                convs = [L for L in calls if isinstance(L.module, nn.modules.conv._ConvNd)]
+                assert bool(convs) == (path == "grouped"), (type(m).__name__, path)
+
+
+def test_conv_grouped_path_is_taken_for_few_outputs_at_many_positions():
+    """The default thresholds: k·C_out/g ≤ 64 at ≥ 64 output positions."""
+    from lazyfast._engine.structured.rules.conv import grouped_pays
+    c = nn.Conv2d(8, 16, 3, padding=1)
+    assert grouped_pays(c, torch.zeros(1, 2, 16, 8, 8))          # k·o = 16, 64 positions
+    assert grouped_pays(c, torch.zeros(4, 2, 16, 8, 8))          # k·o = 64
+    assert not grouped_pays(c, torch.zeros(5, 2, 16, 8, 8))      # k·o = 80
+    assert not grouped_pays(c, torch.zeros(1, 2, 16, 7, 9))      # 63 positions
+    dw = nn.Conv2d(16, 16, 3, groups=16)
+    assert grouped_pays(dw, torch.zeros(10, 2, 16, 8, 8))        # depthwise: k·o = 10
+
+
 def test_mlp_sequential_with_and_without_bias():
     for bias in (True, False):
         m = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh(), nn.Linear(7, 6, bias=bias), nn.GELU(),

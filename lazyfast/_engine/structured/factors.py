@@ -12,7 +12,7 @@ import torch
 
 from lazyfast._engine.structured.capture import _capture
 from lazyfast._engine.structured.plan import Plan, _Layer
-from lazyfast._engine.structured.rules.conv import _conv_patches
+from lazyfast._engine.structured.rules.conv import _conv_jac, _conv_patches, grouped_pays
 from lazyfast._engine.structured.rules.custom import _custom_jac
 from lazyfast._engine.structured.rules.embedding import _embedding_factors
 from lazyfast._engine.structured.rules.linear import _lin_jac
@@ -85,6 +85,9 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
             f.hh.append(u.contiguous())
             f.hg.append(L.gamma)
             f.hb.append(1.0 if L.b_on else 0.0)
+        elif L.kind == "conv" and L.w_on and L.contraction == "gradients" and all(
+                grouped_pays(L.module, d) for _, d in cap):
+            f.jac.extend(_conv_jac(L, cap))
         else:
             u, d = _uniform(L, cap)
             if L.contraction == "gradients" or not L.w_on:
