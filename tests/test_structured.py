@@ -203,6 +203,47 @@ def test_conv_grouped_path_is_taken_for_few_outputs_at_many_positions():
     assert grouped_pays(dw, torch.zeros(10, 2, 16, 8, 8))        # depthwise: k·o = 10
 
 
+@pytest.mark.parametrize("slice_numbers", [1, 7, 1 << 22])
+def test_sliced_gradient_blocks_of_one_chunk_agree_with_the_oracle(monkeypatch, slice_numbers):
+    """One chunk (x2 None): a linear layer's weight term is formed and contracted in slices over its
+    input features (one slice of one feature, uneven slices, one whole slice), with a weight
+    multiplier (lazyfast's _Dense on sequences), weight sharing, a bias-free layer and a kernel
+    accumulated in float64 from a float32 model."""
+    from lazyfast._engine.structured import contract as ct
+    from lazyfast._engine.structured import schedule
+    from lazyfast.models import _Dense
+    monkeypatch.setattr(ct, "GRADIENT_SLICE_NUMBERS", slice_numbers)
+    sliced = []
+    real = ct._add_sliced
+    monkeypatch.setattr(ct, "_add_sliced", lambda acc, L, u, d, mode: sliced.append(L) or real(acc, L, u, d, mode))
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _Dense(5, 6, True, "ntk", dtype=D)
+            self.b = nn.Linear(6, 6, bias=False).double()
+            self.out = nn.Linear(6, 3).double()
+
+        def forward(self, x):  # (n, L, 5)
+            h = torch.tanh(self.a(x))
+            h = torch.tanh(self.b(torch.tanh(self.b(h))))
+            return self.out(h.mean(1))
+
+    assert schedule.GRADIENT_SLICE_NUMBERS == 1 << 22
+    m = Tok()
+    x = _x(4, 3, 5)
+    for mode in ("trace", "full"):
+        sliced.clear()
+        got = structured.structured_ntk(m, x, mode=mode, contraction="gradients")
+        assert_close_rel(got, reference.ntk_oracle(m, x, mode=mode), rtol=1e-10, what=f"{mode} {slice_numbers}")
+        assert len(sliced) == 2  # a, b (two calls, one layer); out (2-D input) is a hadamard_gram_sum layer
+    m32 = Tok().float()
+    m32.load_state_dict(m.state_dict())
+    got = structured.structured_ntk(m32, x.float(), mode="full", contraction="gradients", out_dtype=torch.float64)
+    assert got.dtype == torch.float64
+    assert_close_rel(got, reference.ntk_oracle(m, x, mode="full"), rtol=1e-5, what="float32 -> float64")
+
+
 def test_mlp_sequential_with_and_without_bias():
     for bias in (True, False):
         m = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh(), nn.Linear(7, 6, bias=bias), nn.GELU(),

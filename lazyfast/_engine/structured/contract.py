@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from lazyfast._engine.structured.factors import _Factors
-from lazyfast._engine.structured.schedule import MATCHES_CHUNK_NUMBERS, _embedding_costs
+from lazyfast._engine.structured.schedule import GRADIENT_SLICE_NUMBERS, MATCHES_CHUNK_NUMBERS, _embedding_costs
 from lazyfast._ops.hadamard_gram import hadamard_gram_sum
 
 
@@ -17,6 +17,27 @@ def _add_jac(acc, j1, j2, k, mode):
     else:
         a, b = j1.reshape(j1.shape[0] // k, -1), j2.reshape(j2.shape[0] // k, -1)
         acc.addmm_(a, b.T) if acc.dtype == a.dtype else acc.add_((a @ b.T).to(acc.dtype))
+
+
+def _add_sliced(acc, L, u, d, mode):
+    """A linear layer's weight term of a chunk's diagonal block, Σ_a J_a J_aᵀ (trace) or J Jᵀ (full),
+    with its per-example gradients J(x_i)_a = Σ_p δ_{a,p} u_pᵀ formed GRADIENT_SLICE_NUMBERS at a
+    time over the input features (one reused buffer) and contracted slice by slice: the same
+    products as the whole block, without writing and re-reading n·k·P_weight numbers."""
+    k, n, P, o = d.shape
+    q = u.shape[-1]
+    dt = d.permute(1, 0, 3, 2).reshape(n, k * o, P)  # (n, k·o, P): one copy of δ
+    qc = max(1, min(q, GRADIENT_SLICE_NUMBERS // max(1, n * k * o)))
+    buf = torch.empty(n, k * o, qc, dtype=d.dtype, device=d.device)
+    rows = n * k if mode == "full" else n
+    part = acc if acc.dtype == d.dtype else torch.zeros(rows, rows, dtype=d.dtype, device=d.device)
+    for s in range(0, q, qc):
+        e = min(q, s + qc)
+        b = torch.bmm(dt, u[:, :, s:e], out=buf if e - s == qc else None)
+        a = b.reshape(rows, -1)
+        part.addmm_(a, a.T, alpha=L.gamma)
+    if part is not acc:
+        acc.add_(part.to(acc.dtype))
 
 
 def _add_pairs(acc, L, u1, d1, u2, d2, mode, budget):
@@ -204,6 +225,10 @@ def _contract(acc, f1: _Factors, f2: Optional[_Factors], k, mode, budget, emb_co
             acc.add_(t.permute(0, 2, 1, 3).reshape(acc.shape).to(acc.dtype))
         else:
             acc.add_((t * k).to(acc.dtype))
+    if f1.sliced:
+        assert same, "sliced gradient blocks are only formed for a chunk's diagonal block"
+        for L, u, d in f1.sliced:
+            _add_sliced(acc, L, u, d, mode)
     for (L, u1, d1), (_, u2, d2) in zip(f1.pairs, f2.pairs):
         _add_pairs(acc, L, u1, d1, u2, d2, mode, budget)
     for (L, i1, d1), (_, i2, d2) in zip(f1.emb, f2.emb):

@@ -15,7 +15,7 @@ from lazyfast._engine.structured.plan import Plan, _Layer
 from lazyfast._engine.structured.rules.conv import _conv_jac, _conv_patches, grouped_pays
 from lazyfast._engine.structured.rules.custom import _custom_jac
 from lazyfast._engine.structured.rules.embedding import _embedding_factors
-from lazyfast._engine.structured.rules.linear import _lin_jac
+from lazyfast._engine.structured.rules.linear import _bias_jac, _lin_jac
 from lazyfast._engine.structured.rules.norm import _norm_jac
 from lazyfast._engine.structured.rules.scale import _scale_shift_jac
 
@@ -31,6 +31,7 @@ class _Factors:
     hb: List[float] = field(default_factory=list)
     pairs: List[tuple] = field(default_factory=list)            # (layer, u (n,g,P,q), δ (k,n,g,P,o))
     emb: List[tuple] = field(default_factory=list)              # (layer, idx (n,P), δ (k,n,P,dim))
+    sliced: List[tuple] = field(default_factory=list)           # (layer, u (n,P,q), δ (k,n,P,o)): weight blocks
 
 
 def _is_hadamard(L: _Layer) -> bool:
@@ -64,7 +65,7 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
     caps = _capture(model, plan, x, batched)
     f = _Factors(x.shape[0])
     for L in plan.layers:
-        if sink is not None and (f.jac or f.pairs or f.emb):
+        if sink is not None and (f.jac or f.pairs or f.emb or f.sliced):
             hd, hh, hg, hb = f.hd, f.hh, f.hg, f.hb
             f.hd, f.hh, f.hg, f.hb = [], [], [], []
             sink(f)
@@ -90,13 +91,19 @@ def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Op
             f.jac.extend(_conv_jac(L, cap))
         else:
             u, d = _uniform(L, cap)
-            if L.contraction == "gradients" or not L.w_on:
+            if sink is not None and L.kind == "linear" and L.contraction == "gradients" and L.w_on:
+                # one chunk, contracted with itself as soon as formed: the weight's per-example
+                # gradients are formed and contracted in slices, never whole
+                f.sliced.append((L, u[:, 0], d[:, :, 0]))
+                if L.b_on:
+                    f.jac.append(_bias_jac(d))
+            elif L.contraction == "gradients" or not L.w_on:
                 f.jac.extend(_lin_jac(L, u, d))
             else:
                 f.pairs.append((L, u, d))
         del cap
     if sink is not None:
-        if f.jac or f.pairs or f.emb or f.hd:
+        if f.jac or f.pairs or f.emb or f.hd or f.sliced:
             sink(f)
         return None
     return f

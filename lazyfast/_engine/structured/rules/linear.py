@@ -38,5 +38,11 @@ def _lin_jac(L, u, d):
         j = torch.einsum("aigpo,igpq->iagoq", d, u).reshape(n * k, -1)
         parts.append(j * math.sqrt(L.gamma) if L.gamma != 1.0 else j)
     if L.b_on:
-        parts.append(d.sum(3).transpose(0, 1).reshape(n * k, g * o))
+        parts.append(_bias_jac(d))
     return parts  # separate blocks: concatenating them would copy as much as a contraction reads
+
+
+def _bias_jac(d):
+    """A linear/conv layer's per-example bias gradients (n·k, g·o) from δ (k, n, g, P, o)."""
+    k, n, g, P, o = d.shape
+    return d.sum(3).transpose(0, 1).reshape(n * k, g * o)
