@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 # Where the grouped convolution backward forms a layer's per-example weight gradients instead of
-# patches and a batched product (both exact; measured on a 2-core CPU, float32 and float64: 2-3x
-# faster for k·C_out/g ≤ 64 at ≥ 64 output positions, slower with many output channels per block
-# or few positions).
+# patches and a batched product (both exact): where it was the faster in measurements on a 2-core
+# CPU (float32 and float64); the patches were faster with many output channels per block or few
+# positions.
 GROUPED_MAX_OUTPUTS = 64  # k·C_out/g of one chunk's cotangents, at most
 GROUPED_MIN_POSITIONS = 64  # output positions per sample, at least
 
