@@ -132,6 +132,19 @@ class ViewAlias(nn.Module):
         return self.out(torch.tanh(x @ self.wT + self.fc(x)))
 
 
+class MidViewAlias(nn.Module):
+    """5c: a view into the middle of a parameter's storage (rows 1: of a weight) made in __init__:
+    its first element is inside the storage, not at its start (the watchers' address pre-filter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 4, dtype=D), nn.Linear(3, 2, dtype=D)
+        self.rows = self.fc.weight[1:]
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.rows.T + self.fc(x)[:, 1:]))
+
+
 class BatchLast(nn.Module):
     """6: an output whose batch axis is not first, (k, n)."""
 
@@ -249,7 +262,7 @@ def test_revised_plan_is_cached_and_reported():
         GLOBAL_FLAG["on"] = False
 
 
-@pytest.mark.parametrize("cls", (ListAlias, ViewAlias))
+@pytest.mark.parametrize("cls", (ListAlias, ViewAlias, MidViewAlias))
 @pytest.mark.parametrize("impl", IMPLS + ("ntk_vp",))
 def test_alias_is_refused(cls, impl):
     torch.manual_seed(0)

@@ -76,15 +76,49 @@ def parameter_storages(model: nn.Module) -> Dict[tuple, str]:
     return out
 
 
+def parameter_spans(model: nn.Module) -> Optional[List[Tuple[int, int]]]:
+    """The merged (start, end) byte addresses of the trainable parameters' storages (:func:`merge_spans`),
+    or None where one has no plain storage (then every tensor gets the full check)."""
+    spans = []
+    for p in model.parameters():
+        if p.requires_grad and p.numel():
+            try:
+                if p.layout != torch.strided or p.is_meta or _functorch_wrapped(p):
+                    return None
+                st = p.untyped_storage()
+                spans.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
+            except (RuntimeError, NotImplementedError, TypeError):
+                return None
+    return merge_spans(spans) if spans else None
+
+
 class _Watch(TorchFunctionMode):
     """Base: calls ``self._arg(t)`` for every tensor argument of every torch function (metadata
     reads excepted) and records the outputs that are views of a parameter's storage made here."""
 
-    def __init__(self, storages: Dict[tuple, str]):
+    def __init__(self, storages: Dict[tuple, str], spans: Optional[List[Tuple[int, int]]] = None):
         super().__init__()
         self.storages = storages
         self.made: set = set()
         self._keep: list = []  # the views made here stay alive, so their ids stay theirs
+        # (start, end) of the parameters' storages, sorted and merged: a tensor whose first element
+        # lies in none of them cannot share one (its storage_key, which costs a storage object, is skipped)
+        self._starts, self._ends = ([a for a, _ in spans], [b for _, b in spans]) if spans else (None, None)
+
+    def _outside(self, t) -> bool:
+        """True when ``t`` cannot share a parameter's storage: a tensor of a torch.func transform
+        (no storage of its own: :func:`storage_key` is None for it too; an alias made before the
+        call is a plain tensor), or one whose first element lies outside every parameter storage."""
+        if _functorch_wrapped(t):
+            return True
+        if self._starts is None:
+            return False
+        try:
+            ptr = t.data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        return i < 0 or ptr >= self._ends[i]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -100,7 +134,7 @@ class _Watch(TorchFunctionMode):
     def _made(self, out) -> None:
         if self.storages:
             for o in _tensors(out, 1):
-                if id(o) not in self.made and storage_key(o) in self.storages:
+                if id(o) not in self.made and not self._outside(o) and storage_key(o) in self.storages:
                     self.made.add(id(o))
                     self._keep.append(o)
 
@@ -124,7 +158,7 @@ class ParamUses(_Watch):
     def __init__(self, model: nn.Module, owner: Dict[int, nn.Module], stack: list, site_params=(), sites=None,
                  record_site=None, match=None):
         trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        super().__init__(parameter_storages(model))
+        super().__init__(parameter_storages(model), parameter_spans(model))
         self.owner, self.stack, self.names = owner, stack, trainable
         self.foreign: set = set()
         self.aliased: set = set()
@@ -232,7 +266,7 @@ class ParamUses(_Watch):
         if i in self.site_params and self.planned is None:
             self.site_foreign.add(i)
             return
-        if i in self.names or i in self.made or not self.storages:
+        if i in self.names or i in self.made or not self.storages or self._outside(t):
             return
         key = storage_key(t)
         if key in self.storages:
@@ -246,27 +280,9 @@ class AliasGuard(_Watch):
 
     def __init__(self, storages: Dict[tuple, str], allowed: Iterable[torch.Tensor],
                  spans: Optional[List[Tuple[int, int]]] = None):
-        super().__init__(storages)
+        super().__init__(storages, spans)
         self.allowed = {id(t) for t in allowed}
         self._allowed_refs = list(allowed)
-        # (start, end) of the parameters' storages, sorted: a tensor whose first element lies in
-        # none of them cannot share one (its storage_key, which costs a storage object, is skipped)
-        self._starts, self._ends = ([a for a, _ in spans], [b for _, b in spans]) if spans else (None, None)
-
-    def _outside(self, t) -> bool:
-        """True when ``t`` cannot share a parameter's storage: a tensor of a torch.func transform
-        (no storage of its own: :func:`storage_key` is None for it too; an alias made before the
-        call is a plain tensor), or one whose first element lies outside every parameter storage."""
-        if _functorch_wrapped(t):
-            return True
-        if self._starts is None:
-            return False
-        try:
-            ptr = t.data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):
-            return False
-        i = bisect.bisect_right(self._starts, ptr) - 1
-        return i < 0 or ptr >= self._ends[i]
 
     def _arg(self, t):
         i = id(t)
@@ -276,12 +292,6 @@ class AliasGuard(_Watch):
         if key in self.storages:
             raise ValueError(alias_message(self.storages[key]))
 
-    def _made(self, out) -> None:
-        if self.storages:
-            for o in _tensors(out, 1):
-                if id(o) not in self.made and not self._outside(o) and storage_key(o) in self.storages:
-                    self.made.add(id(o))
-                    self._keep.append(o)
 
 
 def merge_spans(spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
