@@ -657,6 +657,37 @@ def test_schedule_prefers_fewer_recaptures_within_the_budget():
     assert panel * held2 + c * (held2 + trans2) <= 20 * held + 4 * (held + trans)
 
 
+def test_schedule_is_kept_per_call_size_and_reapplied_to_later_copies(monkeypatch):
+    """The scheduler's search runs once per (plan, call size, budget, mode); a later call's copy of
+    the same plan gets the same chunk, panel and orders; another size, or a revised plan, searches again."""
+    from lazyfast._engine.structured import schedule
+    from lazyfast._engine.structured.plan import PlanMismatch, revise_plan
+    searches = []
+    real = schedule._choose_schedule
+    monkeypatch.setattr(schedule, "_choose_schedule", lambda *a: searches.append(a[1:]) or real(*a))
+    m = _cnn()
+    x = _x(6, 3, 8, 8)
+    p1 = structured.make_plan(m, x)
+    first = schedule._schedule(p1, 6, 6, True, 10**9, 6, "full", "pairs")
+    orders = [L.contraction for L in p1.layers]
+    p2 = structured.make_plan(m, x)
+    for L in p2.layers:
+        L.contraction = None
+    assert schedule._schedule(p2, 6, 6, True, 10**9, 6, "full", "pairs") == first
+    assert [L.contraction for L in p2.layers] == orders and len(searches) == 1
+    schedule._schedule(p2, 6, 6, True, 10**9, 6, "full", "gradients")
+    schedule._schedule(p2, 5, 6, False, 10**9, 6, "full", "pairs")
+    assert len(searches) == 3
+    revised = revise_plan(p2, PlanMismatch("test", drop={id(p2.layers[0].module)}))
+    assert revised.schedules == {}
+    schedule._schedule(revised, 6, 6, True, 10**9, 6, "full", "pairs")
+    assert len(searches) == 4
+    # and the kernel of a call that reuses a kept schedule is exact
+    for _ in range(2):
+        assert_close_rel(structured.structured_ntk(m, x, mode="full"), reference.ntk_oracle(m, x, mode="full"),
+                         rtol=1e-10)
+
+
 def test_plan_is_reused_until_the_model_changes():
     m = _cnn()
     x = _x(4, 3, 8, 8)

@@ -70,6 +70,9 @@ class Plan:
     shadows: list = field(default_factory=list)  # (MultiheadAttention, its _InProj) pairs
     revisions: list = field(default_factory=list)  # what real calls changed (PlanMismatch reasons)
     reasons: dict = field(default_factory=dict)  # remainder parameter name -> why no rule takes it
+    # the scheduler's choices for this plan (chunk, panel, orders) by call size, shared by the plan's
+    # copies: a cost-model result, never a check (schedule._schedule)
+    schedules: dict = field(default_factory=dict)
 
 
 class PlanMismatch(Exception):
@@ -470,4 +473,5 @@ def revise_plan(plan: Plan, mm: PlanMismatch) -> Plan:
             "its layer ran a different number of times or on other shapes than planned"))
     plan.layers, plan.remainder = layers, remainder
     plan.revisions = plan.revisions + [mm.reason]
+    plan.schedules = {}
     return plan

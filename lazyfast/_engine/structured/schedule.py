@@ -152,7 +152,26 @@ def _schedule(plan: Plan, n1: int, n2: int, same: bool, budget: int, c0: int, mo
     panel means fewer recaptures; a smaller c, or a layer in the position-pair order (whose
     factors are smaller than its per-sample gradients), leaves more of the budget to the panel.
 
-    Working memory: panel·held + c·(held + transients of one capture) ≤ budget."""
+    Working memory: panel·held + c·(held + transients of one capture) ≤ budget.
+
+    The result depends only on the plan's layers and these arguments, so it is kept in
+    ``plan.schedules`` and reapplied to a later call's copy of the same plan."""
+    key = (n1, n2, same, budget, c0, mode, contraction,
+           tuple((id(L.module), L.kind, L.w_on, L.b_on, L.calls) for L in plan.layers))
+    hit = plan.schedules.get(key)
+    if hit is not None:
+        c, panel, orders = hit
+        for L, m in zip(plan.layers, orders):
+            L.contraction = m
+        return c, panel
+    c, panel = _choose_schedule(plan, n1, n2, same, budget, c0, mode, contraction)
+    plan.schedules[key] = (c, panel, [L.contraction for L in plan.layers])
+    return c, panel
+
+
+def _choose_schedule(plan: Plan, n1: int, n2: int, same: bool, budget: int, c0: int, mode: str,
+                     contraction: str) -> Tuple[int, int]:
+    """:func:`_schedule`'s search, uncached."""
     capture = (1 + 2 * plan.k) * plan.forward_flops  # per sample: forward + k-wide backward
     pairs = n1 * (n1 + 1) / 2 if same else n1 * n2
 
