@@ -135,11 +135,12 @@ class SharedConv(nn.Module):
         super().__init__()
         self.c = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
         self.c2 = nn.Conv2d(3, 2, 3, stride=2, dilation=2, padding=2, bias=False)
-        self.fc = nn.Linear(2 * 4 * 4, 2)
+        self.pw = nn.Conv2d(2, 2, 1, stride=2, padding=1, padding_mode="circular")  # pointwise: patches are a view
+        self.fc = nn.Linear(2 * 3 * 3, 2)
 
     def forward(self, x):
         h = torch.tanh(self.c(torch.tanh(self.c(x))))
-        return self.fc(torch.relu(self.c2(h)).flatten(1))
+        return self.fc(self.pw(torch.relu(self.c2(h))).flatten(1))
 
 
 @pytest.mark.parametrize("path", ["grouped", "patches"])
@@ -183,12 +184,13 @@ def test_conv_per_example_gradients_by_grouped_backward_and_by_patches(monkeypat
         x1, x2 = _x(4, *shape), _x(3, *shape, seed=1)
         for mode in ("trace", "full"):
             for b in (x2, None):
-                calls.clear()
                 want = reference.ntk_oracle(m, x1, b, mode=mode)
-                got = structured.structured_ntk(m, x1, b, mode=mode, contraction="gradients")
-                assert_close_rel(got, want, rtol=1e-10, what=f"{type(m).__name__} {path} {mode}")
-                convs = [L for L in calls if isinstance(L.module, nn.modules.conv._ConvNd)]
-                assert bool(convs) == (path == "grouped"), (type(m).__name__, path)
+                for order in ("gradients", "pairs"):
+                    calls.clear()
+                    got = structured.structured_ntk(m, x1, b, mode=mode, contraction=order)
+                    assert_close_rel(got, want, rtol=1e-10, what=f"{type(m).__name__} {path} {mode} {order}")
+                    convs = [L for L in calls if isinstance(L.module, nn.modules.conv._ConvNd)]
+                    assert bool(convs) == (path == "grouped" and order == "gradients"), (type(m).__name__, path)
 
 
 def test_conv_grouped_path_is_taken_for_few_outputs_at_many_positions():

@@ -37,7 +37,11 @@ def _conv_patches(m, u):
     u = _padded(m, u)
     ks, st, dl = m.kernel_size, m.stride, m.dilation
     n, c = u.shape[:2]
-    if nd == 2:
+    if all(s == 1 for s in ks):  # a pointwise conv: each position's patch is its own channels
+        if any(s != 1 for s in st):
+            u = u[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in st)]
+        pt = u.reshape(n, c, -1)
+    elif nd == 2:
         pt = F.unfold(u, ks, dilation=dl, stride=st)  # (n, C·kh·kw, D)
     else:
         for d in range(nd):
