@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from lazyfast._engine.structured.factors import _Factors
-from lazyfast._engine.structured.schedule import GRADIENT_SLICE_NUMBERS, MATCHES_CHUNK_NUMBERS, _embedding_costs
+from lazyfast._engine.structured.schedule import (GRADIENT_SLICE_NUMBERS, MATCHES_CHUNK_NUMBERS, PAIR_SYMMETRIC_BLOCKS,
+                                                  _embedding_costs)
 from lazyfast._ops.hadamard_gram import hadamard_gram_sum
 
 
@@ -41,11 +42,19 @@ def _add_sliced(acc, L, u, d, mode):
 
 
 def _add_pairs(acc, L, u1, d1, u2, d2, mode, budget):
+    """Adds a linear/conv layer's block in the position-pair order. On a chunk's diagonal block
+    (u2 is u1, d2 is d1) the rows go in PAIR_SYMMETRIC_BLOCKS blocks of samples, each against the
+    samples from its own first one on, and the blocks above the diagonal are mirrored: about
+    (1 + 1/blocks)/2 of the products of the whole square."""
     k, n1, g, P, o = d1.shape
     n2 = d2.shape[1]
+    same = u2 is u1 and d2 is d1
     beta = 1.0 if L.b_on else 0.0
     per_row = (k * P * n2 * k * P if mode == "full" else P * n2 * P) * 2 + P * n2 * P
     c = max(1, min(n1, budget // max(per_row, 1)))
+    if same:
+        c = min(c, max(1, -(-n1 // PAIR_SYMMETRIC_BLOCKS)))
+    r = k if mode == "full" else 1  # kernel rows per sample
     for gi in range(g):
         if mode == "full":
             e2 = d2[:, :, gi].permute(1, 0, 2, 3).reshape(n2 * k * P, o)
@@ -54,21 +63,26 @@ def _add_pairs(acc, L, u1, d1, u2, d2, mode, budget):
         v2 = u2[:, gi].reshape(n2 * P, -1)
         for i0 in range(0, n1, c):
             i1 = min(i0 + c, n1)
-            m = (u1[i0:i1, gi].reshape((i1 - i0) * P, -1) @ v2.T).reshape(i1 - i0, P, n2, P)
+            j0 = i0 if same else 0  # first sample of the columns
+            nj = n2 - j0
+            m = (u1[i0:i1, gi].reshape((i1 - i0) * P, -1) @ v2[j0 * P:].T).reshape(i1 - i0, P, nj, P)
             if L.gamma != 1.0:
                 m.mul_(L.gamma)
             if beta:
                 m.add_(beta)
             if mode == "full":
                 e1 = d1[:, i0:i1, gi].permute(1, 0, 2, 3).reshape((i1 - i0) * k * P, o)
-                gg = (e1 @ e2.T).reshape(i1 - i0, k, P, n2, k, P)
-                blk = torch.einsum("iapjbq,ipjq->iajb", gg, m).reshape((i1 - i0) * k, n2 * k)
-                acc[i0 * k:i1 * k].add_(blk.to(acc.dtype))
+                gg = (e1 @ e2[j0 * k * P:].T).reshape(i1 - i0, k, P, nj, k, P)
+                blk = torch.einsum("iapjbq,ipjq->iajb", gg, m).reshape((i1 - i0) * k, nj * k)
             else:
                 e1 = d1[:, i0:i1, gi].permute(1, 2, 0, 3).reshape((i1 - i0) * P, k * o)
-                gg = (e1 @ e2.T).reshape(i1 - i0, P, n2, P)
-                acc[i0:i1].add_((gg * m).sum((1, 3)).to(acc.dtype))
-            del m, gg
+                gg = (e1 @ e2[j0 * P:].T).reshape(i1 - i0, P, nj, P)
+                blk = (gg * m).sum((1, 3))
+            blk = blk.to(acc.dtype)
+            acc[i0 * r:i1 * r, j0 * r:].add_(blk)
+            if same and i1 < n2:  # the samples after the block: their rows are this block's columns
+                acc[i1 * r:, i0 * r:i1 * r].add_(blk[:, (i1 - i0) * r:].T)
+            del m, gg, blk
 
 
 def _token_keys(idx, pad):

@@ -19,6 +19,7 @@ SMALLER_CHUNK_MARGIN = 0.9  # a smaller chunk must cost under this share of the 
 PLAN_ATTEMPTS = 5  # forwards of one call before a plan that still disagrees is an internal error
 MOVE_FLOPS = 32.0  # an embedding order's number written or gathered (zero fill, copy, scatter), in FLOPs
 MATCHES_CHUNK_NUMBERS = 1 << 19  # gathered numbers per step of the embedding's "matches" order (cache-sized)
+PAIR_SYMMETRIC_BLOCKS = 4  # row blocks of a diagonal block in the position-pair order (the blocks above it mirrored)
 GRADIENT_SLICE_NUMBERS = 1 << 22  # numbers of one slice of a linear layer's per-example gradients formed and contracted at once
 
 
