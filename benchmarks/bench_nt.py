@@ -124,6 +124,7 @@ def problems(quick: bool = False):
         # JC and NVP are tried at the first n (both take seconds where SD takes ~0.1 s); at n=1024 they are not run
         first_n = n == ns[0]
         out.append(dict(id=f"mlp{width}_n{n}", note=f"MLP 100→{width}³→1, n={n}", n=n, jax=jax_mlp(seq),
+                        floor=("mlp", [100, width, width, width, 1]),
                         torch={"lazyfast auto (nn.Sequential)": seq,
                                "lazyfast auto (lazyfast.MLP)": zoo.as_lazyfast_mlp(seq)},
                         x=zoo.inputs("mlp2048", n),
@@ -133,11 +134,13 @@ def problems(quick: bool = False):
         torch.manual_seed(0)
         tl = lazyfast.TwoLayer(100, tl_m, 1)
     out.append(dict(id="two_layer", note=f"TwoLayer d=100, m={tl_m}, n={tl_n}", n=tl_n, jax=jax_two_layer(tl),
+                    floor=("two_layer", [100, tl_m]),
                     torch={"lazyfast auto (TwoLayer)": tl}, x=zoo.inputs("mlp2048", tl_n),
                     nt_alternatives=tuple(ALT_NAMES)))
     for k in (1, 10):
         cnn = zoo.conv3(ch, k)
         out.append(dict(id=f"conv3_k{k}", note=f"3-conv CNN, {ch} channels, 32×32, {k} output(s), n={cnn_n}", n=cnn_n,
+                        floor=("conv3", [3, ch, 32 * 32, k]),
                         jax=jax_conv3(cnn), torch={"lazyfast auto (ConvNet3)": cnn},
                         x=zoo.inputs(f"conv3_k{k}", cnn_n), nt_alternatives=tuple(ALT_NAMES)))
     return out
@@ -147,6 +150,50 @@ def _git_commit():
     from lazyfast.bench import git_commit
 
     return git_commit() or "unknown"
+
+
+def product_flops(spec, n) -> float:
+    """FLOPs of the products of the structured formula of a row's kernel (x2 = None, trace), each
+    counted once: the forward, the k-wide backward to every layer's output, and per layer its
+    per-example-gradient or Gram products (symmetric Grams: n(n+1)/2 sample pairs).
+
+    * MLP (dims d0..dL, one output): forward n·Σ d_{l-1}d_l; backward n·Σ_{l≥2} d_l d_{l-1}; Grams of the
+      layer inputs and cotangents n(n+1)/2·Σ (d_{l-1} + d_l) (the Σ_l (δδᵀ) ⊙ (hhᵀ + 1) formula);
+    * TwoLayer (d, m): forward n·d·m; Grams n(n+1)/2·(d + 2m) (x xᵀ and σ'σ'ᵀ for the hidden
+      weights, σσᵀ for the output weights);
+    * 3-conv CNN (C_in, c channels, P positions, k outputs): forward n·(P·9C_in·c + 2P·9c²); backward
+      through conv3 and conv2 k·n·2P·9c²; per-example weight gradients k·n·(P·9C_in·c + 2P·9c²); their
+      Gram n(n+1)/2·k·(number of parameters).
+    Multiply-adds count 2 FLOPs."""
+    kind, a = spec
+    pairs = n * (n + 1) / 2
+    if kind == "mlp":
+        fwd = n * sum(a[i] * a[i + 1] for i in range(len(a) - 1))
+        bwd = n * sum(a[i] * a[i + 1] for i in range(1, len(a) - 1))
+        gram = pairs * sum(a[i] + a[i + 1] for i in range(len(a) - 1))
+        return 2.0 * (fwd + bwd + gram)
+    if kind == "two_layer":
+        d, m = a
+        return 2.0 * (n * d * m + pairs * (d + 2 * m))
+    if kind == "conv3":
+        cin, c, P, k = a
+        f1, f23 = P * 9 * cin * c, 2 * P * 9 * c * c
+        params = 9 * cin * c + 2 * 9 * c * c + 3 * c + c * k + k
+        return 2.0 * (n * (f1 + f23) + k * n * f23 + k * n * (f1 + f23) + pairs * k * params)
+    raise ValueError(kind)
+
+
+def gemm_rate(torch, reps: int = 5) -> float:
+    """The float32 GEMM rate of this machine now, FLOP/s: the fastest of ``reps`` (1024×2048)·(2048×2048)
+    products (the sizes of the MLP rows' largest products), warm."""
+    a, b = torch.randn(1024, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * 1024 * 2048 * 2048 / best
 
 
 def summary(ratios):
@@ -195,6 +242,7 @@ def run_row(pb, rounds, nt, jax, np, torch, lazyfast, log):
             continue
         calls[name] = (lambda g: lambda: g(xj, None, params).block_until_ready())(alt)
     outs = {}
+    rate_before = gemm_rate(torch)
     for name, model in pb["torch"].items():
         outs[name] = lazyfast.empirical_ntk(model, x)  # warm-up (and the agreement check)
         calls[name] = (lambda m: lambda: lazyfast.empirical_ntk(m, x))(model)
@@ -205,6 +253,7 @@ def run_row(pb, rounds, nt, jax, np, torch, lazyfast, log):
             fn()
             times[name].append(time.perf_counter() - t0)
         log(f"[{pb['id']}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.4f} s" for k, v in times.items()))
+    rate = max(rate_before, gemm_rate(torch))  # the faster of before / after: the lower floor
     med = {k: statistics.median(v) for k, v in times.items()}
     nt_names = [k for k in calls if k not in outs]
     best_nt = min(nt_names, key=med.get)  # neural-tangents' fastest timed implementation, by median
@@ -226,8 +275,37 @@ def run_row(pb, rounds, nt, jax, np, torch, lazyfast, log):
             r["compile_and_first_call_seconds"] = first[name]
             log(f"[{pb['id']}] {name:36s} median {r['seconds']:.4f} s  (compile+first {first[name]:.1f} s)")
         res.append(r)
+    floor = None
+    if pb.get("floor"):
+        flops = product_flops(pb["floor"], pb["n"])
+        floor = dict(flops=flops, gemm_flops_per_s=rate, seconds=flops / rate,
+                     nt_fastest_over_floor=med[best_nt] / (flops / rate))
+        log(f"[{pb['id']}] product floor {flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s = "
+            f"{floor['seconds']:.4f} s; neural-tangents' fastest / floor {floor['nt_fastest_over_floor']:.2f}×")
     return dict(id=pb["id"], note=pb["note"], n=pb["n"], order=list(calls), results=res, nt_fastest=best_nt,
-                nt_not_timed=skipped, nt_alternatives_note=pb.get("nt_note", ""))
+                nt_not_timed=skipped, nt_alternatives_note=pb.get("nt_note", ""), floor=floor)
+
+
+ISSUE19_GOAL = 1.5  # issue 19: >= 1.5x neural-tangents' fastest implementation on every row
+
+
+def targets19(rows):
+    """Issue 19's targets: lazyfast >= 1.5× neural-tangents' fastest implementation on the MLP rows, the
+    two-layer net and both CNN rows, on the median ratio; ``reachable``: whether 1.5× that
+    implementation's time is above the row's product floor at the measured GEMM rate."""
+    out = []
+    for row in rows:
+        for r in row["results"]:
+            if "nt_fastest_over_lazyfast" not in r:
+                continue
+            s, fl = r["nt_fastest_over_lazyfast"], row.get("floor")
+            out.append(dict(target=f"{row['id']}: {r['method']} vs neural-tangents' fastest "
+                                   f"({row['nt_fastest'].split(' (')[0]})", goal=f">= {ISSUE19_GOAL}×",
+                            measured=s["median"], measured_min=s["min"], measured_max=s["max"],
+                            met=bool(s["median"] >= ISSUE19_GOAL and r["agrees"]),
+                            floor_ratio=None if fl is None else fl["nt_fastest_over_floor"],
+                            reachable=None if fl is None else bool(fl["nt_fastest_over_floor"] >= ISSUE19_GOAL)))
+    return out
 
 
 def targets(rows):
@@ -285,6 +363,25 @@ def markdown(result) -> str:
     for t in result["targets"]:
         L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× [{t['measured_min']:.2f}–{t['measured_max']:.2f}] "
                  f"| {'yes' if t['met'] else '**no**'} |")
+    if result.get("targets19"):
+        L += ["", "Product floor: the FLOPs of the structured formula's products (forward, k-wide backward, per-layer "
+              "per-example gradients or Grams; `product_flops`) at the float32 GEMM rate measured in the same "
+              "process before and after the row (the faster). A method doing these products cannot beat it; "
+              "neural-tangents' fastest / floor is the largest ratio such a method could reach.", "",
+              "| problem | product FLOPs | GEMM rate | floor (s) | neural-tangents' fastest / floor |",
+              "|---|---:|---:|---:|---:|"]
+        for row in result["rows"]:
+            fl = row.get("floor")
+            if fl:
+                L.append(f"| {row['note']} | {fl['flops'] / 1e9:.1f} G | {fl['gemm_flops_per_s'] / 1e9:.0f} G/s | "
+                         f"{fl['seconds']:.4f} | {fl['nt_fastest_over_floor']:.2f}× |")
+        L += ["", "| target (issue 19), on the median ratio | goal | measured: median [min–max] | met? | "
+              "reachable above the floor? |", "|---|---|---:|---|---|"]
+        for t in result["targets19"]:
+            reach = "—" if t["reachable"] is None else (
+                f"{'yes' if t['reachable'] else '**no**'} (floor allows {t['floor_ratio']:.2f}×)")
+            L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× [{t['measured_min']:.2f}–"
+                     f"{t['measured_max']:.2f}] | {'yes' if t['met'] else '**no**'} | {reach} |")
     return "\n".join(L) + "\n"
 
 
@@ -332,7 +429,8 @@ def main(argv=None) -> int:
                    command="PYTHONPATH=. python benchmarks/bench_nt.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]))
     result = dict(machine=machine, protocol="interleaved rounds", rounds=rounds, quick=a.quick, rows=rows,
-                  targets=[] if a.quick else targets(rows))  # the targets are for the full sizes
+                  targets=[] if a.quick else targets(rows),  # the targets are for the full sizes
+                  targets19=[] if a.quick else targets19(rows))
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path + ".json", "w") as fh:
         json.dump(result, fh, indent=1)

@@ -381,6 +381,24 @@ def table_nt(results: pathlib.Path) -> str:
         if "measured_min" in t:  # interleaved rounds: the median and its min–max
             m = cell(dict(median=v, min=t["measured_min"], max=t["measured_max"]))
         lines.append(f"| {t['target']} | {t['goal']} | {m} | {'yes' if t['met'] else '**no**'} |")
+    if r.get("targets19"):
+        lines += ["", "Issue 19's targets, against neural-tangents' fastest implementation, with each row's product "
+                  "floor: the FLOPs of the structured formula's products (forward, k-wide backward, per-layer "
+                  "per-example gradients or Grams) at the float32 GEMM rate measured beside the row. A method doing "
+                  "these products cannot beat it, so where 1.5× neural-tangents' fastest time is below the floor the "
+                  "target cannot be met by such a method.", "",
+                  "| problem | product FLOPs | GEMM rate | floor | its fastest / floor |", "|---|---:|---:|---:|---:|"]
+        for row in r["rows"]:
+            fl = row.get("floor")
+            if fl:
+                lines.append(f"| {row['note']} | {fl['flops'] / 1e9:.1f} G | {fl['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s | "
+                             f"{_s(fl['seconds'])} | {_x(fl['nt_fastest_over_floor'])} |")
+        lines += ["", "| target (issue 19) | goal | measured | met? | reachable above the floor? |", "|---|---|---:|---|---|"]
+        for t in r["targets19"]:
+            reach = "—" if t["reachable"] is None else (
+                f"{'yes' if t['reachable'] else '**no**'} (at most {_x(t['floor_ratio'])})")
+            lines.append(f"| {t['target']} | {t['goal']} | {cell(dict(median=t['measured'], min=t['measured_min'], max=t['measured_max']))} "
+                         f"| {'yes' if t['met'] else '**no**'} | {reach} |")
     return "\n".join(lines)
 
 
@@ -488,8 +506,11 @@ def table_summary(results: pathlib.Path, figures: pathlib.Path) -> str:
     rounds = ", interleaved rounds" if "rounds" in nt else ""
     rows.append(f"| against neural-tangents (JAX, jit) on MLPs, TwoLayer, a CNN{rounds} | **{_range(sp)}** its structured "
                 f"derivatives, {_range(fast)} its fastest method; {sum(x['met'] for x in nt['targets'])} of "
-                f"{len(nt['targets'])} targets met | [neural-tangents table]({bm}#against-neural-tangents) "
-                f"(nt_compare_cpu.json) |")
+                f"{len(nt['targets'])} targets met" + (
+                    f"; ≥ 1.5× its fastest (issue 19): {sum(t['met'] for t in nt['targets19'])} of {len(nt['targets19'])}, "
+                    f"{sum(bool(t['reachable']) for t in nt['targets19'])} reachable above the product floor"
+                    if nt.get("targets19") else "")
+                + f" | [neural-tangents table]({bm}#against-neural-tangents) (nt_compare_cpu.json) |")
 
     r = _load("engine_cpu.json", results)
     if "cg" in r:
