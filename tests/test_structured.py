@@ -647,6 +647,48 @@ def test_panels_of_held_factors_with_streamed_chunks_agree():
                 assert_close_rel(got, want, rtol=1e-10, what=f"{mode} {b is None} {budget} {info}")
 
 
+@pytest.mark.parametrize("numbers", [1, 17000, 10 ** 12])
+def test_held_chunks_captured_in_smaller_groups_agree_with_the_oracle(monkeypatch, numbers):
+    """Chunks whose factors are held (several chunks, x2 given or not) are captured a few samples
+    at a time and joined: every factor kind (gradient blocks, position pairs, hadamard stacks,
+    embedding indices) joins in sample order."""
+    from lazyfast._engine.structured import capture as cap_mod
+    from lazyfast._engine.structured import factors
+    from lazyfast._engine.structured import schedule
+    monkeypatch.setattr(schedule, "CAPTURE_NUMBERS", numbers)
+    sizes = []
+    real = cap_mod._capture
+    monkeypatch.setattr(factors, "_capture", lambda m, p, x, b: sizes.append(x.shape[0]) or real(m, p, x, b))
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4)
+            self.mix = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, idx):
+            h = self.norm(torch.tanh(self.mix(self.emb(idx))))
+            return self.head(h.mean(1))
+
+    cases = [(_cnn(), lambda n, s: _x(n, 3, 8, 8, seed=s)),
+             (Tok().double(), lambda n, s: torch.randint(0, 9, (n, 5), generator=_g(s)))]
+    for m, make in cases:
+        x1, x2 = make(7, 0), make(5, 1)
+        for mode in ("trace", "full"):
+            for b in (x2, None):
+                for order in ("gradients", "pairs"):
+                    sizes.clear()
+                    got = structured.structured_ntk(m, x1, b, mode=mode, chunk_size=4, contraction=order)
+                    assert_close_rel(got, reference.ntk_oracle(m, x1, b, mode=mode), rtol=1e-10,
+                                     what=f"{type(m).__name__} {mode} {order} {numbers}")
+                    if type(m) is CNN:  # 7991 transient numbers per sample: groups of 1, 2 (17000) or 4 (the chunk)
+                        assert max(sizes) == {1: 1, 17000: 2, 10 ** 12: 4}[numbers], sizes
+                    if numbers == 1:
+                        assert len(sizes) >= 7 + (5 if b is not None else 0)
+
+
 def test_schedule_prefers_fewer_recaptures_within_the_budget():
     m = _cnn()
     plan = structured.make_plan(m, _x(1, 3, 8, 8))

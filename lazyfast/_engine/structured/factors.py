@@ -57,11 +57,35 @@ def _uniform(L: _Layer, cap):
     return u, d
 
 
-def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None) -> Optional[_Factors]:
+def _merge(parts: List[_Factors]) -> _Factors:
+    """The factors of consecutive sample groups as the factors of all their samples, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    a = parts[0]
+    f = _Factors(sum(p.n for p in parts), hg=a.hg, hb=a.hb)
+    f.jac = [torch.cat(js) for js in zip(*(p.jac for p in parts))]
+    f.hd = [torch.cat(ds, dim=1) for ds in zip(*(p.hd for p in parts))]
+    f.hh = [torch.cat(hs) for hs in zip(*(p.hh for p in parts))]
+    f.pairs = [(ls[0][0], torch.cat([t[1] for t in ls]), torch.cat([t[2] for t in ls], dim=1))
+               for ls in zip(*(p.pairs for p in parts))]
+    f.emb = [(ls[0][0], torch.cat([t[1] for t in ls]), torch.cat([t[2] for t in ls], dim=1))
+             for ls in zip(*(p.emb for p in parts))]
+    return f
+
+
+def _factors(model, plan: Plan, x: torch.Tensor, batched: bool, sink=None,
+             capture_chunk: Optional[int] = None) -> Optional[_Factors]:
     """The factors of every rule layer for the samples ``x`` (one capture). With ``sink``, each
     layer's factors are handed to ``sink(factors)`` as soon as they are formed and then dropped
     (the single-layer linear stacks of ``hadamard_gram_sum`` go together at the end), so only one
-    layer's per-sample gradient block is alive at a time; returns None then."""
+    layer's per-sample gradient block is alive at a time; returns None then.
+
+    Without ``sink``, ``capture_chunk`` caps the samples of one capture: the factors of more
+    samples are formed ``capture_chunk`` samples at a time (each capture verified on its own) and
+    joined, so a chunk contracted as one block need not be captured as one (docs/engine.md, "Memory")."""
+    n = x.shape[0]
+    if sink is None and capture_chunk is not None and n > capture_chunk:
+        return _merge([_factors(model, plan, x[s:s + capture_chunk], batched) for s in range(0, n, capture_chunk)])
     caps = _capture(model, plan, x, batched)
     f = _Factors(x.shape[0])
     for L in plan.layers:

@@ -13,7 +13,7 @@ from lazyfast._engine.structured.contract import _contract
 from lazyfast._engine.structured.factors import _factors
 from lazyfast._engine.structured.plan import (CONTRACTIONS, Plan, PlanMismatch, make_plan, probe_plan, remember_plan,
                                               revise_plan)
-from lazyfast._engine.structured.schedule import DEFAULT_MEMORY_BUDGET, PLAN_ATTEMPTS, _schedule
+from lazyfast._engine.structured.schedule import DEFAULT_MEMORY_BUDGET, PLAN_ATTEMPTS, _schedule, capture_chunk
 
 
 def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
@@ -87,14 +87,16 @@ def structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor
 
                 _factors(model, plan, x1, batched, sink=sink)
                 starts1 = []
+            cc = capture_chunk(plan, c)
             for p0 in range(0, len(starts1), step):
                 # the panel's factors are captured once and held; x2's chunks stream past them
-                held = {i: _factors(model, plan, x1[starts1[i]:min(starts1[i] + c, n1)], batched)
+                held = {i: _factors(model, plan, x1[starts1[i]:min(starts1[i] + c, n1)], batched, capture_chunk=cc)
                         for i in range(p0, min(p0 + step, len(starts1)))}
                 for j in range(p0 if same else 0, len(starts2)):
                     s2 = starts2[j]
                     e2 = min(s2 + c, n2)
-                    f2 = held[j] if (same and j in held) else _factors(model, plan, xb[s2:e2], batched)
+                    f2 = held[j] if (same and j in held) else _factors(model, plan, xb[s2:e2], batched,
+                                                                       capture_chunk=cc)
                     with torch.no_grad():
                         for i, f1 in held.items():
                             if same and i > j:
