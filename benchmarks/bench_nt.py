@@ -31,6 +31,13 @@ and its min–max (``median× [min–max]``), and the JSON keeps every round's t
 imports its TensorFlow port (``neural_tangents.experimental``, needs tensorflow); it is not used here,
 so an empty module stands in for it. Writes benchmarks/results/nt_compare_cpu.json and .md (or
 ``--out``), stamped (machine, load before/after, date, commit).
+
+Each row also gets its **product floor**: the FLOPs of the structured formula's products
+(:func:`product_flops`: forward, k-wide backward, per-layer per-example gradients or Grams) at the
+float32 GEMM rate measured in this process before and after the row (:func:`gemm_rate`, the faster).
+No method doing those products beats it, so neural-tangents' fastest time over the floor is the
+largest ratio such a method could reach; issue 19's targets (>= 1.5× its fastest implementation on
+every row) are reported with it.
 """
 from __future__ import annotations
 
