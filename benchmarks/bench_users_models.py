@@ -4,11 +4,15 @@
 built once, x2 = x1) and the floor (one forward, the k-wide batched backward and the J·Jᵀ GEMM of a
 random J the size of the Jacobian), all in one process by interleaved rounds.
 
-    python benchmarks/bench_users_models.py [--rounds 5] [--n 16] [--rows a,b,...]
+    python benchmarks/bench_users_models.py [--rounds 5] [--processes 2] [--n 16] [--rows a,b,...]
 
-Protocol: per row, every method is called once to warm up, then ``--rounds`` rounds each call every
-method once in the same order (A B C A B C ...); a round's ratio is the tutorial's (or the floor's) time
-over lazyfast's in that round, and the results give the median ratio and its min–max over rounds. The
+Protocol: each row runs in ``--processes`` fresh processes of its own (a process's history — what
+earlier rows allocated and freed — changes how fast the allocator serves a method's large tensors,
+by up to a third for the tutorial; fresh processes give every row the same start). In each, every
+method is called once to warm up, then ``--rounds`` rounds each call every method once in the same
+order (A B C A B C ...); a round's ratio is the tutorial's (or the floor's) time over lazyfast's in
+that round, and the results give the median ratio and its min–max over the rounds of all the row's
+processes (and each method's median time over them). The
 float32 kernels are compared with the float64 kernel of a float64 copy of the model (the tutorial's
 method). The share of parameters on layer rules comes from ``lazyfast.explain``. Writes
 benchmarks/results/users_models_cpu.json and .md (or ``--out``), stamped (machine, load, date, commit).
@@ -114,12 +118,45 @@ def run_row(row, n, rounds, log):
                 f32_rel_err=errs, f32_target_met=errs["lazyfast auto"] <= 1e-5, failed=failed)
 
 
+def pooled(parts):
+    """One row measured in several processes as one row: every method's rounds pooled (each process's
+    rounds stay aligned across methods), the ratios and medians recomputed over all of them."""
+    r = dict(parts[0])
+    times = {m: [t for p in parts for t in p["times"].get(m, [])] for m in parts[0]["times"]}
+    r.update(times=times, seconds={m: statistics.median(v) for m, v in times.items()}, processes=len(parts),
+             tutorial_over_lazyfast=ratio_summary(per_round_ratios(times.get("torch.func tutorial (J once)", []),
+                                                                   times["lazyfast auto"])),
+             lazyfast_over_floor=ratio_summary(per_round_ratios(times["lazyfast auto"], times["floor"])))
+    return r
+
+
+def run_row_isolated(row, a):
+    """The row in ``a.processes`` fresh processes of this script (``--child-out``), pooled."""
+    import subprocess
+    import tempfile
+
+    parts = []
+    for i in range(a.processes):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "row.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--rows", row, "--n", str(a.n), "--rounds", str(a.rounds),
+                   "--threads", str(a.threads), "--child-out", out]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            print(proc.stdout, end="", flush=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{row}: process {i + 1} failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+            parts.append(json.load(open(out)))
+    return pooled(parts)
+
+
 def markdown(res) -> str:
     st = res["stamp"]
+    procs = res.get("processes", 1)
     lines = [f"*Generated from `benchmarks/results/users_models_cpu.json` (`{st['command']}`; {st['date']}, commit "
              f"{st['commit']}, load average {st['load_avg']} at start / {res['load_avg_after']} at end, "
              f"{st['machine']}, {st['threads']} threads, float32, n = {res['n']}, {res['rounds']} interleaved "
-             "rounds).* Ratios: median over rounds [min–max].", "",
+             f"rounds in each of {procs} fresh process{'es' if procs > 1 else ''} per row).* Ratios: median over "
+             "all rounds [min–max].", "",
              "| model | parameters | on rules | route | lazyfast | tutorial (J once) | tutorial / lazyfast | floor "
              "| lazyfast / floor | float32 error |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
@@ -141,18 +178,26 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=",".join(list(zoo.OPTIONAL) + list(EXTRA)))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "users_models_cpu"))
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out.json (same n, rounds)")
+    p.add_argument("--processes", type=int, default=2, help="fresh processes per row, their rounds pooled (default 2)")
+    p.add_argument("--child-out", help=argparse.SUPPRESS)  # one row, in this process, to this JSON file
     a = p.parse_args(argv)
+    if a.processes < 1:
+        p.error("--processes must be >= 1")
     torch.set_num_threads(a.threads)
     zoo.import_timm(), zoo.import_transformers()
-    res = dict(stamp=stamp(), n=a.n, rounds=a.rounds, methods=list(METHODS), rows=[], resumed=[])
+    if a.child_out:
+        atomic_write(a.child_out, json.dumps(run_row(a.rows, a.n, a.rounds, lambda s: print(s, flush=True))).encode())
+        return 0
+    res = dict(stamp=stamp(), n=a.n, rounds=a.rounds, processes=a.processes, methods=list(METHODS), rows=[],
+               resumed=[])
     if a.resume and os.path.exists(a.out + ".json"):
         old = json.load(open(a.out + ".json"))
-        if (old["n"], old["rounds"]) == (a.n, a.rounds):
+        if (old["n"], old["rounds"], old.get("processes", 1)) == (a.n, a.rounds, a.processes):
             res = dict(old, resumed=old.get("resumed", []) + [stamp()])
     done = {r["row"] for r in res["rows"]}
     for row in [r for r in a.rows.split(",") if r and r not in done]:
         print(f"{row} ...", flush=True)
-        res["rows"].append(run_row(row, a.n, a.rounds, lambda s: print(s, flush=True)))
+        res["rows"].append(run_row_isolated(row, a))
         res["load_avg_after"] = loadavg()
         atomic_write(a.out + ".json", json.dumps(res, indent=1).encode())  # a finished row is never lost
     order = [r for r in a.rows.split(",") if r]
