@@ -52,10 +52,30 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- helpers
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with torch's refusal to copy a non-leaf tensor held by the model (a view
+    of a parameter made with grad on, e.g. ``self.wT = self.fc.weight.T`` in ``__init__``) turned into a
+    ValueError that names the cause and the fix."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        if "deepcopy protocol" not in str(e):
+            raise
+        held = [name for name, v in ((f"{mn + '.' if mn else ''}{a}", v) for mn, m in model.named_modules()
+                                     for a, v in vars(m).items())
+                if isinstance(v, torch.Tensor) and not v.is_leaf]
+        raise ValueError(
+            "model is copied (Linearized, LazyModel and the frozen-pattern models keep its parameters at w0), but it "
+            "holds a tensor computed from "
+            f"a parameter outside forward ({', '.join(held) or 'a non-leaf tensor'}: e.g. self.wT = self.fc.weight.T "
+            "in __init__), which cannot be copied and would not follow the copy's parameters. Compute it inside "
+            "forward() (x @ self.fc.weight.T)") from e
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in eval mode whose parameters do not require grad."""
     check_module(model)
-    m0 = copy.deepcopy(model)
+    m0 = _deepcopy(model)
     for p in m0.parameters():
         p.requires_grad_(False)
     return m0.eval()
@@ -538,7 +558,7 @@ class Linearized(nn.Module):
                 f"output depends on the mode: {', '.join(dependent)}. Call model.eval() first: Linearized then "
                 "linearizes the eval-mode network (running statistics, no dropout), as documented")
         self.implementation = implementation
-        self.model = copy.deepcopy(model)
+        self.model = _deepcopy(model)
         self._names: List[str] = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if not self._names:
             raise ValueError("model has no trainable parameters (requires_grad=True) to linearize")

@@ -403,3 +403,23 @@ def test_linearized_float32_matches_float64(impl):
     (out32 * r.float()).sum().backward()
     for p64, p32 in zip(lin64.model.parameters(), lin32.model.parameters()):
         assert rel_err(p32.grad, p64.grad) <= 1e-5
+
+
+def test_a_parameter_view_held_by_the_model_gets_a_clear_error_from_every_copy():
+    """A view of a parameter made with grad on in __init__ (self.rows = self.fc.weight[1:]) cannot be
+    deep-copied: Linearized, LazyModel and frozen_copy refuse it with a ValueError naming the attribute
+    and the fix, not torch's deepcopy RuntimeError."""
+    from lazyfast.lazy import LazyModel, frozen_copy
+
+    class Held(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(3, 4), nn.Linear(3, 1)
+            self.rows = self.fc.weight[1:]
+
+        def forward(self, x):
+            return self.out(torch.tanh(x @ self.rows.T + self.fc(x)[:, 1:]))
+
+    for make in (Linearized, lambda m: LazyModel(m, 10.0), frozen_copy):
+        with pytest.raises(ValueError, match=r"rows.*inside forward"):
+            make(Held())

@@ -70,6 +70,18 @@ class CNN(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class Vol(nn.Module):
+    """A grouped Conv3d with stride and per-dim padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).mean((2, 3, 4)))
+
+
 def _cnn():
     return _randomize_norms(CNN().double()).eval()
 
@@ -115,15 +127,6 @@ def test_conv1d_conv3d_and_linear_on_sequences():
 
     _check(Seq().double(), _x(4, 2, 7), _x(2, 2, 7, seed=1))
 
-    class Vol(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.c(x)).mean((2, 3, 4)))
-
     _check(Vol().double(), _x(3, 2, 3, 5, 3), _x(2, 2, 3, 5, 3, seed=1))
 
 
@@ -168,15 +171,6 @@ def test_conv_per_example_gradients_by_grouped_backward_and_by_patches(monkeypat
 
         def forward(self, x):
             return self.out(torch.tanh(self.c(x)).flatten(1))
-
-    class Vol(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), groups=2)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.c(x)).mean((2, 3, 4)))
 
     cases = [(_cnn(), (3, 8, 8)), (SharedConv().double(), (3, 8, 8)), (Seq().double(), (2, 7)),
              (Vol().double(), (2, 3, 5, 3))]
