@@ -240,6 +240,19 @@ def test_sliced_gradient_blocks_of_one_chunk_agree_with_the_oracle(monkeypatch, 
     assert_close_rel(got, reference.ntk_oracle(m, x, mode="full"), rtol=1e-5, what="float32 -> float64")
 
 
+def test_long_float32_grams_are_summed_in_float64_pieces():
+    """A per-example-gradient Gram over a depth of millions (a deep network's gradient blocks) goes in
+    float32 GEMM pieces summed in float64: within 1e-6 of the float64 Gram where one float32 GEMM
+    is off by about 1e-4 on this machine's BLAS."""
+    from lazyfast._engine.structured.contract import _gram_into
+    a = (torch.randn(4, 1 << 21, dtype=D, generator=_g(0)) * 10 + 3.0).float()
+    want = a.double() @ a.double().T
+    for acc_dtype in (torch.float32, torch.float64):
+        acc = torch.zeros(4, 4, dtype=acc_dtype)
+        _gram_into(acc, a, a, alpha=0.5)
+        assert float((acc.double() - 0.5 * want).abs().max() / (0.5 * want).abs().max()) < 1e-6
+
+
 def test_mlp_sequential_with_and_without_bias():
     for bias in (True, False):
         m = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh(), nn.Linear(7, 6, bias=bias), nn.GELU(),

@@ -7,17 +7,34 @@ from typing import Optional
 import torch
 
 from lazyfast._engine.structured.factors import _Factors
-from lazyfast._engine.structured.schedule import (GRADIENT_SLICE_NUMBERS, MATCHES_CHUNK_NUMBERS, PAIR_SYMMETRIC_BLOCKS,
-                                                  _embedding_costs)
+from lazyfast._engine.structured.schedule import (GRADIENT_SLICE_NUMBERS, GRAM_DEPTH_CHUNK, MATCHES_CHUNK_NUMBERS,
+                                                  PAIR_SYMMETRIC_BLOCKS, _embedding_costs)
 from lazyfast._ops.hadamard_gram import hadamard_gram_sum
+
+
+def _gram_into(acc, a, b, alpha: float = 1.0):
+    """acc += alpha · a bᵀ over a long depth (a, b: (rows, depth)). Below float64, the product goes in
+    depth pieces of GRAM_DEPTH_CHUNK, each a GEMM in the blocks' dtype, summed in float64: one float32
+    GEMM over a depth of millions accumulates its rounding (on the BN-free ResNet-18 of the zoo the
+    per-example-gradient Grams lost three digits that way; tests/test_structured.py)."""
+    depth = a.shape[1]
+    if a.dtype == torch.float64 or depth <= GRAM_DEPTH_CHUNK:
+        if acc.dtype == a.dtype:
+            acc.addmm_(a, b.T, alpha=alpha)
+        else:
+            acc.add_((a @ b.T).to(acc.dtype), alpha=alpha)
+        return
+    part = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for s in range(0, depth, GRAM_DEPTH_CHUNK):
+        part.add_(a[:, s:s + GRAM_DEPTH_CHUNK] @ b[:, s:s + GRAM_DEPTH_CHUNK].T)
+    acc.add_(part.to(acc.dtype), alpha=alpha)
 
 
 def _add_jac(acc, j1, j2, k, mode):
     if mode == "full":
-        acc.addmm_(j1, j2.T) if acc.dtype == j1.dtype else acc.add_((j1 @ j2.T).to(acc.dtype))
+        _gram_into(acc, j1, j2)
     else:
-        a, b = j1.reshape(j1.shape[0] // k, -1), j2.reshape(j2.shape[0] // k, -1)
-        acc.addmm_(a, b.T) if acc.dtype == a.dtype else acc.add_((a @ b.T).to(acc.dtype))
+        _gram_into(acc, j1.reshape(j1.shape[0] // k, -1), j2.reshape(j2.shape[0] // k, -1))
 
 
 def _add_sliced(acc, L, u, d, mode):
@@ -31,14 +48,11 @@ def _add_sliced(acc, L, u, d, mode):
     qc = max(1, min(q, GRADIENT_SLICE_NUMBERS // max(1, n * k * o)))
     buf = torch.empty(n, k * o, qc, dtype=d.dtype, device=d.device)
     rows = n * k if mode == "full" else n
-    part = acc if acc.dtype == d.dtype else torch.zeros(rows, rows, dtype=d.dtype, device=d.device)
     for s in range(0, q, qc):
         e = min(q, s + qc)
         b = torch.bmm(dt, u[:, :, s:e], out=buf if e - s == qc else None)
         a = b.reshape(rows, -1)
-        part.addmm_(a, a.T, alpha=L.gamma)
-    if part is not acc:
-        acc.add_(part.to(acc.dtype))
+        _gram_into(acc, a, a, alpha=L.gamma)
 
 
 def _add_pairs(acc, L, u1, d1, u2, d2, mode, budget):

@@ -21,6 +21,7 @@ MOVE_FLOPS = 32.0  # an embedding order's number written or gathered (zero fill,
 MATCHES_CHUNK_NUMBERS = 1 << 19  # gathered numbers per step of the embedding's "matches" order (cache-sized)
 CAPTURE_NUMBERS = 1 << 25  # transient numbers of one capture outside the one-chunk path (samples per capture)
 PAIR_SYMMETRIC_BLOCKS = 4  # row blocks of a diagonal block in the position-pair order (the blocks above it mirrored)
+GRAM_DEPTH_CHUNK = 16384  # depth of one float32 GEMM piece of a per-example-gradient Gram (pieces summed in float64)
 GRADIENT_SLICE_NUMBERS = 1 << 22  # numbers of one slice of a linear layer's per-example gradients formed and contracted at once
 
 
