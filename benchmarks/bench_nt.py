@@ -371,25 +371,32 @@ def markdown(result) -> str:
         L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× [{t['measured_min']:.2f}–{t['measured_max']:.2f}] "
                  f"| {'yes' if t['met'] else '**no**'} |")
     if result.get("targets19"):
-        L += ["", "Product floor: the FLOPs of the structured formula's products (forward, k-wide backward, per-layer "
-              "per-example gradients or Grams; `product_flops`) at the float32 GEMM rate measured in the same "
-              "process before and after the row (the faster). A method doing these products cannot beat it; "
-              "neural-tangents' fastest / floor is the largest ratio such a method could reach.", "",
-              "| problem | product FLOPs | GEMM rate | floor (s) | neural-tangents' fastest / floor |",
-              "|---|---:|---:|---:|---:|"]
-        for row in result["rows"]:
-            fl = row.get("floor")
-            if fl:
-                L.append(f"| {row['note']} | {fl['flops'] / 1e9:.1f} G | {fl['gemm_flops_per_s'] / 1e9:.0f} G/s | "
-                         f"{fl['seconds']:.4f} | {fl['nt_fastest_over_floor']:.2f}× |")
-        L += ["", "| target (issue 19), on the median ratio | goal | measured: median [min–max] | met? | "
-              "reachable above the floor? |", "|---|---|---:|---|---|"]
-        for t in result["targets19"]:
-            reach = "—" if t["reachable"] is None else (
-                f"{'yes' if t['reachable'] else '**no**'} (floor allows {t['floor_ratio']:.2f}×)")
-            L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× [{t['measured_min']:.2f}–"
-                     f"{t['measured_max']:.2f}] | {'yes' if t['met'] else '**no**'} | {reach} |")
+        L += issue19_lines(result)
     return "\n".join(L) + "\n"
+
+
+def issue19_lines(result) -> list:
+    """Markdown lines: each row's product floor, then issue 19's targets with whether the floor allows them
+    (this file's table and the project's docs table both)."""
+    L = ["", "Product floor: the FLOPs of the structured formula's products (forward, k-wide backward, per-layer "
+         "per-example gradients or Grams; `product_flops`) at the float32 GEMM rate measured in the same process "
+         "before and after the row (the faster). A method doing these products cannot beat it; neural-tangents' "
+         "fastest / floor is the largest ratio such a method could reach.", "",
+         "| problem | product FLOPs | GEMM rate | floor (s) | neural-tangents' fastest / floor |",
+         "|---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        fl = row.get("floor")
+        if fl:
+            L.append(f"| {row['note']} | {fl['flops'] / 1e9:.1f} G | {fl['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s | "
+                     f"{fl['seconds']:.4f} | {fl['nt_fastest_over_floor']:.2f}× |")
+    L += ["", "| target (issue 19), on the median ratio | goal | measured: median [min–max] | met? | "
+          "reachable above the floor? |", "|---|---|---:|---|---|"]
+    for t in result["targets19"]:
+        reach = "—" if t["reachable"] is None else (
+            f"{'yes' if t['reachable'] else '**no**'} (floor allows {t['floor_ratio']:.2f}×)")
+        L.append(f"| {t['target']} | {t['goal']} | {t['measured']:.2f}× [{t['measured_min']:.2f}–"
+                 f"{t['measured_max']:.2f}] | {'yes' if t['met'] else '**no**'} | {reach} |")
+    return L
 
 
 def main(argv=None) -> int:

@@ -214,13 +214,18 @@ MODELS_FILES = ("models_cpu.json", "models_cpu_update.json", "models_cpu_full_mo
                 "models_cpu_rounds_resnet.json", "models_cpu_rounds_vgg.json")
 
 
-def _bench_models():
+def _bench(name: str):
+    """benchmarks/<name>.py as a module (its own formatters and helpers; no benchmark runs)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_models", ROOT / "benchmarks" / "bench_models.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench_models():
+    return _bench("bench_models")
 
 
 def merged_models(results: pathlib.Path):
@@ -381,47 +386,20 @@ def table_nt(results: pathlib.Path) -> str:
         if "measured_min" in t:  # interleaved rounds: the median and its min–max
             m = cell(dict(median=v, min=t["measured_min"], max=t["measured_max"]))
         lines.append(f"| {t['target']} | {t['goal']} | {m} | {'yes' if t['met'] else '**no**'} |")
-    if r.get("targets19"):
-        lines += ["", "Issue 19's targets, against neural-tangents' fastest implementation, with each row's product "
-                  "floor: the FLOPs of the structured formula's products (forward, k-wide backward, per-layer "
-                  "per-example gradients or Grams) at the float32 GEMM rate measured beside the row. A method doing "
-                  "these products cannot beat it, so where 1.5× neural-tangents' fastest time is below the floor the "
-                  "target cannot be met by such a method.", "",
-                  "| problem | product FLOPs | GEMM rate | floor | its fastest / floor |", "|---|---:|---:|---:|---:|"]
-        for row in r["rows"]:
-            fl = row.get("floor")
-            if fl:
-                lines.append(f"| {row['note']} | {fl['flops'] / 1e9:.1f} G | {fl['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s | "
-                             f"{_s(fl['seconds'])} | {_x(fl['nt_fastest_over_floor'])} |")
-        lines += ["", "| target (issue 19) | goal | measured | met? | reachable above the floor? |", "|---|---|---:|---|---|"]
-        for t in r["targets19"]:
-            reach = "—" if t["reachable"] is None else (
-                f"{'yes' if t['reachable'] else '**no**'} (at most {_x(t['floor_ratio'])})")
-            lines.append(f"| {t['target']} | {t['goal']} | {cell(dict(median=t['measured'], min=t['measured_min'], max=t['measured_max']))} "
-                         f"| {'yes' if t['met'] else '**no**'} | {reach} |")
+    if r.get("targets19"):  # the product floors and issue 19's targets, by the benchmark's own formatter
+        lines += _bench("bench_nt").issue19_lines(r)
     return "\n".join(lines)
 
 
 def table_linearized_models(results: pathlib.Path) -> str:
     """Issue 20's table, by the benchmark's own formatter (benchmarks/bench_linearized_models.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_linearized_models",
-                                                  ROOT / "benchmarks" / "bench_linearized_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.markdown(_load("linearized_models_cpu.json", results))
+    return _bench("bench_linearized_models").markdown(_load("linearized_models_cpu.json", results))
 
 
 def table_users_models(results: pathlib.Path) -> str:
     """Issue 19's table of timm / Hugging Face models, by the benchmark's own formatter
     (benchmarks/bench_users_models.py: interleaved rounds, the floor, the share on rules)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_users_models", ROOT / "benchmarks" / "bench_users_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.markdown(_load("users_models_cpu.json", results))
+    return _bench("bench_users_models").markdown(_load("users_models_cpu.json", results))
 
 
 # ----------------------------------------------------------------------------- the README's summary

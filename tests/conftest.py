@@ -38,3 +38,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def script_module():
+    """Loads a file of the repository (benchmarks/..., scripts/...) as a module: ``script_module("benchmarks/bench_nt.py")``."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def load(rel: str):
+        path = root / rel
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

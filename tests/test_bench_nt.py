@@ -1,21 +1,9 @@
 """benchmarks/bench_nt.py's product floor: its FLOP formulas against torch's own FLOP counter on the
 products they describe (no neural-tangents needed)."""
-import importlib.util
-import pathlib
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lazyfast import zoo
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _bench_nt():
-    spec = importlib.util.spec_from_file_location("bench_nt", ROOT / "benchmarks" / "bench_nt.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _count(fn):
@@ -24,8 +12,8 @@ def _count(fn):
     return fc.get_total_flops()
 
 
-def test_mlp_floor_counts_the_forward_the_backward_and_the_symmetric_grams():
-    b = _bench_nt()
+def test_mlp_floor_counts_the_forward_the_backward_and_the_symmetric_grams(script_module):
+    b = script_module("benchmarks/bench_nt.py")
     dims, n = [5, 7, 6, 1], 4
     Ws = [torch.randn(dims[i + 1], dims[i]) for i in range(len(dims) - 1)]
     x = torch.randn(n, dims[0])
@@ -51,8 +39,8 @@ def test_mlp_floor_counts_the_forward_the_backward_and_the_symmetric_grams():
     assert b.product_flops(("mlp", dims), n) == full
 
 
-def test_two_layer_and_conv_floors_count_the_forward_as_torch_does():
-    b = _bench_nt()
+def test_two_layer_and_conv_floors_count_the_forward_as_torch_does(script_module):
+    b = script_module("benchmarks/bench_nt.py")
     n, d, m = 6, 5, 9
     x, W = torch.randn(n, d), torch.randn(m, d)
     gram = lambda w: _count(lambda: torch.randn(n, w) @ torch.randn(w, n)) * (n + 1) / (2 * n)  # noqa: E731
@@ -69,6 +57,6 @@ def test_two_layer_and_conv_floors_count_the_forward_as_torch_does():
     assert total == 2.0 * (n * (f1 + f23) + k * n * f23 + k * n * (f1 + f23) + n * (n + 1) / 2 * k * params)
 
 
-def test_gemm_rate_is_positive_and_finite():
-    r = _bench_nt().gemm_rate(torch, reps=1)
+def test_gemm_rate_is_positive_and_finite(script_module):
+    r = script_module("benchmarks/bench_nt.py").gemm_rate(torch, reps=1)
     assert 0 < r < float("inf")
